@@ -1,0 +1,68 @@
+"""Small building blocks: RMSNorm and rotary position embedding with Llama 3.1 scaling."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spark_model.config import RopeScaling
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a learned per-channel scale (statistics in f32)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))  # (D,)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * inv).astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Angular frequency of each rotary pair, shape (H/2,), float64.
+
+    With `scaling`, frequencies follow Llama 3.1: wavelengths shorter than
+    original/high_freq_factor are kept, longer than original/low_freq_factor are
+    divided by `factor`, and the band between is interpolated smoothly. Computed in
+    NumPy at trace time: they are constants of the model, not traced values.
+    """
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        freqs.flags.writeable = False
+        return freqs
+    wavelen = 2 * math.pi / freqs
+    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    smooth = ((scaling.original_max_position / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    out = np.where(wavelen < high_wavelen, freqs,
+                   np.where(wavelen > low_wavelen, freqs / scaling.factor, blended))
+    out.flags.writeable = False  # cached: callers must not mutate it
+    return out
+
+
+def apply_rope(x_bt_h: jax.Array, positions_bt: jax.Array, freqs: np.ndarray) -> jax.Array:
+    """Rotate pairs (i, i + H/2) of the last axis by position * frequency.
+
+    x: (B, T, heads, H); positions: (B, T) integer. The half-split pairing is the
+    one Hugging Face's Llama uses, so weights export without a permutation.
+    Angles are formed in f32, as in the reference Llama: near position 131,072 (2^17)
+    f32 spacing is 2^-6, so the fastest pair's angle carries up to ~0.008 rad of
+    rounding; slower pairs carry proportionally less.
+    """
+    angles = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(freqs, jnp.float32)
+    sin = jnp.sin(angles)[:, :, None, :]  # (B, T, 1, H/2)
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_bt_h.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bt_h.dtype)

@@ -1,0 +1,112 @@
+"""Decoder block: grouped-query attention with RoPE, SwiGLU MLP, pre-norm residuals.
+
+Axis letters (see config.ModelConfig): B batch, T query positions, S key positions,
+D width, N query heads, K kv heads, G query heads per kv head, H head dim, F ff width.
+
+The attention *projections* live here; the attention *kernel* is a function passed in
+(`attend`), so the full causal forward and the KV-cached decode step run the very same
+layer code and differ only in how queries meet keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from spark_model.config import ModelConfig
+from spark_model.layers import RMSNorm, apply_rope, rope_frequencies
+
+# attend(q_btnh, k_btkh, v_btkh) -> (o_btnh, aux): aux carries e.g. an updated cache.
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
+    return nnx.Param(jax.random.normal(key, shape, dtype) * std)
+
+
+def causal_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array
+                     ) -> tuple[jax.Array, None]:
+    """Plain masked softmax attention over one whole sequence (query i sees keys <= i)."""
+    n_kv = k_bskh.shape[2]
+    q = rearrange(q_btnh, "b t (k g) h -> b t k g h", k=n_kv)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh,
+                        preferred_element_type=jnp.float32) * scale
+    t, s = scores.shape[-2], scores.shape[-1]
+    mask_ts = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
+    scores = jnp.where(mask_ts, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    o = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    return rearrange(o, "b t k g h -> b t (k g) h"), None
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention projections: q (D,N,H), k and v (D,K,H), o (N,H,D)."""
+
+    def __init__(self, cfg: ModelConfig, *, key: jax.Array):
+        pd = jnp.dtype(cfg.param_dtype)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # residual-branch scaling
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        self.q = _param(kq, (cfg.d_model, cfg.n_heads, cfg.head_dim), cfg.init_std, pd)
+        self.k = _param(kk, (cfg.d_model, cfg.n_kv_heads, cfg.head_dim), cfg.init_std, pd)
+        self.v = _param(kv, (cfg.d_model, cfg.n_kv_heads, cfg.head_dim), cfg.init_std, pd)
+        self.o = _param(ko, (cfg.n_heads, cfg.head_dim, cfg.d_model), out_std, pd)
+        # Rotary frequencies are constants of the config, rebuilt at trace time.
+        self.rope = (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def project_qkv(self, x_btd: jax.Array, positions_bt: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        dt = self.dtype
+        q = jnp.einsum("btd,dnh->btnh", x_btd, self.q[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x_btd, self.k[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x_btd, self.v[...].astype(dt))
+        freqs = rope_frequencies(*self.rope)
+        return apply_rope(q, positions_bt, freqs), apply_rope(k, positions_bt, freqs), v
+
+    def project_out(self, o_btnh: jax.Array) -> jax.Array:
+        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+    def __init__(self, cfg: ModelConfig, *, key: jax.Array):
+        pd = jnp.dtype(cfg.param_dtype)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        kg, ku, kd = jax.random.split(key, 3)
+        self.gate = _param(kg, (cfg.d_model, cfg.d_ff), cfg.init_std, pd)
+        self.up = _param(ku, (cfg.d_model, cfg.d_ff), cfg.init_std, pd)
+        self.down = _param(kd, (cfg.d_ff, cfg.d_model), out_std, pd)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        dt = self.dtype
+        g = jnp.einsum("btd,df->btf", x_btd, self.gate[...].astype(dt))
+        u = jnp.einsum("btd,df->btf", x_btd, self.up[...].astype(dt))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, key: jax.Array):
+        pd = jnp.dtype(cfg.param_dtype)
+        k_attn, k_mlp = jax.random.split(key)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
+        self.attn = Attention(cfg, key=k_attn)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
+        self.mlp = MLP(cfg, key=k_mlp)
+
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array,
+                 attend: AttendFn = causal_attention) -> tuple[jax.Array, Any]:
+        q, k, v = self.attn.project_qkv(self.attn_norm(x_btd), positions_bt)
+        o, aux = attend(q, k, v)
+        x_btd = x_btd + self.attn.project_out(o)
+        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        return x_btd, aux
