@@ -1,0 +1,240 @@
+"""The user-facing model object: `spark_model.load(path)` returns a ready `SparkModel`."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spark_model import checkpoint, engine, generation, stops
+from spark_model.config import ModelConfig
+from spark_model.kv_cache import KVCache, cache_length, init_cache
+from spark_model.tokenizer import Tokenizer
+from spark_model.transformer import Transformer, full_logits
+
+# The checkpoint shipped in the repository, used when no path is given.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "spark-tiny"
+
+
+def default_checkpoint() -> Path:
+    """$SPARK_CHECKPOINT if set, else the shipped checkpoints/spark-tiny."""
+    return Path(os.environ.get("SPARK_CHECKPOINT") or DEFAULT_CHECKPOINT)
+
+
+class SparkModel:
+    """A model, its tokenizer and config, loaded from one checkpoint directory.
+
+    `generate` and `stream` run the compiled decode engine over a KV cache of
+    `capacity` positions per sequence, allocated once per batch size and reused.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None,
+                 *, capacity: int | None = None):
+        capacity = model.cfg.max_seq_len if capacity is None else capacity
+        if tokenizer.vocab_size != model.cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, "
+                             f"model expects {model.cfg.vocab_size}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) \
+                or not 2 <= capacity <= model.cfg.max_seq_len:
+            raise ValueError(f"capacity must be an integer in [2, {model.cfg.max_seq_len}], "
+                             f"got {capacity!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.capacity = capacity
+        self._graphdef, self._params = nnx.split(model)
+        self._cache: KVCache | None = None  # the preallocated cache, for one batch size
+        self._token_table = stops.token_byte_table(
+            [tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)])
+        self.last_stats: dict[str, float] = {}  # timing of the latest generate/stream call
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def graphdef(self):
+        """The model's static structure (the engine's only static jit argument)."""
+        return self._graphdef
+
+    @property
+    def params(self):
+        """The model's parameters as an NNX state (a jit argument of the engine)."""
+        return self._params
+
+    @property
+    def token_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes of every token id (V, W) and their lengths (V,), for stop strings."""
+        return self._token_table
+
+    @property
+    def capacity_allocated(self) -> int:
+        """Positions the cache really holds: capacity rounded up to whole attention blocks."""
+        return cache_length(self.capacity)
+
+    def drop_cache(self) -> None:
+        """Free the preallocated KV cache (it is allocated again on the next call)."""
+        self._cache = None
+
+    def logits(self, tokens_bt) -> jax.Array:
+        """Full causal forward: token ids (B, T) -> f32 logits (B, T, V)."""
+        return full_logits(self.model, jnp.asarray(tokens_bt, jnp.int32))
+
+    # ---- generation ------------------------------------------------------------------
+
+    def _prepare(self, prompts, ids=None, ignore_eos=False, **kw):
+        req = generation.check_request(prompts, **kw)
+        if ids is None:
+            ids = [self.tokenizer.encode(p, bos=True) for p in req.prompts]
+        longest = max(len(x) for x in ids)
+        if longest + req.max_new_tokens > self.capacity:
+            raise ValueError(
+                f"prompt of {longest} tokens plus max_new_tokens={req.max_new_tokens} exceeds "
+                f"the KV-cache capacity of {self.capacity} tokens")
+        prompt_bp, len_b = generation.pad_prompts(ids, self.tokenizer.pad_id)
+        eos = -1 if ignore_eos else self.tokenizer.eos_id  # -1 matches no token
+        consts = generation.constants(req, len(ids), self._token_table, eos)
+        return req, jnp.asarray(prompt_bp), jnp.asarray(len_b), consts
+
+    def _take_cache(self, batch: int) -> KVCache:
+        """The preallocated cache for this batch size; its old contents need no clearing,
+        since every position is written before any query can reach it."""
+        cache, self._cache = self._cache, None  # donated to the engine: never reuse it
+        if cache is None or cache.batch != batch:
+            del cache  # free the old batch size's memory before allocating the new one
+            cache = init_cache(self.config, batch, self.capacity)
+        return cache
+
+    def _texts(self, state: engine.DecodeState, req: generation.Request) -> list[str]:
+        tokens, counts = jax.device_get((state.tokens_bn, state.count_b))
+        out = []
+        for row, n in zip(tokens, counts):
+            cutter = generation.StopCutter(req.stop)
+            text = self.tokenizer.decode(row[:n], errors="replace")
+            out.append(cutter.push(text) + cutter.finish())
+        return out
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 256, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop: str | Sequence[str] | None = None) -> str | list[str]:
+        """Complete one prompt (returns str) or a batch (returns list[str]).
+
+        temperature 0 is greedy; stop strings end a sequence and are not included.
+        The whole batch runs as one compiled program: prefill, then the token loop.
+        """
+        req, prompt_bp, len_b, consts = self._prepare(
+            prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop=stop)
+        texts = self._texts(self._run(req, prompt_bp, len_b, consts), req)
+        return texts[0] if isinstance(prompts, str) else texts
+
+    def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256,
+                        *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                        seed: int = 0, ignore_eos: bool = False) -> list[list[int]]:
+        """Token-level generation: prompt ids (BOS included by the caller) -> new ids.
+
+        ignore_eos keeps generating past EOS, for benchmarks that need exact lengths.
+        """
+        ids = [[int(t) for t in row] for row in prompt_ids]
+        if not ids or any(not row for row in ids):
+            raise ValueError("prompt_ids must be a non-empty list of non-empty id lists")
+        bad = [t for row in ids for t in row if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside [0, {self.config.vocab_size})")
+        req, prompt_bp, len_b, consts = self._prepare(
+            [""] * len(ids), ids=ids, ignore_eos=ignore_eos, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=None)
+        state = self._run(req, prompt_bp, len_b, consts)
+        tokens, counts = jax.device_get((state.tokens_bn, state.count_b))
+        return [row[:n].tolist() for row, n in zip(tokens, counts)]
+
+    def _run(self, req, prompt_bp, len_b, consts) -> engine.DecodeState:
+        t0 = time.perf_counter()
+        state = engine.generate_jit(self._graphdef, self._params,
+                                    self._take_cache(len(req.prompts)), prompt_bp, len_b,
+                                    consts, engine.bucket(req.max_new_tokens))
+        self._cache = state.cache
+        n = int(np.sum(jax.device_get(state.count_b)))  # waits for the device
+        dt = time.perf_counter() - t0
+        self.last_stats = {"seconds": dt, "new_tokens": n, "tokens_per_s": n / dt}
+        return state
+
+    def stream(self, prompt: str, max_new_tokens: int = 256, *, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               stop: str | Sequence[str] | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated (never splitting a character).
+
+        The compiled loop runs in chunks of 1, 2, 4 ... 32 tokens, so the first piece
+        arrives after prefill plus one step and later chunks amortise the dispatch.
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
+        req, prompt_bp, len_b, consts = self._prepare(
+            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop=stop)
+        return self._stream(req, prompt_bp, len_b, consts)
+
+    def _stream(self, req, prompt_bp, len_b, consts) -> Iterator[str]:
+        t0 = time.perf_counter()
+        state = engine.prefill_jit(self._graphdef, self._params, self._take_cache(1), prompt_bp,
+                                   len_b, consts, engine.bucket(req.max_new_tokens))
+        decoder = self.tokenizer.stream_decoder()
+        cutter = generation.StopCutter(req.stop)
+        sent, chunk, ttft = 0, 1, None
+        try:
+            while True:
+                tokens, count, done = jax.device_get(
+                    (state.tokens_bn[0], state.count_b[0], state.done_b[0]))
+                text = cutter.push(decoder.feed(tokens[sent:count].tolist()))
+                sent = int(count)
+                if text:
+                    ttft = time.perf_counter() - t0 if ttft is None else ttft
+                    yield text
+                if done:
+                    break
+                state = engine.decode_jit(self._graphdef, self._params, state, consts,
+                                          state.step + chunk)
+                chunk = min(2 * chunk, 32)
+            rest = cutter.push(decoder.flush()) + cutter.finish()
+            if rest:
+                yield rest
+        finally:
+            self._cache = state.cache  # hand the cache back even if the caller stops early
+        dt = time.perf_counter() - t0
+        self.last_stats = {"seconds": dt, "new_tokens": sent, "tokens_per_s": sent / dt,
+                           "ttft_s": ttft if ttft is not None else dt}
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        return checkpoint.save(path, self.model, self.tokenizer, overwrite=overwrite)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"SparkModel(path={str(self.path)!r}, d_model={c.d_model}, "
+                f"n_layers={c.n_layers}, vocab_size={c.vocab_size})")
+
+
+def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,
+         verify: bool = True) -> SparkModel:
+    """Load a checkpoint directory (default: the shipped one) onto the default device.
+
+    capacity: KV-cache positions per sequence (prompt plus generated tokens); default the
+    model's max_seq_len (128K for every preset).
+    """
+    root = Path(path).expanduser() if path is not None else default_checkpoint()
+    if path is None and not root.exists():
+        raise checkpoint.CheckpointError(
+            f"no default checkpoint at {root}; pass a checkpoint directory "
+            "(spark_model.load(path)) or set SPARK_CHECKPOINT")
+    _, model = checkpoint.load_params(root, verify_hashes=verify)
+    try:
+        tokenizer = Tokenizer.load(root / checkpoint.TOKENIZER_FILE)
+    except Exception as e:
+        raise checkpoint.CheckpointError(f"cannot read {root / checkpoint.TOKENIZER_FILE}: {e}")
+    capacity = model.cfg.max_seq_len if capacity is None else capacity
+    return SparkModel(model, tokenizer, root.absolute(), capacity=capacity)

@@ -1,0 +1,219 @@
+"""The checkpoint format: one directory that holds everything a model needs.
+
+    <dir>/config.json      {"format": "spark-checkpoint", "version": 1, "model": {...}}
+    <dir>/tokenizer.model  the SentencePiece model proto
+    <dir>/params/          parameters, saved with orbax-checkpoint (flat names -> arrays)
+    <dir>/manifest.json    size and SHA-256 of every file above, written last
+
+The manifest makes damage nameable: a missing, truncated or altered file is reported by
+its path before orbax ever reads it. Saving writes into a temporary sibling directory
+and renames it into place, so an interrupted save never destroys an existing checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from spark_model.config import ConfigError, ModelConfig
+from spark_model.transformer import Transformer, abstract_model
+
+FORMAT = "spark-checkpoint"
+VERSION = 1
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+PARAMS_DIR = "params"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be read or written; the message says why."""
+
+
+# ---- parameter naming ------------------------------------------------------------------
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def flat_params(model: Transformer) -> dict[str, jax.Array]:
+    """Parameters by dotted path, e.g. 'blocks.0.attn.q' -> array (D, N, H)."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(pure)}
+
+
+def model_from_flat(cfg: ModelConfig, flat: dict[str, Any]) -> Transformer:
+    """Build a model of `cfg` whose parameters are `flat` (names and shapes must match)."""
+    abstract = abstract_model(cfg)
+    graphdef, state = nnx.split(abstract)
+    expected = {name: leaf for name, leaf in flat_params(abstract).items()}
+    missing = sorted(set(expected) - set(flat))
+    extra = sorted(set(flat) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"parameters do not match the config: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    for name, spec in expected.items():
+        if tuple(flat[name].shape) != tuple(spec.shape):
+            raise CheckpointError(f"parameter {name} has shape {tuple(flat[name].shape)}, "
+                                  f"the config needs {tuple(spec.shape)}")
+    pure = nnx.to_pure_dict(state)
+    pure = jax.tree_util.tree_map_with_path(
+        lambda p, spec: jax.numpy.asarray(flat[_path_name(p)], spec.dtype), pure)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+# ---- saving ----------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(root: Path) -> None:
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_FILE:
+            files[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size,
+                                                      "sha256": _sha256(p)}
+    (root / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def _quiet_orbax() -> None:
+    # orbax logs every save/restore step at INFO/WARNING through absl; users need none of it.
+    for name in ("absl", "orbax", "jax._src.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def save(path: str | os.PathLike, model: Transformer, tokenizer, *,
+         overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Write `model` and `tokenizer` as a checkpoint directory at `path`.
+
+    An existing non-empty directory is replaced only with overwrite=True, and only after
+    the new checkpoint is completely written next to it.
+    """
+    dest = Path(path).expanduser().absolute()
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"{dest} exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise CheckpointError(f"{dest} already exists and is not empty; "
+                              "pass overwrite=True to replace it")
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model's "
+                              f"vocab_size is {model.cfg.vocab_size}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _quiet_orbax()
+    import orbax.checkpoint as ocp
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.saving-", dir=dest.parent))
+    try:
+        meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict()}
+        if extra:
+            meta["extra"] = extra
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        params = {k: np.asarray(v) for k, v in flat_params(model).items()}
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, params)
+        _write_manifest(tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            old.rmdir()
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+def check(path: str | os.PathLike, *, verify_hashes: bool = True) -> dict[str, Any]:
+    """Validate a checkpoint directory; return its config.json contents.
+
+    Raises CheckpointError naming every missing, truncated or altered file.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise CheckpointError(f"no checkpoint at {root}: the path does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is not a checkpoint: a checkpoint is a directory")
+    missing = [n for n in (CONFIG_FILE, TOKENIZER_FILE, PARAMS_DIR, MANIFEST_FILE)
+               if not (root / n).exists()]
+    if missing:
+        raise CheckpointError(f"{root} is not a complete checkpoint: missing {', '.join(missing)}")
+    try:
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{root / MANIFEST_FILE} is damaged (not the JSON it should be)")
+    problems = []
+    for rel, info in sorted(files.items()):
+        f = root / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != info["bytes"]:
+            problems.append(f"{rel} is truncated or altered "
+                            f"({f.stat().st_size} bytes, expected {info['bytes']})")
+        elif verify_hashes and _sha256(f) != info["sha256"]:
+            problems.append(f"{rel} is corrupt (its SHA-256 differs from the manifest)")
+    if problems:
+        raise CheckpointError(f"damaged checkpoint {root}: " + "; ".join(problems))
+    try:
+        meta = json.loads((root / CONFIG_FILE).read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{root / CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{root / CONFIG_FILE} is not a {FORMAT} config")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{root} has checkpoint format version {meta.get('version')}; "
+                              f"this release reads version {VERSION}")
+    return meta
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    meta = check(path, verify_hashes=False)
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE} holds an invalid model config: {e}")
+
+
+def load_params(path: str | os.PathLike, *, verify_hashes: bool = True
+                ) -> tuple[ModelConfig, Transformer]:
+    """Read config and parameters; arrays land on the default device, whatever saved them."""
+    root = Path(path).expanduser().absolute()
+    check(root, verify_hashes=verify_hashes)
+    cfg = load_config(root)
+    _quiet_orbax()
+    import orbax.checkpoint as ocp
+
+    # The target pins every array to this process's default device, so a checkpoint
+    # saved from GPU or from a sharded run restores on a CPU-only machine.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=device)
+              for name, spec in flat_params(abstract_model(cfg)).items()}
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            flat = ckptr.restore(root / PARAMS_DIR, target)
+    except Exception as e:  # orbax raises many types; the user needs one clear message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read parameters from {root / PARAMS_DIR}: {first}") from e
+    return cfg, model_from_flat(cfg, flat)

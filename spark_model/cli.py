@@ -1,0 +1,157 @@
+"""The `spark` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+import jax.numpy as jnp
+
+from spark_model.config import PRESETS, ModelConfig
+
+
+def _info(args: argparse.Namespace) -> int:
+    from spark_model import checkpoint
+    from spark_model.transformer import param_count
+
+    if args.checkpoint:
+        cfg, source = checkpoint.load_config(args.checkpoint), str(args.checkpoint)
+    else:
+        cfg, source = ModelConfig.preset(args.preset), f"preset {args.preset}"
+    n = param_count(cfg)  # from shapes alone: nothing is allocated
+    itemsize = jnp.dtype(cfg.param_dtype).itemsize
+    # K and V, per token, over all layers, stored in the compute dtype.
+    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    derived = {
+        "params": n,
+        "param_bytes": n * itemsize,
+        "kv_cache_bytes_per_token": kv_per_token,
+        "kv_cache_bytes_at_max_context": kv_per_token * cfg.max_seq_len,
+    }
+    if args.json:
+        print(json.dumps({"source": source, "config": cfg.to_dict(), **derived}, indent=2))
+        return 0
+    print(f"{source}")
+    for key, value in cfg.to_dict().items():
+        print(f"  {key:16s} {value}")
+    print(f"  {'parameters':16s} {n:,} ({n / 1e6:,.2f}M, {n * itemsize / 2**20:,.1f} MiB "
+          f"in {cfg.param_dtype})")
+    print(f"  {'KV cache':16s} {kv_per_token:,} bytes/token, "
+          f"{kv_per_token * cfg.max_seq_len / 2**30:,.2f} GiB at {cfg.max_seq_len:,} tokens")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    import spark_model
+
+    t0 = time.perf_counter()
+    model = spark_model.load(args.checkpoint, capacity=args.capacity)
+    load_s = time.perf_counter() - t0
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None)
+    if args.warmup:  # compile first, so the figures below are steady-state latency
+        for _ in model.stream(args.prompt, **kw):
+            pass
+    print(args.prompt, end="", flush=True)
+    for piece in model.stream(args.prompt, **kw):
+        print(piece, end="", flush=True)
+    s = model.last_stats
+    print(file=sys.stderr)
+    print(f"[{s['new_tokens']} tokens | TTFT {s['ttft_s'] * 1e3:.1f} ms | "
+          f"{s['tokens_per_s']:.0f} tokens/s | load {load_s:.1f} s"
+          f"{'' if args.warmup else ' | first call includes compilation'}]", file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "decode":
+        from eval import bench_decode
+
+        return bench_decode.main(args.checkpoint, args.json, args.runs, not args.no_peer)
+    print(f"spark bench {args.what}: not built yet in this version of Spark.", file=sys.stderr)
+    return 2
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"spark {name}: not built yet in this version of Spark.", file=sys.stderr)
+        return 2
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spark", description="Spark: a latency-first code model, its decode loop and "
+                                  "its wafer-mapping compiler.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="print a model's config and parameter count")
+    src = info.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                     help="a named preset (default: tiny)")
+    src.add_argument("--checkpoint", metavar="DIR", help="read the config of a checkpoint")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=_info)
+
+    gen = sub.add_parser("generate", help="stream a completion of a prompt to the terminal")
+    gen.add_argument("prompt", help="the text to complete (may be empty)")
+    gen.add_argument("--checkpoint", metavar="DIR", default=None,
+                     help="checkpoint directory (default: the shipped checkpoints/spark-tiny)")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    gen.add_argument("--capacity", type=int, default=None,
+                     help="KV-cache positions per sequence (default: the model's 131072)")
+    gen.add_argument("--warmup", action="store_true",
+                     help="compile with one untimed run first, then time a second")
+    gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="run a speed benchmark")
+    bench.add_argument("what", choices=["decode", "compile", "serve"],
+                       help="decode: the engine against its roofline and the peer")
+    bench.add_argument("--checkpoint", metavar="DIR", default=None,
+                       help="checkpoint directory (default: the shipped one)")
+    bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    bench.add_argument("--runs", type=int, default=5, help="timed runs per figure (best kept)")
+    bench.add_argument("--no-peer", action="store_true",
+                       help="skip the Hugging Face transformers comparison")
+    bench.set_defaults(func=_bench)
+
+    from eval import cli as eval_cli
+
+    ev = sub.add_parser("eval", help="evaluate on coding tasks (HumanEval pass@k, bits/byte)")
+    eval_cli.add_arguments(ev)
+    ev.set_defaults(func=eval_cli.run)
+
+    for name, text in [("train", "train a model on a code corpus"),
+                       ("compile", "map the model onto a wafer-scale core grid")]:
+        p = sub.add_parser(name, help=f"{text} (not built yet)")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_not_built(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from spark_model.checkpoint import CheckpointError
+    from spark_model.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, TypeError) as e:
+        if os.environ.get("SPARK_DEBUG"):  # developers: the full traceback
+            raise
+        print(f"spark {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

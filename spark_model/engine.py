@@ -1,0 +1,152 @@
+"""The decode engine: chunked prefill and the token loop, each compiled whole with jax.jit.
+
+All state of generation lives in one `DecodeState`; the model's parameters are a jit
+*argument* (the graph definition is the only static part), and the KV cache is donated so
+XLA updates it in place. Shapes that reach the compiler are bucketed (prompt length and
+output length to powers of two), so new prompt lengths reuse the same programs; everything
+a user varies per call (sampling settings, seeds, stop strings, max_new_tokens) is traced.
+
+    generate = prefill + decode(limit=max_new_tokens)   one program, no per-token Python
+    stream   = prefill, then decode(limit=k) repeatedly  text arrives after prefill + 1 step
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from spark_model import stops
+from spark_model.kv_cache import KVCache
+from spark_model.sampling import SamplingParams, sample
+from spark_model.transformer import Transformer
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill iteration (the largest chunk shape)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= n (and >= minimum): the shape a length is padded to."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@struct.dataclass
+class Constants:
+    """Per-call inputs that do not change during the loop (all traced)."""
+
+    sampling: SamplingParams
+    stop_spec: stops.StopSpec
+    token_bytes_vw: jax.Array  # (V, W) int16 bytes of each token, for stop matching
+    token_len_v: jax.Array  # (V,) int32
+    max_new: jax.Array  # () int32: tokens to generate at most, per sequence
+    eos_id: jax.Array  # () int32
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the loop carries."""
+
+    cache: KVCache
+    tokens_bn: jax.Array  # (B, N) generated ids; slots past count_b are unused
+    count_b: jax.Array  # (B,) tokens generated so far
+    last_b: jax.Array  # (B,) the latest generated token, fed to the next step
+    position_b: jax.Array  # (B,) position of last_b in its sequence
+    done_b: jax.Array  # (B,) finished: EOS, a stop string or max_new reached
+    tail_bm: jax.Array  # (B, M) last bytes generated, for stop strings
+    step: jax.Array  # () steps taken; seeds each step's random draw
+
+
+def _emit(state: DecodeState, token_b: jax.Array, c: Constants) -> DecodeState:
+    """Record one sampled token per still-running sequence and update stop conditions."""
+    active = ~state.done_b
+    rows = jnp.arange(token_b.shape[0])
+    tokens = state.tokens_bn.at[rows, state.count_b].set(
+        jnp.where(active, token_b, state.tokens_bn[rows, state.count_b]), mode="drop")
+    tail, hit_stop = stops.advance(state.tail_bm, token_b, c.token_bytes_vw, c.token_len_v,
+                                   c.stop_spec)
+    count = state.count_b + active
+    done = state.done_b | (active & (
+        (token_b == c.eos_id)  # the model ended the text
+        | hit_stop  # a stop string ended inside this token
+        | (count >= c.max_new)))  # the caller's budget is spent
+    return state.replace(
+        tokens_bn=tokens, count_b=count,
+        last_b=jnp.where(active, token_b, state.last_b),
+        position_b=state.position_b + active,
+        done_b=done, tail_bm=jnp.where(active[:, None], tail, state.tail_bm),
+        step=state.step + 1)
+
+
+def prefill(model: Transformer, cache: KVCache, prompt_bp: jax.Array, prompt_len_b: jax.Array,
+            c: Constants, n_out: int) -> DecodeState:
+    """Run the prompts through the cache in chunks and sample the first token.
+
+    prompt_bp is right-padded to a bucket P; only ceil(max(len) / chunk) chunks run, so
+    padding costs nothing beyond the last chunk. Positions past a prompt's end receive
+    padding keys, which that sequence overwrites before it ever attends to them.
+    """
+    batch, p = prompt_bp.shape
+    chunk = min(p, PREFILL_CHUNK)
+    n_chunks = (jnp.max(prompt_len_b) + chunk - 1) // chunk
+    rows = jnp.arange(batch)
+
+    def body(j, carry):
+        cache, last_bd = carry
+        toks = jax.lax.dynamic_slice_in_dim(prompt_bp, j * chunk, chunk, axis=1)
+        pos = jnp.broadcast_to(j * chunk + jnp.arange(chunk), (batch, chunk))
+        x_btd, cache = model.cached(toks, pos, cache)
+        idx = prompt_len_b - 1 - j * chunk  # where the prompt's last token sits in this chunk
+        inside = (idx >= 0) & (idx < chunk)
+        h_bd = x_btd[rows, jnp.clip(idx, 0, chunk - 1)]
+        return cache, jnp.where(inside[:, None], h_bd, last_bd)
+
+    last = jnp.zeros((batch, model.cfg.d_model), jnp.dtype(model.cfg.dtype))
+    cache, last = jax.lax.fori_loop(0, n_chunks, body, (cache, last))
+    logits_bv = model.logits(last[:, None, :])[:, 0]
+    state = DecodeState(
+        cache=cache, tokens_bn=jnp.zeros((batch, n_out), jnp.int32),
+        count_b=jnp.zeros((batch,), jnp.int32), last_b=jnp.zeros((batch,), jnp.int32),
+        position_b=prompt_len_b - 1, done_b=jnp.zeros((batch,), bool),
+        tail_bm=stops.empty_tail(batch, c.stop_spec.bytes_sm.shape[1]),
+        step=jnp.zeros((), jnp.int32))
+    return _emit(state, sample(logits_bv, c.sampling, state.step), c)
+
+
+def decode(model: Transformer, state: DecodeState, c: Constants, limit: jax.Array
+           ) -> DecodeState:
+    """Generate until every sequence is done or `limit` total steps have been taken."""
+
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done_b)
+
+    def body(s: DecodeState):
+        x_btd, cache = model.cached(s.last_b[:, None], s.position_b[:, None], s.cache)
+        token_b = sample(model.logits(x_btd)[:, 0], c.sampling, s.step)
+        return _emit(s.replace(cache=cache), token_b, c)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# ---- compiled entry points -------------------------------------------------------------
+# The graph definition is static (hashable structure); parameters and the cache are
+# arguments, the cache donated so each call updates it in place.
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
+def generate_jit(graphdef, params, cache, prompt_bp, prompt_len_b, c: Constants, n_out: int
+                 ) -> DecodeState:
+    model = nnx.merge(graphdef, params)
+    state = prefill(model, cache, prompt_bp, prompt_len_b, c, n_out)
+    return decode(model, state, c, c.max_new)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
+def prefill_jit(graphdef, params, cache, prompt_bp, prompt_len_b, c: Constants, n_out: int
+                ) -> DecodeState:
+    return prefill(nnx.merge(graphdef, params), cache, prompt_bp, prompt_len_b, c, n_out)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def decode_jit(graphdef, params, state: DecodeState, c: Constants, limit: jax.Array
+               ) -> DecodeState:
+    return decode(nnx.merge(graphdef, params), state, c, limit)

@@ -1,0 +1,59 @@
+"""Next-token choice inside the compiled loop: greedy, temperature, top-k and top-p.
+
+Every setting is a traced (B,) array, so changing it never recompiles, and each sequence
+of a batch can use its own. Randomness comes from a per-sequence seed folded with the
+step number: the same seed gives the same tokens, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class SamplingParams:
+    """Per-sequence settings, each of shape (B,)."""
+
+    temperature: jax.Array  # f32; 0 means greedy (argmax)
+    top_k: jax.Array  # int32; 0 means no top-k cut
+    top_p: jax.Array  # f32 in (0, 1]; 1 means no nucleus cut
+    seed: jax.Array  # uint32; the sequence's random stream
+
+    @classmethod
+    def make(cls, batch: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seeds=None) -> "SamplingParams":
+        seeds = jnp.arange(batch, dtype=jnp.uint32) if seeds is None else seeds
+        return cls(temperature=jnp.full((batch,), temperature, jnp.float32),
+                   top_k=jnp.full((batch,), top_k, jnp.int32),
+                   top_p=jnp.full((batch,), top_p, jnp.float32),
+                   seed=jnp.asarray(seeds, jnp.uint32))
+
+
+def _sample_row(logits_v, temperature, top_k, top_p, seed, step):
+    vocab = logits_v.shape[-1]
+    scaled = logits_v / jnp.maximum(temperature, 1e-6)
+    vals, idx = jax.lax.top_k(scaled, vocab)  # sorted, descending
+    ranks = jnp.arange(vocab)
+    keep = (top_k <= 0) | (ranks < top_k)
+    vals = jnp.where(keep, vals, -jnp.inf)
+    probs = jax.nn.softmax(vals)
+    # Nucleus: keep a token while the mass before it is below top_p (the first always).
+    keep &= (jnp.cumsum(probs) - probs) < top_p
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    choice = jax.random.categorical(key, jnp.where(keep, vals, -jnp.inf))
+    return idx[choice]
+
+
+def sample(logits_bv: jax.Array, params: SamplingParams, step: jax.Array) -> jax.Array:
+    """Token ids (B,) for logits (B, V) at generation step `step`."""
+    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    def stochastic(_):
+        drawn = jax.vmap(_sample_row, in_axes=(0, 0, 0, 0, 0, None))(
+            logits_bv, params.temperature, params.top_k, params.top_p, params.seed, step)
+        return jnp.where(params.temperature > 0, drawn.astype(jnp.int32), greedy)
+
+    # An all-greedy batch skips the vocabulary sort entirely.
+    return jax.lax.cond(jnp.any(params.temperature > 0), stochastic, lambda _: greedy, None)

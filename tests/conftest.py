@@ -1,0 +1,22 @@
+"""Shared fixtures: a small code tokenizer and a small model built on it."""
+
+import pytest
+
+from spark_model import ModelConfig, init_model
+from spark_model.tokenizer import stdlib_python_files, train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """A 512-piece tokenizer trained on a slice of the standard library (a few seconds)."""
+    files = stdlib_python_files()[::20]
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    return train_tokenizer(texts, 512, path)
+
+
+@pytest.fixture(scope="session")
+def small_model(small_tokenizer):
+    cfg = ModelConfig(vocab_size=small_tokenizer.vocab_size, d_model=32, n_layers=2,
+                      n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
+    return init_model(cfg, seed=0)

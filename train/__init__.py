@@ -1,0 +1,1 @@
+"""Training on source code: corpus, optax loop, JAX sharding, orbax checkpoints."""
