@@ -84,7 +84,7 @@ def step_time_at(m: SparkModel, position: int, steps: int = 32, runs: int = 3) -
         raise ValueError(f"position {position} does not fit capacity {m.capacity}")
     cfg = m.config
     keys = jax.random.split(jax.random.key(1), 2 * cfg.n_layers)
-    shape = (1, m.capacity_allocated, cfg.n_kv_heads, cfg.head_dim)
+    shape = (1, cfg.n_kv_heads, m.capacity_allocated, cfg.head_dim)  # (B, K, S, H)
     fill = [jax.random.normal(k, shape, jnp.float32) for k in keys]
     m.drop_cache()  # make room: the synthetic cache replaces the model's own
     req = generation.check_request("", max_new_tokens=steps + 1, temperature=0.0, top_k=0,
@@ -106,7 +106,8 @@ def step_time_at(m: SparkModel, position: int, steps: int = 32, runs: int = 3) -
         s = engine.decode_jit(m.graphdef, m.params, holder["state"], consts, limit)
         s.step.block_until_ready()
         holder["state"] = s.replace(step=jnp.ones((), jnp.int32), count_b=jnp.ones((1,), jnp.int32),
-                                    position_b=jnp.full((1,), position, jnp.int32))
+                                    position_b=jnp.full((1,), position, jnp.int32),
+                                    done_b=jnp.zeros((1,), bool))
 
     seconds = _best(once, runs)
     del holder, state, fill

@@ -1,7 +1,14 @@
 """The KV cache and the attention kernel that reads it.
 
-Layout: one (B, S, K, H) array for keys and one for values per layer. S is the capacity
+Layout: one (B, K, S, H) array for keys and one for values per layer, so each kv head's
+positions are contiguous and a new token is one contiguous row per head. S is the capacity
 rounded up to a whole number of BIG_BLOCKs, so every block the kernel reads is in bounds.
+
+Layout matters on XLA:CPU. A q.k dot wants keys as (H, S); given (S, H) it transposes the
+whole cache inside every decode step, and storing keys as (H, S) instead makes each new
+token a strided column write, for which XLA copies the cache. So a single-query step
+(T = 1, decoding) forms q.k as a multiply-and-reduce over H, which reads (S, H) rows as
+they lie; prefill chunks (T > 1) use the dot, whose transpose is paid once per chunk.
 
 `cached_attention` pays for the filled part only: it walks the cache in blocks with an
 online softmax and a trip count computed from the positions actually queried, so a step at
@@ -27,7 +34,7 @@ _NEG = -1e30  # finite "minus infinity": keeps the online-softmax rescaling NaN-
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every layer: tuples of (B, S, K, H) arrays."""
+    """Keys and values of every layer: tuples of (B, K, S, H) arrays."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -39,7 +46,7 @@ class KVCache:
     @property
     def length(self) -> int:
         """S: allocated positions (>= the requested capacity)."""
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
 def cache_length(capacity: int) -> int:
@@ -47,46 +54,60 @@ def cache_length(capacity: int) -> int:
     return max(BIG_BLOCK, math.ceil(capacity / BIG_BLOCK) * BIG_BLOCK)
 
 
-def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> KVCache:
-    shape = (batch, cache_length(capacity), cfg.n_kv_heads, cfg.head_dim)  # (B, S, K, H)
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, device=None) -> KVCache:
+    """A zeroed cache, committed to `device` (default: the first). Committed like the
+    engine's outputs, so a fresh cache and a returned one hit the same compiled program
+    (an uncommitted array is a different jit signature and compiles everything again)."""
+    shape = (batch, cfg.n_kv_heads, cache_length(capacity), cfg.head_dim)  # (B, K, S, H)
     dt = jnp.dtype(cfg.dtype)
-    return KVCache(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)),
-                   v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)))
+    device = device or jax.devices()[0]
+    return KVCache(k=tuple(jnp.zeros(shape, dt, device=device) for _ in range(cfg.n_layers)),
+                   v=tuple(jnp.zeros(shape, dt, device=device) for _ in range(cfg.n_layers)))
 
 
-def write(cache_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
+def write(cache_bksh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
     """Write T new rows for each sequence b at positions start_b[b] .. start_b[b] + T - 1."""
-    def one(c_skh, n_tkh, s):
-        return jax.lax.dynamic_update_slice_in_dim(c_skh, n_tkh.astype(c_skh.dtype), s, axis=0)
-    return jax.vmap(one)(cache_bskh, new_btkh, start_b)
+    new_bkth = rearrange(new_btkh, "b t k h -> b k t h").astype(cache_bksh.dtype)
+
+    def one(c_ksh, n_kth, s):
+        return jax.lax.dynamic_update_slice_in_dim(c_ksh, n_kth, s, axis=1)
+    return jax.vmap(one)(cache_bksh, new_bkth, start_b)
 
 
-def _blocks(q_btkgh, k_bskh, v_bskh, q_pos_bt, carry, start, n_blocks, block):
-    """Online softmax over n_blocks blocks of `block` keys from `start`; carry (m, l, acc)."""
+def _scores(q_bkgth: jax.Array, k_bksh: jax.Array) -> jax.Array:
+    """q.k for one block, (B, K, G, T, S), in f32 (see the module docstring for the T=1 form)."""
+    if q_bkgth.shape[3] == 1:
+        prod = q_bkgth[:, :, :, :, None, :] * k_bksh[:, :, None, None, :, :]
+        return jnp.sum(prod.astype(jnp.float32), axis=-1)
+    return jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32)
+
+
+def _update(carry, q_bkgth, k_blk, v_blk, key_pos, q_pos_bt):
+    """Fold one block of keys into the online softmax state (m, l, acc)."""
+    m_bkgt, l_bkgt, acc_bkgth = carry
+    mask = (key_pos[None, None, :] <= q_pos_bt[:, :, None])[:, None, None]  # (B,1,1,T,S)
+    s = jnp.where(mask, _scores(q_bkgth, k_blk), _NEG)
+    m_new = jnp.maximum(m_bkgt, s.max(axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m_bkgt - m_new)
+    pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v_blk.dtype), v_blk,
+                    preferred_element_type=jnp.float32)
+    return m_new, alpha * l_bkgt + p.sum(axis=-1), alpha[..., None] * acc_bkgth + pv
+
+
+def _blocks(q_bkgth, k_bksh, v_bksh, q_pos_bt, carry, start, n_blocks, block):
+    """Online softmax over n_blocks blocks of `block` keys from `start`."""
 
     def body(j, carry):
-        m_bkgt, l_bkgt, acc_bkgth = carry
         s0 = start + j * block
-        k_blk = jax.lax.dynamic_slice_in_dim(k_bskh, s0, block, axis=1)  # (B, blk, K, H)
-        v_blk = jax.lax.dynamic_slice_in_dim(v_bskh, s0, block, axis=1)
-        s = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_blk,
-                       preferred_element_type=jnp.float32)
-        key_pos = s0 + jnp.arange(block)
-        mask_bts = key_pos[None, None, :] <= q_pos_bt[:, :, None]  # causal, and filled only
-        mask = mask_bts[:, None, None, :, :]
-        s = jnp.where(mask, s, _NEG)
-        m_new = jnp.maximum(m_bkgt, s.max(axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        alpha = jnp.exp(m_bkgt - m_new)
-        l_new = alpha * l_bkgt + p.sum(axis=-1)
-        pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v_blk.dtype), v_blk,
-                        preferred_element_type=jnp.float32)
-        return m_new, l_new, alpha[..., None] * acc_bkgth + pv
+        k_blk = jax.lax.dynamic_slice_in_dim(k_bksh, s0, block, axis=2)  # (B, K, blk, H)
+        v_blk = jax.lax.dynamic_slice_in_dim(v_bksh, s0, block, axis=2)
+        return _update(carry, q_bkgth, k_blk, v_blk, s0 + jnp.arange(block), q_pos_bt)
 
     return jax.lax.fori_loop(0, n_blocks, body, carry)
 
 
-def cached_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+def cached_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array,
                      q_pos_bt: jax.Array) -> jax.Array:
     """Attention of queries at positions q_pos over cache entries at positions <= q_pos.
 
@@ -94,17 +115,17 @@ def cached_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
     holds the furthest query position.
     """
     b, t, n, h = q_btnh.shape
-    k_heads = k_bskh.shape[2]
-    q = rearrange(q_btnh, "b t (k g) h -> b t k g h", k=k_heads) * (1.0 / math.sqrt(h))
+    k_heads = k_bksh.shape[1]
+    q = rearrange(q_btnh, "b t (k g) h -> b k g t h", k=k_heads) * (1.0 / math.sqrt(h))
     g = n // k_heads
     carry = (jnp.full((b, k_heads, g, t), _NEG, jnp.float32),
              jnp.zeros((b, k_heads, g, t), jnp.float32),
              jnp.zeros((b, k_heads, g, t, h), jnp.float32))
     n_keys = jnp.max(q_pos_bt) + 1  # keys 0 .. max position inclusive
     n_big = n_keys // BIG_BLOCK
-    carry = _blocks(q, k_bskh, v_bskh, q_pos_bt, carry, 0, n_big, BIG_BLOCK)
+    carry = _blocks(q, k_bksh, v_bksh, q_pos_bt, carry, 0, n_big, BIG_BLOCK)
     tail_start = n_big * BIG_BLOCK
     n_small = (n_keys - tail_start + SMALL_BLOCK - 1) // SMALL_BLOCK
-    m, l, acc = _blocks(q, k_bskh, v_bskh, q_pos_bt, carry, tail_start, n_small, SMALL_BLOCK)
+    m, l, acc = _blocks(q, k_bksh, v_bksh, q_pos_bt, carry, tail_start, n_small, SMALL_BLOCK)
     o = acc / l[..., None]  # (B, K, G, T, H)
     return rearrange(o, "b k g t h -> b t (k g) h").astype(q_btnh.dtype)

@@ -70,7 +70,11 @@ class Attention(nnx.Module):
         return apply_rope(q, positions_bt, freqs), apply_rope(k, positions_bt, freqs), v
 
     def project_out(self, o_btnh: jax.Array) -> jax.Array:
-        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
+        # Flatten (N, H) on both sides first: contracting two axes at once made XLA copy
+        # the whole o weight into a new layout on every decode step.
+        o_bt_nh = rearrange(o_btnh, "b t n h -> b t (n h)")
+        w_nh_d = rearrange(self.o[...].astype(self.dtype), "n h d -> (n h) d")
+        return jnp.einsum("btf,fd->btd", o_bt_nh, w_nh_d)
 
 
 class MLP(nnx.Module):

@@ -78,21 +78,21 @@ def test_long_position_attention_matches_direct_reference(q_pos):
     k_heads, g, h = 2, 2, 16
     s = cache_length(131_072)
     rng = np.random.default_rng(2)
-    k = rng.normal(size=(1, s, k_heads, h)).astype(np.float32)
-    v = rng.normal(size=(1, s, k_heads, h)).astype(np.float32)
+    k = rng.normal(size=(1, k_heads, s, h)).astype(np.float32)  # (B, K, S, H)
+    v = rng.normal(size=(1, k_heads, s, h)).astype(np.float32)
     t = len(q_pos)
     q = rng.normal(size=(1, t, k_heads * g, h)).astype(np.float32) * 3
     # Garbage beyond the filled part: it would dominate the softmax if it leaked in.
-    k[:, max(q_pos) + 1:] = 1e3
-    v[:, max(q_pos) + 1:] = 1e6
+    k[:, :, max(q_pos) + 1:] = 1e3
+    v[:, :, max(q_pos) + 1:] = 1e6
     ours = np.asarray(jax.jit(cached_attention)(
         jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray([q_pos])))
     for ti, p in enumerate(q_pos):
         for n in range(k_heads * g):
             kv = n // g
-            scores = k[0, :p + 1, kv].astype(np.float64) @ q[0, ti, n] / math.sqrt(h)
+            scores = k[0, kv, :p + 1].astype(np.float64) @ q[0, ti, n] / math.sqrt(h)
             w = np.exp(scores - scores.max())
-            ref = (w / w.sum()) @ v[0, :p + 1, kv]
+            ref = (w / w.sum()) @ v[0, kv, :p + 1]
             np.testing.assert_allclose(ours[0, ti, n], ref, atol=1e-4, rtol=1e-4)
 
 
