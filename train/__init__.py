@@ -1,1 +1,36 @@
-"""Training on source code: corpus, optax loop, JAX sharding, orbax checkpoints."""
+"""Training on source code: corpus, tokenizer, token cache, optax loop, JAX sharding, orbax.
+
+Command line (``spark train`` once wired into spark_model/cli.py; ``python -m train`` now)::
+
+    python -m train --preset tiny --out runs/tiny --steps 2000
+    python -m train --out runs/tiny --resume            # continue after a crash or Ctrl-C
+
+    import spark_model
+    m = spark_model.load("runs/tiny")                   # the run directory is a checkpoint
+
+Modules:
+  corpus.py     load_corpus(sources) -> (documents, stats): the stdlib by default, or
+                directories (*.py, recursively), .jsonl files ("text"/"content" per line)
+                and single files; unreadable / non-UTF-8 / empty documents are skipped and
+                counted, exact copies kept once. split_corpus(docs) -> (train, validation)
+                by sha256(name relative to its root) % 1000 < 20; validation_files() gives
+                the held-out files for evaluation (eval.bpb.bits_per_byte(model, files)).
+  data.py       train_or_load_tokenizer (trained on the training split only, cached),
+                build_token_cache (BOS text EOS streams in ~/.cache/spark/tokens-<key>/,
+                memory-mapped uint16; rebuilt only when documents, tokenizer or seq_len
+                change), BatchIterator (seeded per-epoch permutation of packed sequences,
+                state = one integer position), eval_set (bits-per-byte windows).
+  loop.py       TrainConfig, Trainer (one jitted train step: AdamW + warmup/cosine +
+                clipping + optional gradient accumulation, sharded over a "data" mesh axis,
+                optional FSDP), train(config, out, resume=...) with orbax checkpoints,
+                metrics.jsonl, loss.png and the exported model. See its docstring for the
+                run-directory layout and multi-host use.
+  forward.py    the model's forward pass with 2-D matmuls (same function, ~2x faster
+                train step on CPU); attention.py: block-causal attention kernel.
+  cli.py        add_arguments(parser), run(args) -> exit code, main(argv).
+
+Multi-host: run the same command on every host with ``--distributed`` (which calls
+``jax.distributed.initialize()``; set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID, or let a cluster environment such as SLURM provide them) and an ``--out``
+and ``--cache-dir`` on a filesystem every host shares.
+"""
