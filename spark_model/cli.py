@@ -126,13 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     from eval import cli as eval_cli
+    from train import cli as train_cli
+
+    tr = sub.add_parser("train", help="train a model on a code corpus (default: the stdlib)")
+    train_cli.add_arguments(tr)
+    tr.set_defaults(func=train_cli.run)
 
     ev = sub.add_parser("eval", help="evaluate on coding tasks (HumanEval pass@k, bits/byte)")
     eval_cli.add_arguments(ev)
     ev.set_defaults(func=eval_cli.run)
 
-    for name, text in [("train", "train a model on a code corpus"),
-                       ("compile", "map the model onto a wafer-scale core grid")]:
+    for name, text in [("compile", "map the model onto a wafer-scale core grid")]:
         p = sub.add_parser(name, help=f"{text} (not built yet)")
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(func=_not_built(name))

