@@ -50,8 +50,11 @@ class KVCache:
 
 
 def cache_length(capacity: int) -> int:
-    """Allocated positions for a capacity: whole BIG_BLOCKs, so block reads stay in bounds."""
-    return max(BIG_BLOCK, math.ceil(capacity / BIG_BLOCK) * BIG_BLOCK)
+    """Allocated positions: whole BIG_BLOCKs, so block reads stay in bounds, plus one
+    SMALL_BLOCK. The extra block is not needed for correctness: a cache exactly one
+    BIG_BLOCK long made the block slice span the whole array, and XLA:CPU then compiled
+    the step into one that ran at half speed."""
+    return math.ceil(capacity / BIG_BLOCK) * BIG_BLOCK + SMALL_BLOCK
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, device=None) -> KVCache:

@@ -63,9 +63,13 @@ class Attention(nnx.Module):
     def project_qkv(self, x_btd: jax.Array, positions_bt: jax.Array
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = self.dtype
-        q = jnp.einsum("btd,dnh->btnh", x_btd, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x_btd, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x_btd, self.v[...].astype(dt))
+        # Plain 2-D products, (B*T, D) x (D, heads*H): the form XLA:CPU runs fastest.
+        x = rearrange(x_btd, "b t d -> (b t) d")
+
+        def proj(w_dnh):
+            y = x @ rearrange(w_dnh.astype(dt), "d n h -> d (n h)")
+            return rearrange(y, "(b t) (n h) -> b t n h", b=x_btd.shape[0], h=w_dnh.shape[2])
+        q, k, v = proj(self.q[...]), proj(self.k[...]), proj(self.v[...])
         freqs = rope_frequencies(*self.rope)
         return apply_rope(q, positions_bt, freqs), apply_rope(k, positions_bt, freqs), v
 
