@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.bpb import BpbError, bits_per_byte, collect_files
-from eval.generation import GenerationError, generate_samples
+from eval.generation import GenerationError, generate_samples, measure_latency
 from eval.humaneval import (DEFAULT_KS, DEFAULT_TIMEOUT_S, HumanEvalUnavailable, SamplesError,
                             evaluate_samples, load_problems, read_samples)
 from eval.report import write_report
@@ -219,6 +219,12 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
                                  progress=progress)
         report["generation"] = stats.to_dict()
         report["ttft_s"], report["tokens_per_s"] = stats.ttft_s, stats.tokens_per_s
+        # Batch-1 latency on the first prompt: what a user waiting on one completion sees.
+        latency = measure_latency(model, next(iter(chosen.values()))["prompt"])
+        if latency:
+            report["latency_batch1"] = latency
+            report["ttft_s"] = latency.get("ttft_s", report["ttft_s"])
+            report["tokens_per_s"] = latency.get("tokens_per_s", report["tokens_per_s"])
         report["humaneval"] = evaluate_samples(out / SAMPLES_FILE, out, k=DEFAULT_KS,
                                                workers=args.workers, timeout_s=args.timeout,
                                                problems=problems, limit=args.limit,

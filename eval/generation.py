@@ -196,3 +196,18 @@ def generate_samples(model: Any, problems: Mapping[str, Mapping[str, str]],
         ttft_s=sum(ttfts) / len(ttfts) if ttfts else None,
         tokens_per_s=tokens_per_s,
         generated_tokens=tokens if tokens_known else None)
+
+
+def measure_latency(model: Any, prompt: str, max_new_tokens: int = 64) -> dict | None:
+    """Batch-1 latency through `model.stream`: time to first text and decode tokens/s.
+
+    The first call compiles and is discarded; the second is measured. Returns None for a
+    model without `stream` (e.g. a test double).
+    """
+    if not callable(getattr(model, "stream", None)):
+        return None
+    for _ in range(2):
+        for _piece in model.stream(prompt, max_new_tokens=max_new_tokens):
+            pass
+    stats = _model_stats(model)
+    return {k: stats[k] for k in ("ttft_s", "tokens_per_s", "new_tokens") if k in stats}
