@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--batch-size", type=int, default=16,
                      help="prompts per generate call (default: 16)")
     gen.add_argument("--seed", type=int, default=0, help="default: 0")
+    gen.add_argument("--capacity", type=int, default=4096,
+                     help="KV-cache positions per sequence (default 4096: HumanEval prompts "
+                          "are under 1K tokens; a 128K cache per row costs 512 MB and its "
+                          "prefill pays for the whole capacity)")
     gen.add_argument("--limit", type=int, metavar="N",
                      help="only the first N HumanEval problems")
     run_ = parser.add_argument_group("execution and output")
@@ -143,13 +147,13 @@ def _check_run_settings(out: Path, settings: dict) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
-def _load_model(checkpoint: str | None) -> Any:
+def _load_model(checkpoint: str | None, capacity: int | None = None) -> Any:
     try:
         import spark_model
     except Exception as e:  # noqa: BLE001 - any import failure means "no model here"
         raise EvalError(f"cannot import spark_model to load a model: {e}") from e
     try:
-        return spark_model.load(checkpoint)
+        return spark_model.load(checkpoint, capacity=capacity)
     except Exception as e:  # noqa: BLE001 - missing files, bad hashes, config errors ...
         where = checkpoint or "the default checkpoint"
         raise EvalError(f"cannot load {where}: {e}") from e
@@ -207,7 +211,7 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
     report["settings"] = settings
     if "humaneval" in tasks:
         _check_run_settings(out, settings)
-    model = _load_model(args.checkpoint)
+    model = _load_model(args.checkpoint, args.capacity)
     report["model"] = {"checkpoint": str(getattr(model, "path", None) or checkpoint),
                        "description": repr(model)}
     if "humaneval" in tasks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ class SparkModel:
         self._token_table = stops.token_byte_table(
             [tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)])
         self.last_stats: dict[str, float] = {}  # timing of the latest generate/stream call
+        self.train_seq_len: int | None = None  # sequence length it was trained at, if known
 
     @property
     def config(self) -> ModelConfig:
@@ -237,4 +239,9 @@ def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,
     except Exception as e:
         raise checkpoint.CheckpointError(f"cannot read {root / checkpoint.TOKENIZER_FILE}: {e}")
     capacity = model.cfg.max_seq_len if capacity is None else capacity
-    return SparkModel(model, tokenizer, root.absolute(), capacity=capacity)
+    out = SparkModel(model, tokenizer, root.absolute(), capacity=capacity)
+    meta = json.loads((root / checkpoint.CONFIG_FILE).read_text())
+    train_info = (meta.get("extra") or {}).get("train") or {}
+    if isinstance(train_info.get("train_seq_len"), int):
+        out.train_seq_len = train_info["train_seq_len"]  # scoring windows match training
+    return out

