@@ -31,6 +31,12 @@ class SamplingParams:
                    seed=jnp.asarray(seeds, jnp.uint32))
 
 
+def _plain_row(logits_v, temperature, seed, step):
+    """Temperature sampling over the whole vocabulary: no sort needed."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.random.categorical(key, logits_v / jnp.maximum(temperature, 1e-6))
+
+
 def _sample_row(logits_v, temperature, top_k, top_p, seed, step):
     vocab = logits_v.shape[-1]
     scaled = logits_v / jnp.maximum(temperature, 1e-6)
@@ -50,10 +56,20 @@ def sample(logits_bv: jax.Array, params: SamplingParams, step: jax.Array) -> jax
     """Token ids (B,) for logits (B, V) at generation step `step`."""
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
-    def stochastic(_):
-        drawn = jax.vmap(_sample_row, in_axes=(0, 0, 0, 0, 0, None))(
+    def truncated(_):
+        return jax.vmap(_sample_row, in_axes=(0, 0, 0, 0, 0, None))(
             logits_bv, params.temperature, params.top_k, params.top_p, params.seed, step)
+
+    def plain(_):
+        return jax.vmap(_plain_row, in_axes=(0, 0, 0, None))(
+            logits_bv, params.temperature, params.seed, step)
+
+    def stochastic(_):
+        # Sorting the vocabulary (for top-k / top-p) costs more than the rest of a step on
+        # CPU, so it runs only when some row asks for a cut.
+        cut = jnp.any(params.top_k > 0) | jnp.any(params.top_p < 1.0)
+        drawn = jax.lax.cond(cut, truncated, plain, None)
         return jnp.where(params.temperature > 0, drawn.astype(jnp.int32), greedy)
 
-    # An all-greedy batch skips the vocabulary sort entirely.
+    # An all-greedy batch skips sampling entirely.
     return jax.lax.cond(jnp.any(params.temperature > 0), stochastic, lambda _: greedy, None)
