@@ -151,10 +151,10 @@ class ModelConfig:
 
 
 def _llama31(**kw: Any) -> ModelConfig:
-    # Published Llama 3.1 settings shared by 8B and 70B.
+    # Published Llama 3.1 settings shared by 8B and 70B (weights released in bfloat16).
     return ModelConfig(vocab_size=128_256, n_kv_heads=8, head_dim=128, rope_theta=500_000.0,
                        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), tie_embeddings=False,
-                       **kw)
+                       param_dtype="bfloat16", dtype="bfloat16", **kw)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -138,3 +138,30 @@ def cached_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array,
     m, l, acc = _blocks(q, k_bksh, v_bksh, q_pos_bt, carry, tail_start, n_small, SMALL_BLOCK)
     o = acc / l[..., None]  # (B, K, G, T, H)
     return rearrange(o, "b k g t h -> b t (k g) h").astype(q_btnh.dtype)
+
+
+# The name under which `attend` appears in a traced program (a `jit` equation): the
+# compiler finds the attention over the cache by it, and treats everything inside as one op.
+ATTENTION_OP = "kv_cache_attention"
+
+
+def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, k_bksh: jax.Array,
+           v_bksh: jax.Array, q_pos_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Append the new keys and values at the queries' positions, then attend over the cache.
+
+    Returns (o_btnh, k_bksh, v_bksh). Compiled as a nested jit named ATTENTION_OP so the
+    whole cache step is one visible unit in a trace; XLA inlines it into the caller.
+    """
+    return _attend_jit(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, q_pos_bt)
+
+
+def _attend(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, q_pos_bt):
+    start_b = q_pos_bt[:, 0]
+    k_bksh = write(k_bksh, k_btkh, start_b)
+    v_bksh = write(v_bksh, v_btkh, start_b)
+    return cached_attention(q_btnh, k_bksh, v_bksh, q_pos_bt), k_bksh, v_bksh
+
+
+_attend.__name__ = ATTENTION_OP
+_attend_jit = jax.jit(_attend)
+

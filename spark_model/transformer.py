@@ -71,13 +71,10 @@ class Transformer(nnx.Module):
         entries at positions <= each query's, and returns the residual stream (B, T, D)
         (apply `logits` to the rows needed) and the updated cache.
         """
-        start_b = positions_bt[:, 0]
-
         def attend_layer(layer: int) -> AttendFn:
             def attend(q, k, v):
-                k_cache = kv_cache.write(cache.k[layer], k, start_b)
-                v_cache = kv_cache.write(cache.v[layer], v, start_b)
-                o = kv_cache.cached_attention(q, k_cache, v_cache, positions_bt)
+                o, k_cache, v_cache = kv_cache.attend(q, k, v, cache.k[layer], cache.v[layer],
+                                                      positions_bt)
                 return o, (k_cache, v_cache)
             return attend
 

@@ -1,0 +1,121 @@
+"""`compile`: model (preset, config, checkpoint or loaded model) + target -> Plan."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from compiler import frontend
+from compiler.ir import CompilerError, Graph
+from compiler.partition import attention_buffers, matvec_tiling
+from compiler.place import NoFit, best_packing, flows, hosts, pack, refine
+from compiler.plan import Plan
+from compiler.target import Target, get_target
+from spark_model.config import PRESETS, ModelConfig
+
+MAX_CONTEXT_SEARCH = 1 << 26  # stop the largest-context search here (64M positions)
+
+
+def resolve_model(model: Any) -> tuple[ModelConfig, str]:
+    """A ModelConfig and a display name from a preset name, checkpoint directory,
+    ModelConfig, Transformer or SparkModel."""
+    if isinstance(model, ModelConfig):
+        return model, "config"
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+        if name in PRESETS:
+            return ModelConfig.preset(name), name
+        path = Path(name)
+        if path.is_dir():
+            from spark_model.checkpoint import load_config
+
+            return load_config(path), str(path)
+        raise CompilerError(f"{name!r} is neither a preset ({sorted(PRESETS)}) nor a "
+                            "checkpoint directory")
+    cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+    if isinstance(cfg, ModelConfig):
+        return cfg, str(getattr(model, "path", None) or "model")
+    raise CompilerError(f"cannot compile a {type(model).__name__}; pass a preset name, a "
+                        "checkpoint directory, a ModelConfig or a loaded model")
+
+
+def bytes_needed(g: Graph, target: Target, context: int) -> int:
+    """Weights (with padding at the tallest band), KV cache and buffers, in bytes."""
+    total = 0
+    for o in g.ops:
+        if o.is_tiled:
+            t = matvec_tiling(o, target.rows, target.core_budget)
+            total += t.cores * t.bytes_per_core if t else o.weight_bytes
+        elif o.kind == "attention":
+            total += o.kv_bytes_per_token * context + attention_buffers(o) * o.heads[1]
+    return total
+
+
+def _no_fit(g: Graph, target: Target, context: int, allowed: int, fits: int | None) -> NoFit:
+    need = bytes_needed(g, target, context)
+    have = allowed * target.wafer_bytes
+    gib = 1024 ** 3
+    msg = (f"the model needs about {need:,} bytes ({need / gib:.2f} GiB: weights, KV cache "
+           f"for {context:,} positions and buffers) but {allowed} wafer(s) of {target.name} "
+           f"hold {have:,} bytes ({have / gib:.2f} GiB) after the per-core reserve")
+    if fits:
+        msg += f"; the largest context that fits is {fits:,}"
+    return NoFit(msg + "; allow more wafers (--wafers) or a shorter context (--context)")
+
+
+def _largest_context(g: Graph, target: Target, band: int, wafers: int, lo: int) -> int:
+    """Largest context packable at `band` on `wafers` wafers, given `lo` fits (or 0)."""
+    def fits(c):
+        p = pack(g, target, band, c)
+        return p is not None and len(p.wafer_layers) <= wafers
+
+    hi = max(lo, 1)
+    while hi < MAX_CONTEXT_SEARCH and fits(hi * 2):
+        hi *= 2
+    if hi >= MAX_CONTEXT_SEARCH:
+        return MAX_CONTEXT_SEARCH
+    lo, hi = (hi, hi * 2) if fits(hi) else (0, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 131_072, *,
+            wafers: int | None = None, seed: int = 0, refine_moves: int = 100) -> Plan:
+    """Trace the decode step of `model`, tile it, place it on `target` and refine.
+
+    context: KV cache positions to reserve (default 128K). wafers: how many wafers may be
+    used (default: the target's count); a model that needs more is an error that gives the
+    bytes needed and available.
+    """
+    t0 = time.perf_counter()
+    cfg, source = resolve_model(model)
+    tgt = get_target(target, wafers=wafers)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise CompilerError(f"context must be a positive integer, got {context!r}")
+    if context > cfg.max_seq_len:
+        raise CompilerError(f"context {context:,} exceeds the model's {cfg.max_seq_len:,} "
+                            "positions")
+    if not isinstance(refine_moves, int) or refine_moves < 0:
+        raise CompilerError(f"refine_moves must be a non-negative integer, got {refine_moves!r}")
+    g = frontend.build_graph(cfg)
+    found = best_packing(g, tgt, context)
+    if found is None:
+        raise CompilerError(
+            f"one layer of {source} does not fit on one {tgt.name} wafer at context "
+            f"{context:,} (needs about {bytes_needed(g, tgt, context):,} bytes in all); "
+            "try a shorter context")
+    packing, band = found
+    if len(packing.wafer_layers) > tgt.wafers:
+        fits = _largest_context(g, tgt, band, tgt.wafers, 0)
+        raise _no_fit(g, tgt, context, tgt.wafers, fits)
+    host = hosts(g)
+    regions, before, after = refine(packing.regions, flows(g, host), seed=seed,
+                                    moves_per_region=refine_moves)
+    max_ctx = _largest_context(g, tgt, band, len(packing.wafer_layers), context)
+    return Plan(cfg=cfg, target=tgt, context=context, graph=g, regions=regions, host=host,
+                band=band, wafer_layers=packing.wafer_layers, placement_cost=(before, after),
+                max_context=max_ctx, compile_s=time.perf_counter() - t0, source=source)
