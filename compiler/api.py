@@ -53,15 +53,17 @@ def bytes_needed(g: Graph, target: Target, context: int) -> int:
     return total
 
 
-def _no_fit(g: Graph, target: Target, context: int, allowed: int, fits: int | None) -> NoFit:
+def _no_fit(g: Graph, target: Target, context: int, allowed: int, needed: int,
+            fits: int) -> NoFit:
     need = bytes_needed(g, target, context)
     have = allowed * target.wafer_bytes
     gib = 1024 ** 3
     msg = (f"the model needs about {need:,} bytes ({need / gib:.2f} GiB: weights, KV cache "
-           f"for {context:,} positions and buffers) but {allowed} wafer(s) of {target.name} "
-           f"hold {have:,} bytes ({have / gib:.2f} GiB) after the per-core reserve")
+           f"for {context:,} positions and buffers) and {needed} wafer(s) of {target.name}, "
+           f"but {allowed} wafer(s) are allowed, which hold {have:,} bytes "
+           f"({have / gib:.2f} GiB) after the per-core reserve")
     if fits:
-        msg += f"; the largest context that fits is {fits:,}"
+        msg += f"; the largest context that fits on {allowed} is {fits:,}"
     return NoFit(msg + "; allow more wafers (--wafers) or a shorter context (--context)")
 
 
@@ -105,13 +107,14 @@ def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 1
     found = best_packing(g, tgt, context)
     if found is None:
         raise CompilerError(
-            f"one layer of {source} does not fit on one {tgt.name} wafer at context "
+            f"a layer of {source} (or one of its ops) does not fit on one {tgt.name} wafer "
+            f"at context "
             f"{context:,} (needs about {bytes_needed(g, tgt, context):,} bytes in all); "
             "try a shorter context")
     packing, band = found
     if len(packing.wafer_layers) > tgt.wafers:
         fits = _largest_context(g, tgt, band, tgt.wafers, 0)
-        raise _no_fit(g, tgt, context, tgt.wafers, fits)
+        raise _no_fit(g, tgt, context, tgt.wafers, len(packing.wafer_layers), fits)
     host = hosts(g)
     regions, before, after = refine(packing.regions, flows(g, host), seed=seed,
                                     moves_per_region=refine_moves)

@@ -8,7 +8,6 @@ does (`execute`), which is how the lowering is checked against the model.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compiler.ir import Graph, Op
-from compiler.partition import Tiling, bounds
+from compiler.partition import bounds
 from compiler.place import Region
 from compiler.target import Target
 from spark_model.config import ModelConfig

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
 
 import jax.numpy as jnp
 
@@ -77,13 +76,6 @@ def _bench(args: argparse.Namespace) -> int:
     return 2
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"spark {name}: not built yet in this version of Spark.", file=sys.stderr)
-        return 2
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spark", description="Spark: a latency-first code model, its decode loop and "
@@ -136,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.add_arguments(ev)
     ev.set_defaults(func=eval_cli.run)
 
-    for name, text in [("compile", "map the model onto a wafer-scale core grid")]:
-        p = sub.add_parser(name, help=f"{text} (not built yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_not_built(name))
+    from compiler import cli as compiler_cli
+
+    co = sub.add_parser("compile", help="map a model onto a wafer-scale core grid")
+    compiler_cli.add_arguments(co)
+    co.set_defaults(func=compiler_cli.run)
     return parser
 
 

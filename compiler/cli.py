@@ -1,0 +1,77 @@
+"""`spark compile`: map a model onto a wafer-scale target and print what it takes.
+
+    spark compile (--preset NAME | --checkpoint DIR) --target NAME [--context N]
+                  [--wafers N] [--print-ir] [--verify] [--json]
+
+`--verify` runs the placed program on the checkpoint's weights and compares its logits with
+the model's own decode step (it needs real weights, so a checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from spark_model.config import PRESETS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a model preset (shapes only)")
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory")
+    p.add_argument("--target", default="wse3",
+                   help="wse2, wse3 or grid:ROWSxCOLS[:MEM] such as grid:64x64:48KB "
+                        "(default: wse3)")
+    p.add_argument("--context", type=int, default=131_072,
+                   help="KV cache positions to reserve (default: 131072)")
+    p.add_argument("--wafers", type=int, default=None,
+                   help="wafers that may be used (default: the target's, 1 for presets)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the placement refinement")
+    p.add_argument("--print-ir", action="store_true", help="print the operator graph")
+    p.add_argument("--verify", action="store_true",
+                   help="run the placed program and compare its logits with the model's")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import compiler
+
+    if args.verify and not args.checkpoint:
+        print("spark compile: error: --verify needs real weights: pass --checkpoint DIR",
+              file=sys.stderr)
+        return 2
+    if args.wafers is not None and args.wafers < 1:
+        print(f"spark compile: error: --wafers must be >= 1, got {args.wafers}", file=sys.stderr)
+        return 2
+    try:
+        plan = compiler.compile(args.checkpoint or args.preset, args.target, args.context,
+                                wafers=args.wafers, seed=args.seed)
+    except (compiler.CompilerError, compiler.TargetError) as e:
+        print(f"spark compile: error: {e}", file=sys.stderr)
+        return 1
+    summary = plan.summary()
+    if args.verify:
+        import spark_model
+        from compiler.verify import DEFAULT_PROMPT, logit_diffs
+
+        model = spark_model.load(args.checkpoint, capacity=2048)
+        ids = model.tokenizer.encode(DEFAULT_PROMPT)
+        diffs = logit_diffs(plan, model, ids)
+        summary["verified_positions"] = len(diffs)
+        summary["max_abs_logit_diff"] = max(diffs)
+    if args.json:
+        if args.print_ir:
+            summary["ir"] = [{"name": o.name, "kind": o.kind, "layer": o.layer,
+                              "detail": o.describe()} for o in plan.graph.ops]
+        print(json.dumps(summary, indent=2))
+        return 0
+    if args.print_ir:
+        print(compiler.format_graph(plan.graph))
+        print()
+    print(plan.format_summary())
+    if args.verify:
+        print(f"  verified        {summary['verified_positions']} positions: max |logit "
+              f"difference| {summary['max_abs_logit_diff']:.3g} against the model's decode step")
+    return 0
