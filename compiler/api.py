@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compiler import frontend
+from compiler import frontend, planner
 from compiler.ir import CompilerError, Graph
-from compiler.partition import attention_buffers, matvec_tiling
-from compiler.place import NoFit, best_packing, flows, hosts, pack, refine
+from compiler.partition import tile_op
+from compiler.place import NoFit, flows, hosts, overlay_max_context, pack, pack_overlay, refine
 from compiler.plan import Plan
 from compiler.target import Target, get_target
 from spark_model.config import PRESETS, ModelConfig
@@ -45,11 +45,10 @@ def bytes_needed(g: Graph, target: Target, context: int) -> int:
     """Weights (with padding at the tallest band), KV cache and buffers, in bytes."""
     total = 0
     for o in g.ops:
-        if o.is_tiled:
-            t = matvec_tiling(o, target.rows, target.core_budget)
-            total += t.cores * t.bytes_per_core if t else o.weight_bytes
-        elif o.kind == "attention":
-            total += o.kv_bytes_per_token * context + attention_buffers(o) * o.heads[1]
+        if o.is_tiled or o.kind == "attention":
+            t = tile_op(o, target.rows, target.core_budget, context)
+            fallback = o.weight_bytes + o.kv_bytes_per_token * context
+            total += t.cores * t.bytes_per_core if t else fallback
     return total
 
 
@@ -67,10 +66,11 @@ def _no_fit(g: Graph, target: Target, context: int, allowed: int, needed: int,
     return NoFit(msg + "; allow more wafers (--wafers) or a shorter context (--context)")
 
 
-def _largest_context(g: Graph, target: Target, band: int, wafers: int, lo: int) -> int:
-    """Largest context packable at `band` on `wafers` wafers, given `lo` fits (or 0)."""
+def _largest_context(g: Graph, target: Target, band: int, wafers: int, lo: int,
+                     share: int = 1) -> int:
+    """Largest context packable at (band, share) on `wafers` wafers, given `lo` fits."""
     def fits(c):
-        p = pack(g, target, band, c)
+        p = pack_overlay(g, target, c) if share == 0 else pack(g, target, band, c, share)
         return p is not None and len(p.wafer_layers) <= wafers
 
     hi = max(lo, 1)
@@ -87,11 +87,12 @@ def _largest_context(g: Graph, target: Target, band: int, wafers: int, lo: int) 
 
 def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 131_072, *,
             wafers: int | None = None, seed: int = 0, refine_moves: int = 100) -> Plan:
-    """Trace the decode step of `model`, tile it, place it on `target` and refine.
+    """Trace the decode step of `model`, plan its partition, place it on `target`, refine
+    the placement, route it and predict its latency.
 
     context: KV cache positions to reserve (default 128K). wafers: how many wafers may be
-    used (default: the target's count); a model that needs more is an error that gives the
-    bytes needed and available.
+    used (default: the target's count, 1 for the presets); a model that needs more is an
+    error that gives the bytes needed and available.
     """
     t0 = time.perf_counter()
     cfg, source = resolve_model(model)
@@ -104,21 +105,30 @@ def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 1
     if not isinstance(refine_moves, int) or refine_moves < 0:
         raise CompilerError(f"refine_moves must be a non-negative integer, got {refine_moves!r}")
     g = frontend.build_graph(cfg)
-    found = best_packing(g, tgt, context)
-    if found is None:
-        raise CompilerError(
-            f"a layer of {source} (or one of its ops) does not fit on one {tgt.name} wafer "
-            f"at context "
-            f"{context:,} (needs about {bytes_needed(g, tgt, context):,} bytes in all); "
-            "try a shorter context")
-    packing, band = found
-    if len(packing.wafer_layers) > tgt.wafers:
-        fits = _largest_context(g, tgt, band, tgt.wafers, 0)
-        raise _no_fit(g, tgt, context, tgt.wafers, len(packing.wafer_layers), fits)
+    cands = planner.candidates(g, tgt, context, tgt.wafers, cfg)
+    if not cands:
+        smallest = planner.smallest(g, tgt, context)
+        if smallest is None:
+            raise CompilerError(
+                f"a layer of {source} (or one of its ops) does not fit on one {tgt.name} "
+                f"wafer at context {context:,} (needs about "
+                f"{bytes_needed(g, tgt, context):,} bytes in all); try a shorter context")
+        share, band, needed = smallest
+        fits = _largest_context(g, tgt, band, tgt.wafers, 0, share)
+        raise _no_fit(g, tgt, context, tgt.wafers, needed, fits)
+    best = cands[0]
     host = hosts(g)
-    regions, before, after = refine(packing.regions, flows(g, host), seed=seed,
+    regions, before, after = refine(best.packing.regions,
+                                    flows(g, host, best.packing.regions), seed=seed,
                                     moves_per_region=refine_moves)
-    max_ctx = _largest_context(g, tgt, band, len(packing.wafer_layers), context)
-    return Plan(cfg=cfg, target=tgt, context=context, graph=g, regions=regions, host=host,
-                band=band, wafer_layers=packing.wafer_layers, placement_cost=(before, after),
-                max_context=max_ctx, compile_s=time.perf_counter() - t0, source=source)
+    if best.share == 0:
+        max_ctx = min(overlay_max_context(best.packing, tgt), MAX_CONTEXT_SEARCH)
+    else:
+        max_ctx = _largest_context(g, tgt, best.band, best.wafers, context, best.share)
+    plan = Plan(cfg=cfg, target=tgt, context=context, graph=g, regions=regions, host=host,
+                band=best.band, wafer_layers=best.packing.wafer_layers,
+                placement_cost=(before, after), max_context=max_ctx, source=source,
+                share=best.share, alternatives=[c.describe() for c in cands[:8]])
+    plan.predictions()  # route and cost now, so compile_s covers every pass
+    plan.compile_s = time.perf_counter() - t0
+    return plan

@@ -8,9 +8,9 @@ in JAX's own `eval_jaxpr`) that replaces each placed op by what its cores comput
              added pairwise up a binary tree (the K-tree reduction, K = 2).
   lookup     the row read out of the tiles that hold the table (for a tied embedding,
              the output projection's tiles, read along a tile column).
-  attention  the cache spread evenly over the region's cores; every core computes a partial
-             softmax (its max, sum and weighted values) over its positions, and the
-             partials are merged by rescaling to the global max.
+  attention  the cache spread over the region's cores (positions over rows, head dimensions
+             over columns); scores are summed along rows, every row keeps a partial
+             softmax, and the partials are merged by rescaling to the global max.
   vector     the traced primitives themselves, unchanged.
 
 Everything is vectorised over cores (einsum over the tile axes), and the whole step is one
@@ -29,7 +29,7 @@ from einops import rearrange
 from jax.extend import core as jcore
 
 from compiler.ir import CompilerError, Op
-from compiler.partition import Tiling, bounds, split_index, tile_weight
+from compiler.partition import Tiling, split_index, tile_weight
 
 _NEG = -1e30
 
@@ -61,7 +61,7 @@ def tiled_matvec(eqn, invals, op: Op, t: Tiling) -> jax.Array:
     x_free = [d for d in range(x.ndim) if d not in cx]
     x_mk = jnp.transpose(x, x_free + list(cx)).reshape(-1, w_kn.shape[0])  # (M, K)
     tiles = tile_weight(w_kn, t, jnp)  # (pr, pc, tk, tn)
-    ki, ni = split_index(t.k, t.pr, t.tk), split_index(t.n, t.pc, t.tn)
+    ki, ni = t.k_index(), t.n_index()
     x_mrk = jnp.pad(x_mk, ((0, 0), (0, 1)))[:, ki]  # each core row's K-slice, (M, pr, tk)
     acc = jnp.float32 if x.dtype != jnp.float64 else x.dtype
     partial = jnp.einsum("mrk,rckn->rcmn", x_mrk, tiles, preferred_element_type=acc,
@@ -78,26 +78,35 @@ def tiled_matvec(eqn, invals, op: Op, t: Tiling) -> jax.Array:
 def tiled_lookup(eqn, invals, op: Op, owner: Op, t: Tiling) -> jax.Array:
     """Rows of a (V, D) table read from the tiles that hold it."""
     table, ids = invals[op.operand], invals[1 - op.operand]
-    ki, ni = split_index(t.k, t.pr, t.tk), split_index(t.n, t.pc, t.tn)
+    ki, ni = t.k_index(), t.n_index()
     if owner.kind == "matvec":  # tied: tiles cut the (D, V) output projection by column
         tiles = tile_weight(_as_kn(table, (1,) if owner.transposed else (0,)), t, jnp)
-        j = jnp.searchsorted(jnp.asarray(bounds(t.n, t.pc)), ids, side="right") - 1
-        local = ids - jnp.asarray(bounds(t.n, t.pc))[j]
+        nb = jnp.asarray(t.n_bounds())
+        j = jnp.searchsorted(nb, ids, side="right") - 1
+        local = ids - nb[j]
         rows = tiles[:, j, :, local].reshape(*ids.shape, -1)  # (*ids, pr * tk)
         rows = rows[..., np.flatnonzero(ki.ravel() < t.k)]
     else:  # the table's own tiles, (V, D) cut into (pr, pc, tk, tn) by row
         tiles = tile_weight(table, t, jnp)
-        i = jnp.searchsorted(jnp.asarray(bounds(t.k, t.pr)), ids, side="right") - 1
-        local = ids - jnp.asarray(bounds(t.k, t.pr))[i]
+        kb = jnp.asarray(t.k_bounds())
+        i = jnp.searchsorted(kb, ids, side="right") - 1
+        local = ids - kb[i]
         rows = tiles[i, :, local, :].reshape(*ids.shape, -1)  # (*ids, pc * tn)
         rows = rows[..., np.flatnonzero(ni.ravel() < t.n)]
     return rows.astype(eqn.outvars[0].aval.dtype)
 
 
-def sharded_attention(invals, cores: int) -> list[jax.Array]:
-    """kv_cache.attend with each kv head's cache spread over `cores` cores."""
+def sharded_attention(invals, rows: int, cols: int) -> list[jax.Array]:
+    """kv_cache.attend with each kv head's cache on rows x cols cores: positions split
+    over the rows, head dimensions over the columns.
+
+    Each core scores its positions on its dimensions; the partial scores are summed along
+    the row (a K-tree), each row keeps a partial softmax (max, sum, weighted values of its
+    dimensions), and the rows' partials are merged by rescaling to the global max.
+    """
     q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, pos_bt = invals
     b, t, n, h = q_btnh.shape
+    n_kv, s_len = k_bksh.shape[1], k_bksh.shape[2]
     zero = jnp.zeros((), pos_bt.dtype)
     for i in range(b):  # append this token's keys and values at its position
         at = (i + zero, zero, pos_bt[i, 0], zero)
@@ -105,25 +114,27 @@ def sharded_attention(invals, cores: int) -> list[jax.Array]:
             k_bksh, rearrange(k_btkh[i:i + 1], "b t k h -> b k t h").astype(k_bksh.dtype), at)
         v_bksh = jax.lax.dynamic_update_slice(
             v_bksh, rearrange(v_btkh[i:i + 1], "b t k h -> b k t h").astype(v_bksh.dtype), at)
-    s_len = k_bksh.shape[2]
-    per = math.ceil(s_len / cores)
-    pad = ((0, 0), (0, 0), (0, per * cores - s_len), (0, 0))
-    k5 = rearrange(jnp.pad(k_bksh, pad), "b k (p c) h -> b k p c h", p=cores)
-    v5 = rearrange(jnp.pad(v_bksh, pad), "b k (p c) h -> b k p c h", p=cores)
-    q = rearrange(q_btnh, "b t (k g) h -> b k g t h", k=k_bksh.shape[1]).astype(jnp.float32)
-    s = jnp.einsum("bkgth,bkpch->bkgtpc", q / math.sqrt(h), k5.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
-    key_pos = jnp.arange(per * cores).reshape(cores, per)
-    mask = key_pos[None, None, None, None] <= pos_bt[:, None, None, :, None, None]
+    pi = split_index(s_len, rows, -(-s_len // rows))  # (P, c) positions; s_len = empty
+    di = split_index(h, cols, -(-h // cols))  # (J, d) dimensions; h = empty
+    pad = ((0, 0), (0, 0), (0, 1), (0, 1))  # one zero position and one zero dimension
+    k6 = jnp.pad(k_bksh, pad)[:, :, pi][..., di].astype(jnp.float32)  # (B, K, P, c, J, d)
+    v6 = jnp.pad(v_bksh, pad)[:, :, pi][..., di].astype(jnp.float32)
+    q = rearrange(q_btnh, "b t (k g) h -> b k g t h", k=n_kv).astype(jnp.float32)
+    q = jnp.pad(q / math.sqrt(h), ((0, 0),) * 4 + ((0, 1),))[..., di]  # (B, K, G, T, J, d)
+    hi = jax.lax.Precision.HIGHEST
+    partial = jnp.einsum("bkgtjd,bkpcjd->jbkgtpc", q, k6, precision=hi)  # per core
+    s = ktree_sum(partial)  # summed along each row of cores, (B, K, G, T, P, c)
+    mask = jnp.asarray(pi)[None, None, None, None] <= pos_bt[:, None, None, :, None, None]
     s = jnp.where(mask, s, _NEG)
-    m_p = s.max(axis=-1)  # each core's max, (B, K, G, T, P)
+    m_p = s.max(axis=-1)  # each row's max, (B, K, G, T, P)
     e = jnp.where(mask, jnp.exp(s - m_p[..., None]), 0.0)
     l_p = e.sum(axis=-1)
-    acc_p = jnp.einsum("bkgtpc,bkpch->bkgtph", e, v5.astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-    m = m_p.max(axis=-1)  # merge the cores' partial softmaxes
+    acc_p = jnp.einsum("bkgtpc,bkpcjd->bkgtpjd", e, v6, precision=hi)
+    m = m_p.max(axis=-1)  # merge the rows' partial softmaxes
     scale = jnp.exp(m_p - m[..., None])
-    o = (acc_p * scale[..., None]).sum(-2) / (l_p * scale).sum(-1)[..., None]
+    acc = (acc_p * scale[..., None, None]).sum(axis=4)  # (B, K, G, T, J, d)
+    o = acc / (l_p * scale).sum(-1)[..., None, None]
+    o = rearrange(o, "b k g t j d -> b k g t (j d)")[..., np.flatnonzero(di.ravel() < h)]
     o = rearrange(o, "b k g t h -> b t (k g) h").astype(q_btnh.dtype)
     return [o, k_bksh, v_bksh]
 
@@ -177,8 +188,9 @@ def build_rules(graph, tilings: dict[str, Tiling], host: dict[str, str]) -> dict
             rules[o.eqns[0]] = (lambda op, ow, t: lambda e, v: [tiled_lookup(e, v, op, ow, t)])(
                 o, owner, tilings[owner.name])
         elif o.kind == "attention":  # each kv head's cache is spread over its cores
-            rules[o.eqns[0]] = (lambda p: lambda e, v: sharded_attention(v, p))(
-                tilings[o.name].cores // o.heads[1])
+            t = tilings[o.name]
+            rules[o.eqns[0]] = (lambda r, c: lambda e, v: sharded_attention(v, r, c))(
+                t.pr, t.pc // o.heads[1])
     return rules
 
 

@@ -12,7 +12,7 @@ slice and the partial-sum buffer (f32), or for attention its share of the KV cac
 
 The KV cache of each layer is spread evenly over that layer's attention cores, as in
 WaferLLM's shift-based cache: a new token's keys and values enter at one edge and every
-core passes its oldest entries on, so all cores hold the same number of positions.
+row of cores passes its oldest entries on, so all rows hold the same number of positions.
 """
 
 from __future__ import annotations
@@ -27,16 +27,20 @@ from compiler.ir import Op
 ACC_BYTES = 4  # activations and partial sums are f32 on the cores
 
 
-def bounds(total: int, parts: int) -> np.ndarray:
+def bounds(total: int, parts: int, rot: int = 0) -> np.ndarray:
     """Balanced split points of `total` items into `parts`: part i is [b[i], b[i+1]).
-    Parts differ by at most one item, so nothing is padded and nothing is lost."""
-    return (np.arange(parts + 1, dtype=np.int64) * total) // parts
+    Parts differ by at most one item, so nothing is padded and nothing is lost. The
+    (total % parts) larger parts start at part `rot`, so ops overlaid on the same cores
+    can put their larger parts on different cores."""
+    sizes = np.full(parts, total // parts, np.int64)
+    sizes[(np.arange(parts) - rot) % parts < total % parts] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
 
 
-def split_index(total: int, parts: int, width: int) -> np.ndarray:
+def split_index(total: int, parts: int, width: int, rot: int = 0) -> np.ndarray:
     """(parts, width) indices of each part's items; slots past a short part hold `total`
     (an index one past the end, which callers map to zero)."""
-    b = bounds(total, parts)
+    b = bounds(total, parts, rot)
     ar = np.arange(width, dtype=np.int64)
     idx = b[:-1, None] + ar[None, :]
     return np.where(ar[None, :] < np.diff(b)[:, None], idx, total)
@@ -51,9 +55,26 @@ class Tiling:
     k: int = 0  # matvec: K, the contracted length.
     n: int = 0  # matvec: N, the output length.
     wbytes: int = 0  # matvec: bytes per weight element.
-    positions: int = 0  # attention: most cache positions on one core (of one kv head).
-    kv_bytes: int = 0  # attention: bytes per position on a core (one head's k and v).
+    positions: int = 0  # attention: cache positions per core row (of one kv head).
+    dh: int = 0  # attention: most head dimensions on one core.
+    hd: int = 0  # attention: head dimension H.
+    kv_bytes: int = 0  # attention: bytes per position per dimension (key and value).
     buffers: int = 0  # attention: working buffers per core.
+    share: int = 1  # ops that share this region (and its buffers)
+    rk: int = 0  # row where K's larger parts start (see bounds)
+    rn: int = 0  # column where N's larger parts start
+
+    def k_bounds(self) -> np.ndarray:
+        return bounds(self.k, self.pr, self.rk)
+
+    def n_bounds(self) -> np.ndarray:
+        return bounds(self.n, self.pc, self.rn)
+
+    def k_index(self) -> np.ndarray:
+        return split_index(self.k, self.pr, self.tk, self.rk)
+
+    def n_index(self) -> np.ndarray:
+        return split_index(self.n, self.pc, self.tn, self.rn)
 
     @property
     def cores(self) -> int:
@@ -71,75 +92,122 @@ class Tiling:
 
     @property
     def bytes_per_core(self) -> int:
-        """Bytes on the fullest core of the region."""
+        """Bytes this op holds on the fullest core of its region (its weights or cache
+        share, and its part of the working buffers, which the layers sharing a region
+        use in turn and so split between them)."""
         if self.k:
-            return self.tk * self.tn * self.wbytes + ACC_BYTES * (self.tk + self.tn)
-        return self.positions * self.kv_bytes + self.buffers
+            return self.tk * self.tn * self.wbytes + self._buffers(self.tk, self.tn)
+        return self.positions * self.dh * self.kv_bytes + -(-self.buffers // self.share)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """This op's working buffers on its fullest core (before splitting by share)."""
+        if self.k:
+            return ACC_BYTES * (self.tk + self.tn)
+        return self.buffers
+
+    def _buffers(self, tk, tn):
+        return -(-ACC_BYTES * (tk + tn) // self.share)
 
     def core_bytes(self) -> np.ndarray:
-        """Bytes on every core of the region, (pr, pc)."""
+        """Bytes this op holds on every core of its region, (pr, pc)."""
         if self.k:
-            lk = np.diff(bounds(self.k, self.pr))[:, None]
-            ln = np.diff(bounds(self.n, self.pc))[None, :]
-            return lk * ln * self.wbytes + ACC_BYTES * (lk + ln)
-        return np.full((self.pr, self.pc), self.bytes_per_core, np.int64)
+            lk = np.diff(self.k_bounds())[:, None]
+            ln = np.diff(self.n_bounds())[None, :]
+            return lk * ln * self.wbytes + self._buffers(lk, ln)
+        heads = self.pc // max(self.cols_per_head, 1)
+        dims = np.tile(np.diff(bounds(self.hd, self.cols_per_head, self.rn)), heads)
+        return (self.positions * self.kv_bytes * dims[None, :]
+                + -(-self.buffers // self.share)).repeat(self.pr, axis=0)
+
+    @property
+    def cols_per_head(self) -> int:
+        """attention: columns of one kv head (its dimensions are split over them)."""
+        return -(-self.hd // self.dh) if self.dh else 0
 
 
-def matvec_tiling(op: Op, rows: int, budget: int) -> Tiling | None:
-    """The narrowest tiling of `op` over at most `rows` core rows; None if even one
-    column of K-slices exceeds the budget."""
+def matvec_tiling(op: Op, rows: int, budget: int, share: int = 1) -> Tiling | None:
+    """The narrowest tiling of `op` over at most `rows` core rows, its region holding the
+    same op of `share` layers; None if even one column of K-slices exceeds the budget."""
     wbytes = np.dtype(op.weight_dtype).itemsize
     pr = min(rows, op.k)
     tk = -(-op.k // pr)
-    # A core holds tk*tn weights plus its tk input slice and tn partial sums.
-    tn_max = (budget - ACC_BYTES * tk) // (tk * wbytes + ACC_BYTES)
+    # A core holds share x tk*tn weights plus one tk input slice and tn partial sums.
+    tn_max = (budget - ACC_BYTES * tk) // (share * tk * wbytes + ACC_BYTES)
     if tn_max < 1:
         return None
     pc = -(-op.n // tn_max)
-    return Tiling(pr=pr, pc=pc, k=op.k, n=op.n, wbytes=wbytes)
+    return Tiling(pr=pr, pc=pc, k=op.k, n=op.n, wbytes=wbytes, share=share)
 
 
-def attention_buffers(op: Op) -> int:
-    """Per-core working set of attention besides the cache: the queries of one kv head's
-    group and their softmax accumulator (G*H values each, f32), plus max and sum per head."""
-    n, k, h = op.heads
+SCORE_BLOCK = 64  # positions a core scores at a time (its local online softmax)
+
+
+def attention_buffers(op: Op, dh: int) -> int:
+    """Per-core working set besides the cache, f32: the core's slice of its head group's
+    queries and of their weighted-value accumulator (G x dh each), a block of scores and
+    the running max and sum."""
+    n, k, _ = op.heads
     g = n // k
-    return ACC_BYTES * (2 * g * h + 2 * g)
+    return ACC_BYTES * (2 * g * dh + SCORE_BLOCK * g + 2 * g)
 
 
-def attention_tiling(op: Op, context: int, rows: int, budget: int) -> Tiling | None:
+def attention_tiling(op: Op, context: int, rows: int, budget: int, share: int = 1
+                     ) -> Tiling | None:
     """Cores for one layer's KV cache at `context` positions.
 
-    Each kv head gets its own columns (pc = K x columns per head), so a core holds keys and
-    values of one head only and needs only that head's group of queries; within a head the
-    positions are spread evenly over its pr x (pc / K) cores.
+    Each kv head gets its own block of columns (pc = K x columns per head). Within a head,
+    positions are split over the pr rows and the head dimension over the columns, so a
+    core holds positions/pr keys and values of H/cols dimensions each: scores are summed
+    along a row, values along a column (WaferLLM spreads attention the same way). The
+    fewest columns that fit the budget are used.
     """
     n, k, h = op.heads
-    per_position = op.kv_bytes_per_token // k  # one head's key and value
-    buffers = attention_buffers(op)
-    per_core = (budget - buffers) // per_position  # positions a core can hold
-    if per_core < 1:
-        return None
-    cores_per_head = max(1, math.ceil(context / per_core))
-    pr = min(rows, cores_per_head)
-    cols_per_head = math.ceil(cores_per_head / pr)
-    return Tiling(pr=pr, pc=k * cols_per_head,
-                  positions=math.ceil(context / (pr * cols_per_head)),
-                  kv_bytes=per_position, buffers=buffers)
+    item = op.kv_bytes_per_token // (2 * k * h)
+    pr = min(rows, context)
+    positions = math.ceil(context / pr)
+    for cols in range(1, h + 1):
+        dh = math.ceil(h / cols)
+        if cols != math.ceil(h / dh):
+            continue  # same dh as fewer columns: no gain
+        if share * positions * dh * 2 * item + attention_buffers(op, dh) <= budget:
+            return Tiling(pr=pr, pc=k * cols, positions=positions, dh=dh, hd=h,
+                          kv_bytes=2 * item, buffers=attention_buffers(op, dh), share=share)
+    return None
 
 
-def tile_op(op: Op, rows: int, budget: int, context: int) -> Tiling | None:
+def overlay_tiling(op: Op, target, context: int) -> Tiling | None:
+    """The tiling of `op` over the whole wafer (every op overlaid on the same cores)."""
+    rows, cols = target.rows, target.cols
+    if op.kind == "attention":
+        n, k, h = op.heads
+        cph = min(cols // k, h)
+        if cph < 1:
+            return None
+        dh = math.ceil(h / cph)
+        cph = math.ceil(h / dh)
+        pr = min(rows, context)
+        item = op.kv_bytes_per_token // (2 * k * h)
+        return Tiling(pr=pr, pc=k * cph, positions=math.ceil(context / pr), dh=dh, hd=h,
+                      kv_bytes=2 * item, buffers=attention_buffers(op, dh))
+    if op.is_tiled:
+        return Tiling(pr=min(rows, op.k), pc=min(cols, op.n), k=op.k, n=op.n,
+                      wbytes=np.dtype(op.weight_dtype).itemsize)
+    raise ValueError(f"op {op.name} ({op.kind}) has no region of its own")
+
+
+def tile_op(op: Op, rows: int, budget: int, context: int, share: int = 1) -> Tiling | None:
     """The tiling of any placed op (matvec, owning lookup, attention)."""
     if op.kind == "attention":
-        return attention_tiling(op, context, rows, budget)
+        return attention_tiling(op, context, rows, budget, share)
     if op.is_tiled:
-        return matvec_tiling(op, rows, budget)
+        return matvec_tiling(op, rows, budget, share)
     raise ValueError(f"op {op.name} ({op.kind}) has no region of its own")
 
 
 def tile_weight(w_kn, t: Tiling, xp=np):
     """A (K, N) weight as tiles (pr, pc, tk, tn); slots of short tiles hold zeros."""
     w = xp.pad(w_kn, ((0, 1), (0, 1)))  # row K and column N are the zero slots
-    ki = split_index(t.k, t.pr, t.tk)  # (pr, tk)
-    ni = split_index(t.n, t.pc, t.tn)  # (pc, tn)
+    ki = t.k_index()  # (pr, tk)
+    ni = t.n_index()  # (pc, tn)
     return w[ki[:, None, :, None], ni[None, :, None, :]]

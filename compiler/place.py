@@ -20,8 +20,10 @@ import math
 import random
 from collections import defaultdict
 
+import numpy as np
+
 from compiler.ir import CompilerError, Graph, Op
-from compiler.partition import Tiling, tile_op
+from compiler.partition import Tiling, bounds, tile_op
 from compiler.target import Target
 
 
@@ -34,6 +36,7 @@ class Region:
     row: int  # top-left core
     col: int
     tiling: Tiling
+    group: str | None = None  # the op whose rectangle this one shares (None: its own)
 
     @property
     def rows(self) -> int:
@@ -103,65 +106,216 @@ def hosts(g: Graph) -> dict[str, str]:
 
 @dataclasses.dataclass
 class Packing:
-    regions: dict[str, Region]
+    regions: dict[str, Region]  # op -> its rectangle (ops that share cores share the object)
     wafer_layers: list[list[int]]  # layers on each wafer
     span: int  # cores consumed, gaps included (lower is better)
+    share: int = 1  # layers whose ops share one set of regions (0: all ops overlaid)
+    overlay_loads: list | None = None  # share 0: per wafer (weights, KV per position, buffers)
 
 
-def pack(g: Graph, target: Target, band: int, context: int) -> Packing | None:
-    """Serpentine packing with bands `band` rows tall; None if some op cannot fit a band."""
-    budget = target.core_budget
-    tilings: dict[str, Tiling] = {}
-    for o in placed_ops(g):
-        t = tile_op(o, band, budget, context)
-        if t is None or t.pc > target.cols or t.pr > band:
+def _share_groups(groups: list[list[Op]], share: int) -> list[list[list[Op]]] | None:
+    """Layer groups in runs of `share`; None if the layers of a run differ in shape."""
+    runs = [groups[i:i + share] for i in range(0, len(groups), share)]
+    for run in runs:
+        shapes = [[(o.kind, o.k, o.n, o.kv_bytes_per_token) for o in grp
+                   if o.layer is not None] for grp in run]
+        if any(s != shapes[0] for s in shapes):
             return None
-        tilings[o.name] = t
+    return runs
+
+
+def pack(g: Graph, target: Target, band: int, context: int, share: int = 1
+         ) -> Packing | None:
+    """Serpentine packing with bands `band` rows tall; None if some op cannot fit.
+
+    share: that many consecutive layers keep their weights (and KV caches) on the same
+    regions: a core then holds that op's tiles of every layer of the run (and one set of
+    working buffers, which they use in turn). share=1 gives every
+    op of every layer cores of its own; share=L spreads every layer over all the cores the
+    template layer occupies (WaferLLM's mapping: each matrix over many cores).
+    """
+    groups = layer_groups(g)
+    runs = _share_groups(groups, share)
+    if runs is None or band > target.rows:
+        return None
     bands = target.rows // band
     regions: dict[str, Region] = {}
     wafer_layers: list[list[int]] = [[]]
     wafer, b, cursor = 0, 0, 0
 
-    def run(group, w, b, cursor, commit):
-        for o in group:
-            t = tilings[o.name]
+    def tilings(run) -> list[tuple[Op, Tiling, list[Op]]] | None:
+        """(op, tiling, ops sharing its region) for the first layer of a run."""
+        out = []
+        first = run[0]
+        layered = [[o for o in grp if o.layer is not None] for grp in run]
+        for o in first:
+            if o.layer is None:  # embedding or head: cores of its own
+                t, sharers = tile_op(o, band, target.core_budget, context), [o]
+            else:
+                i = layered[0].index(o)
+                t = tile_op(o, band, target.core_budget, context, len(run))
+                sharers = [lay[i] for lay in layered]
+            if t is None or t.pc > target.cols:
+                return None
+            out.append((o, t, sharers))
+        for grp in run[1:]:  # ops outside the blocks that joined a later layer's group
+            for o in grp:
+                if o.layer is None:
+                    t = tile_op(o, band, target.core_budget, context)
+                    if t is None or t.pc > target.cols:
+                        return None
+                    out.append((o, t, [o]))
+        return out
+
+    def run_packing(items, w, b, cursor, commit):
+        for o, t, sharers in items:
             if cursor + t.pc > target.cols:
                 b, cursor = b + 1, 0
             if b >= bands:
                 return None
             col = cursor if b % 2 == 0 else target.cols - cursor - t.pc
             if commit:
-                regions[o.name] = Region(o.name, w, b * band, col, t)
+                for s in sharers:  # same rectangle; each op keeps its own tiling
+                    regions[s.name] = Region(s.name, w, b * band, col, t if s is o else
+                                             _same_shape(s, t, band, target, len(sharers),
+                                                         context))
+                for s in sharers[1:]:
+                    regions[s.name].group = o.name
             cursor += t.pc
         return b, cursor
 
-    for group in layer_groups(g):
-        end = run(group, wafer, b, cursor, commit=False)
+    for run in runs:
+        items = tilings(run)
+        if items is None:
+            return None
+        end = run_packing(items, wafer, b, cursor, commit=False)
         if end is None:
-            if b == 0 and cursor == 0:  # an empty wafer cannot hold this layer
+            if b == 0 and cursor == 0:  # an empty wafer cannot hold this run of layers
                 return None
             wafer, b, cursor = wafer + 1, 0, 0
             wafer_layers.append([])
-            if run(group, wafer, b, cursor, commit=False) is None:
+            if run_packing(items, wafer, b, cursor, commit=False) is None:
                 return None
-        b, cursor = run(group, wafer, b, cursor, commit=True)
-        wafer_layers[wafer].extend(sorted({o.layer for o in group if o.layer is not None}))
+        b, cursor = run_packing(items, wafer, b, cursor, commit=True)
+        wafer_layers[wafer].extend(sorted({o.layer for grp in run for o in grp
+                                           if o.layer is not None}))
     span = wafer * target.cores + b * band * target.cols + cursor * band
-    return Packing(regions, wafer_layers, span)
+    return Packing(regions, wafer_layers, span, share)
 
 
-def band_candidates(rows: int) -> list[int]:
+def _same_shape(op: Op, t: Tiling, band: int, target: Target, share: int, context: int
+                ) -> Tiling:
+    """The tiling of a sharing op: same region shape as its template's (same sizes)."""
+    own = tile_op(op, band, target.core_budget, context, share)
+    assert own is not None and (own.pr, own.pc) == (t.pr, t.pc), (op.name, own, t)
+    return own
+
+
+def _overlay_vectors(t: Tiling, R: int, C: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(a, b, is_kv): this op's bytes on core (i, j) are a[i] * b[j] (for the KV cache, per
+    cached position per row of cores)."""
+    a, b = np.zeros(R), np.zeros(C)
+    if t.k:
+        a[:t.pr] = np.diff(t.k_bounds()) * t.wbytes
+        b[:t.pc] = np.diff(t.n_bounds())
+        return a, b, False
+    a[:t.pr] = t.kv_bytes
+    b[:t.pc] = np.tile(np.diff(bounds(t.hd, t.cols_per_head, t.rn)), t.pc // t.cols_per_head)
+    return a, b, True
+
+
+def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
+    """Every op of every layer spread over the whole wafer (WaferLLM's mapping): each core
+    holds a tile of every matrix and a share of every layer's cache; layers fill a wafer
+    until a core's budget would be exceeded, then the next wafer takes over. Successive ops
+    start their larger (uneven) parts on different rows and columns, so no core collects
+    every op's larger part. None if one layer alone exceeds a core's budget."""
+    from compiler.partition import overlay_tiling
+
+    R, C = target.rows, target.cols
+    wafers: list[list[tuple[Op, Tiling]]] = [[]]
+    loads: list[list[np.ndarray | int]] = []  # per wafer: weights, KV per position, buffers
+    weights, kv, buffers = np.zeros((R, C)), np.zeros((R, C)), 0
+    off_k = off_n = 0
+    for grp in layer_groups(g):
+        placed, aw, bw, ak, bk = [], [], [], [], []
+        for o in grp:
+            t = overlay_tiling(o, target, context)
+            if t is None:
+                return None
+            if t.k:
+                t = dataclasses.replace(t, rk=off_k % t.pr, rn=off_n % t.pc)
+                off_k, off_n = off_k + t.k % t.pr, off_n + t.n % t.pc
+            else:
+                t = dataclasses.replace(t, rn=off_n % t.cols_per_head)
+                off_n += t.hd % t.cols_per_head
+            placed.append((o, t))
+            a, b, is_kv = _overlay_vectors(t, R, C)
+            (ak if is_kv else aw).append(a)
+            (bk if is_kv else bw).append(b)
+        # This layer's bytes on every core: a sum of outer products, one matrix product.
+        add_w = np.stack(aw, 1) @ np.stack(bw) if aw else 0.0
+        add_k = np.stack(ak, 1) @ np.stack(bk) if ak else 0.0
+        positions = max((t.positions for _, t in placed if not t.k), default=0)
+        buf = max(t.buffer_bytes for _, t in placed)
+        total = weights + add_w + positions * (kv + add_k)
+        if total.max() + max(buffers, buf) > target.core_budget:
+            if not wafers[-1]:
+                return None
+            loads.append([weights, kv, buffers])
+            wafers.append([])
+            weights, kv, buffers = np.zeros((R, C)), np.zeros((R, C)), 0
+        wafers[-1].extend(placed)
+        weights, kv, buffers = weights + add_w, kv + add_k, max(buffers, buf)
+    loads.append([weights, kv, buffers])
+    regions: dict[str, Region] = {}
+    for w, items in enumerate(wafers):
+        first = items[0][0].name
+        for o, t in items:
+            regions[o.name] = Region(o.name, w, 0, 0, dataclasses.replace(t, share=len(items)),
+                                     group=None if o.name == first else first)
+    layers = [sorted({o.layer for o, _ in items if o.layer is not None}) for items in wafers]
+    return Packing(regions, layers, len(wafers) * target.cores, share=0,
+                   overlay_loads=loads)
+
+
+def overlay_max_context(p: Packing, target: Target) -> int:
+    """Largest context the overlaid plan's cores hold with its layer split kept: every
+    row of cores holds ceil(context / rows) positions of each layer's cache."""
+    best = None
+    for weights, kv, buffers in p.overlay_loads:
+        has_kv = kv > 0
+        if not has_kv.any():
+            continue
+        room = (target.core_budget - buffers - weights[has_kv]) / kv[has_kv]
+        per_row = int(np.floor(room.min()))
+        best = per_row if best is None else min(best, per_row)
+    return max(best or 0, 0) * target.rows
+
+
+def share_candidates(n_layers: int) -> list[int]:
+    """Layers per shared region set to try: 1, 2, 4, ... and all layers."""
+    out = {1, n_layers}
+    m = 2
+    while m < n_layers:
+        out.add(m)
+        m *= 2
+    return sorted(out)
+
+
+def band_candidates(rows: int, limit: int = 128) -> list[int]:
     """Band heights to try: every height on small grids, rows // m on large ones."""
-    if rows <= 128:
+    if rows <= limit:
         return list(range(rows, 0, -1))
-    return sorted({rows // m for m in range(1, 129)}, reverse=True)
+    return sorted({rows // m for m in range(1, limit + 1)}, reverse=True)
 
 
-def best_packing(g: Graph, target: Target, context: int) -> tuple[Packing, int] | None:
+def best_packing(g: Graph, target: Target, context: int, share: int = 1
+                 ) -> tuple[Packing, int] | None:
     """The band height whose packing needs the fewest wafers, then the fewest cores."""
     best = None
     for h in band_candidates(target.rows):
-        p = pack(g, target, h, context)
+        p = pack(g, target, h, context, share)
         if p is not None and (best is None or p.span < best[0].span):
             best = (p, h)
     return best
@@ -169,14 +323,20 @@ def best_packing(g: Graph, target: Target, context: int) -> tuple[Packing, int] 
 
 # ---- refinement -------------------------------------------------------------------------
 
-def flows(g: Graph, host: dict[str, str]) -> list[tuple[str, str, int]]:
-    """(source region, destination region, bytes per token) of every op-to-op hand-off
-    between different regions."""
+def anchor(regions: dict[str, Region], name: str) -> str:
+    """The op that owns the rectangle `name` runs on (itself unless it shares one)."""
+    return regions[name].group or name
+
+
+def flows(g: Graph, host: dict[str, str], regions: dict[str, Region]
+          ) -> list[tuple[str, str, int]]:
+    """(source rectangle, destination rectangle, bytes per token) of every op-to-op
+    hand-off between different rectangles, each named by its anchor op."""
     out = []
     by_name = {o.name: o for o in g.ops}
     for o in g.ops:
         for i in o.inputs:
-            src, dst = host[i], host[o.name]
+            src, dst = anchor(regions, host[i]), anchor(regions, host[o.name])
             if src != dst:
                 out.append((src, dst, by_name[i].out_bytes))
     return out
@@ -203,9 +363,11 @@ def refine(regions: dict[str, Region], fl: list[tuple[str, str, int]], *, seed: 
     before = flow_cost(regions, fl)
     classes: dict[tuple, list[str]] = defaultdict(list)
     for name, r in regions.items():
-        classes[(r.wafer, r.rows, r.cols)].append(name)
+        if r.group is None:  # move rectangles by their anchors; sharers follow below
+            classes[(r.wafer, r.rows, r.cols)].append(name)
     swappable = [sorted(v) for v in classes.values() if len(v) > 1]
     if not swappable or not fl:
+        _follow(regions)
         return regions, before, before
     touching: dict[str, list[int]] = defaultdict(list)
     for i, (s, d, _) in enumerate(fl):
@@ -242,4 +404,11 @@ def refine(regions: dict[str, Region], fl: list[tuple[str, str, int]], *, seed: 
             swap(a, b)
     for k, (r, c) in best.items():
         regions[k].row, regions[k].col = r, c
+    _follow(regions)
     return regions, before, flow_cost(regions, fl)
+
+
+def _follow(regions: dict[str, Region]) -> None:
+    for r in regions.values():
+        if r.group is not None:
+            r.row, r.col = regions[r.group].row, regions[r.group].col

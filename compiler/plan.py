@@ -15,26 +15,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from compiler.ir import Graph, Op
-from compiler.partition import bounds
+from compiler.planner import mapping_name
 from compiler.place import Region
 from compiler.target import Target
 from spark_model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
+class TileInfo:
+    """One op's share of a core."""
+
+    op: str
+    index: tuple[int, int]  # (i, j) within the op's pr x pc tile grid.
+    k_range: tuple[int, int] | None  # matvec/lookup: rows of the (K, N) weight held.
+    n_range: tuple[int, int] | None  # matvec/lookup: columns held.
+    positions: int  # attention: cache positions held (of one kv head).
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class CoreInfo:
-    """What one core holds."""
+    """What one core holds: a tile per op whose region covers it (several when layers
+    share regions), the vector ops that run there, and the bytes in use."""
 
     wafer: int
     row: int
     col: int
-    op: str | None  # The op whose tile or cache share it holds (None: idle core).
-    tile: tuple[int, int] | None  # (i, j) within the op's pr x pc tile grid.
-    k_range: tuple[int, int] | None  # matvec: rows of the (K, N) weight it holds.
-    n_range: tuple[int, int] | None  # matvec: columns.
-    positions: int  # attention: cache positions it holds.
-    hosted: tuple[str, ...]  # Vector ops that run on this core's region.
-    bytes: int  # SRAM in use (tile or cache share, buffers, hosted parameters).
+    tiles: tuple[TileInfo, ...]
+    hosted: tuple[str, ...]
+    bytes: int
+
+    @property
+    def op(self) -> str | None:
+        return self.tiles[0].op if self.tiles else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +73,10 @@ class Plan:
     max_context: int  # Largest cache capacity that fits the same wafers.
     compile_s: float = 0.0
     source: str = ""  # Preset name or checkpoint path.
+    share: int = 1  # Layers whose ops share one set of regions (see planner.py).
+    alternatives: list[dict] = dataclasses.field(default_factory=list)  # planner's best
     _steps: dict[int, Any] = dataclasses.field(default_factory=dict, repr=False)
+    _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -94,20 +110,22 @@ class Plan:
             raise IndexError(f"core ({row}, {col}) on wafer {wafer} is outside the plan's "
                              f"{self.wafers} wafer(s) of {t.rows} x {t.cols}")
         hosted = self._hosted()
+        tiles, runs, extra = [], [], 0
         for name, r in self.regions.items():
-            if r.wafer == wafer and r.contains(row, col):
-                i, j = row - r.row, col - r.col
-                tl = r.tiling
-                op = self.graph.op(name)
-                kr = nr = None
-                if op.is_tiled:
-                    kb, nb = bounds(tl.k, tl.pr), bounds(tl.n, tl.pc)
-                    kr, nr = (int(kb[i]), int(kb[i + 1])), (int(nb[j]), int(nb[j + 1]))
-                ops = hosted.get(name, [])
-                return CoreInfo(wafer, row, col, name, (i, j), kr, nr, tl.positions,
-                                tuple(o.name for o in ops),
-                                int(tl.core_bytes()[i, j]) + self._hosted_bytes(name, ops))
-        return CoreInfo(wafer, row, col, None, None, None, None, 0, (), 0)
+            if not (r.wafer == wafer and r.contains(row, col)):
+                continue
+            i, j = row - r.row, col - r.col
+            tl = r.tiling
+            kr = nr = None
+            if tl.k:
+                kb, nb = tl.k_bounds(), tl.n_bounds()
+                kr, nr = (int(kb[i]), int(kb[i + 1])), (int(nb[j]), int(nb[j + 1]))
+            tiles.append(TileInfo(name, (i, j), kr, nr, tl.positions, int(tl.core_bytes()[i, j])))
+            ops = hosted.get(name, [])
+            runs += [o.name for o in ops]
+            extra += self._hosted_bytes(name, ops)
+        return CoreInfo(wafer, row, col, tuple(tiles), tuple(runs),
+                        sum(x.bytes for x in tiles) + extra)
 
     def core_bytes(self) -> np.ndarray:
         """Bytes in use on every core, (wafers, rows, cols)."""
@@ -115,9 +133,56 @@ class Plan:
         hosted = self._hosted()
         for name, r in self.regions.items():
             extra = self._hosted_bytes(name, hosted.get(name, []))
-            out[r.wafer, r.row:r.row + r.rows, r.col:r.col + r.cols] = (
+            out[r.wafer, r.row:r.row + r.rows, r.col:r.col + r.cols] += (
                 r.tiling.core_bytes() + extra)
         return out
+
+    # ---- routing and predicted latency -------------------------------------------------
+
+    def routing(self):
+        """Every flow routed (compiler.route.Routing), computed once."""
+        from compiler.route import route
+
+        if "routing" not in self._cache:
+            self._cache["routing"] = route(self)
+        return self._cache["routing"]
+
+    def step_cost(self, context: int | None = None, tokens: int = 1):
+        """The cost model's critical path for one decode step with `context` positions
+        filled (tokens > 1: a prefill of that many tokens)."""
+        from compiler import cost
+
+        return cost.step(self, self.routing(), context or self.context, tokens)
+
+    def predictions(self, prompt_tokens: int = 1000) -> dict[str, Any]:
+        """Predicted decode speed at 1K, 32K and 128K (those within the plan's context),
+        time to first token for a `prompt_tokens` prompt, and where the time goes."""
+        key = f"pred{prompt_tokens}"
+        if key in self._cache:
+            return self._cache[key]
+        t = self.target
+        contexts = [c for c in (1024, 32_768, 131_072) if c <= self.context] or [self.context]
+        speed, breakdown = {}, {}
+        for c in contexts:
+            sc = self.step_cost(c)
+            speed[str(c)] = 1.0 / sc.seconds(t)
+            breakdown[str(c)] = _breakdown(sc, t)
+        n = min(prompt_tokens, self.context)
+        prefill = self.step_cost(n, tokens=n)
+        out = {"decode_tokens_per_s": speed, "ttft_s": prefill.seconds(t),
+               "ttft_prompt_tokens": n, "breakdown": breakdown[str(contexts[-1])],
+               "breakdown_by_context": breakdown, "routing": self.routing().summary()}
+        self._cache[key] = out
+        return out
+
+    def _kv_cores(self, attn: list[Op]) -> int:
+        """Distinct cores that hold some KV cache (overlaid layers share cores)."""
+        rects = {(r.wafer, r.row, r.col, r.rows, r.cols) for r in
+                 (self.regions[o.name] for o in attn)}
+        mask = np.zeros((self.wafers, self.target.rows, self.target.cols), bool)
+        for w, r0, c0, nr, nc in rects:
+            mask[w, r0:r0 + nr, c0:c0 + nc] = True
+        return int(mask.sum())
 
     def summary(self) -> dict[str, Any]:
         """The figures `spark compile --json` prints."""
@@ -135,7 +200,7 @@ class Plan:
             "kv_cache_bytes": int(sum(o.kv_bytes_per_token for o in attn) * self.context),
             "ops": len(g.ops),
             "tiles": int(sum(self.regions[o.name].tiling.cores for o in tiled)),
-            "kv_cores": int(sum(self.regions[o.name].tiling.cores for o in attn)),
+            "kv_cores": self._kv_cores(attn),
             "cores_used": int(busy.size),
             "cores_available": self.wafers * self.target.cores,
             "wafers": self.wafers,
@@ -146,7 +211,11 @@ class Plan:
             "max_context": self.max_context,
             "placement_cost_before": self.placement_cost[0],
             "placement_cost_after": self.placement_cost[1],
+            "layers_per_region": self.share,
+            "mapping": mapping_name(self.share),
             "compile_s": round(self.compile_s, 3),
+            **self.predictions(),
+            "alternatives": self.alternatives,
         }
 
     def format_summary(self) -> str:
@@ -170,8 +239,30 @@ class Plan:
             f"  largest context {s['max_context']:,} positions on these wafers",
             f"  placement       bytes x hops {s['placement_cost_before']:,.0f} -> "
             f"{s['placement_cost_after']:,.0f} after refinement",
-            f"  compile time    {s['compile_s']:.2f} s",
+            f"  mapping         {mapping_name(self.share)}; regions {s['band_rows']} rows tall",
+            f"  routing         busiest link {s['routing']['max_link_bytes_per_token']:,.0f} "
+            f"B/token; up to {s['routing']['max_routes_per_core']} routes per core "
+            f"(limit {s['routing']['route_limit']}), {s['routing']['relay_stages']} relay stages",
         ]
+        for c, tps in s["decode_tokens_per_s"].items():
+            lines.append(f"  decode at {int(c):>7,} {tps:>10,.0f} tokens/s (predicted, batch 1)")
+        lines.append(f"  TTFT            {s['ttft_s'] * 1e3:.3f} ms for a "
+                     f"{s['ttft_prompt_tokens']:,}-token prompt (predicted)")
+        b = s["breakdown"]
+        total = sum(b.values()) or 1.0
+        lines.append("  per token       " + ", ".join(
+            f"{k} {v * 1e6:.1f} us ({v / total:.0%})" for k, v in b.items()))
+        lines.append(f"  compile time    {s['compile_s']:.2f} s")
+        return "\n".join(lines)
+
+    def explain(self) -> str:
+        """The planner's best alternatives, fastest first."""
+        lines = ["planner: mappings that fit, fastest predicted first (at context "
+                 f"{self.context:,})",
+                 f"  {'mapping':<34} {'rows':>5} {'wafers':>6} {'cores':>10} {'tokens/s':>9}"]
+        for a in self.alternatives:
+            lines.append(f"  {a['mapping']:<34} {a['band_rows']:>5} {a['wafers']:>6} "
+                         f"{a['cores']:>10,} {a['decode_tokens_per_s']:>9,.0f}")
         return "\n".join(lines)
 
     # ---- functional execution ----------------------------------------------------------
@@ -241,3 +332,15 @@ class Plan:
             if pos >= len(ids) - 1:
                 out.append(int(jnp.argmax(logits[0, -1])))
         return out
+
+
+def _breakdown(sc, t) -> dict[str, float]:
+    """Seconds per token on the critical path: compute, hops, routing stages, link
+    transfer and the inter-wafer link; a link-bound step adds the rest as 'link_bound'."""
+    sec = sc.total.seconds(t)
+    out = {"compute": sec["compute"], "hops": sec["hops"], "routing_stages": sec["stages"],
+           "transfer": sec["transfer"], "inter_wafer": sec["wafer"]}
+    extra = sc.seconds(t) - sc.total.total / t.clock_hz
+    if extra > 0:
+        out["link_bound"] = extra
+    return out

@@ -88,20 +88,24 @@ class Target:
 #  - hop_cycles 1: the SDK says a wavelet reaches a neighbouring core in a single cycle.
 #  - link_bytes_per_cycle 4: one 32-bit wavelet per cycle per link.
 #  - routing_paths 24: colours 0-23 are routable (the 5-bit header allows 32 ids).
-#  - routing_stage_cycles 100: ASSUMED. WaferLLM only says a software routing stage costs
-#    far more than a hop; 100 cycles is our estimate of a receive, re-send and queue switch.
+#  - routing_stage_cycles 20: ASSUMED. WaferLLM gives no figure, only that a software
+#    routing stage (header parsing and rewriting in a core) costs far more than a hop;
+#    20 cycles is our estimate of a task switch plus a re-send. Both calibration cases
+#    (tests/test_cost.py) hold for values from about 12 to 32 cycles.
 #  - reserve_fraction 0.10: ASSUMED, about 5 KB of 48 KB for code and queues.
 #  - wafer link 150 GB/s and 5 us: ASSUMED (the system's 12 x 100 GbE I/O, about
 #    150 GB/s; latency of a switched Ethernet hop).
 _CEREBRAS = dict(sram_bytes=48 * KB, reserve_fraction=0.10, hop_cycles=1.0,
-                 routing_stage_cycles=100.0, link_bytes_per_cycle=4.0, routing_paths=24)
+                 routing_stage_cycles=20.0, link_bytes_per_cycle=4.0, routing_paths=24)
 
 PRESETS: dict[str, Target] = {
-    # WSE-2: 757 x 996 usable fabric, ~1.1 GHz, one fp32 MAC per cycle (WaferLLM, sec. 7).
+    # WSE-2: 757 x 996 usable fabric, ~1.1 GHz, one multiply-accumulate per cycle
+    # (WaferLLM, sec. 7: two 32-bit operands fetched, one MAC, one write-back per cycle).
     "wse2": Target(name="wse2", rows=757, cols=996, clock_hz=1.1e9, macs_per_cycle=1.0,
                    **_CEREBRAS),
     # WSE-3: 762 x 1172 usable fabric. Clock 1.1 GHz ASSUMED (no official figure);
-    # macs_per_cycle 2 ASSUMED (SIMD is wider than WSE-2's; no public width).
+    # macs_per_cycle 2 ASSUMED: SIMD is wider than WSE-2's (no public width) and the
+    # published fp16 peak doubles (125 vs 62.5 PF) with 6% more cores.
     "wse3": Target(name="wse3", rows=762, cols=1172, clock_hz=1.1e9, macs_per_cycle=2.0,
                    **_CEREBRAS),
 }

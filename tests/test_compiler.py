@@ -11,7 +11,7 @@ import compiler
 import spark_model
 from compiler import frontend
 from compiler.partition import tile_weight
-from compiler.place import pack
+from compiler.place import pack, pack_overlay
 from compiler.verify import DEFAULT_PROMPT, logit_diffs
 from spark_model import ModelConfig, init_model
 from spark_model.checkpoint import flat_params
@@ -129,7 +129,11 @@ def test_cores_respect_budget_and_regions_do_not_overlap(tiny_plan):
     owner = np.zeros((tiny_plan.wafers, t.rows, t.cols), int)
     for r in tiny_plan.regions.values():
         assert 0 <= r.row and r.row + r.rows <= t.rows and 0 <= r.col and r.col + r.cols <= t.cols
-        owner[r.wafer, r.row:r.row + r.rows, r.col:r.col + r.cols] += 1
+        if r.group is None:  # rectangles of their own never overlap
+            owner[r.wafer, r.row:r.row + r.rows, r.col:r.col + r.cols] += 1
+        else:  # ops sharing cores sit on their anchor's cores
+            a = tiny_plan.regions[r.group]
+            assert (r.wafer, r.row, r.col) == (a.wafer, a.row, a.col)
     assert owner.max() == 1
     used = tiny_plan.core_bytes()
     assert used.max() <= t.core_budget
@@ -141,20 +145,29 @@ def test_kv_cache_spread_and_largest_context(tiny_plan):
     for o in tiny_plan.graph.ops:
         if o.kind == "attention":
             t = tiny_plan.regions[o.name].tiling
-            per_head = t.cores // o.heads[1]
-            assert t.positions * per_head >= ctx > (t.positions - 1) * per_head
+            cols = t.pc // o.heads[1]  # columns per kv head
+            assert t.positions * t.pr >= ctx > (t.positions - 1) * t.pr  # rows: positions
+            assert t.dh * cols >= o.heads[2] > (t.dh - 1) * cols  # columns: dimensions
+            assert t.bytes_per_core <= tiny_plan.target.core_budget
     best = tiny_plan.max_context
     assert best >= ctx
-    g, tgt, band = tiny_plan.graph, tiny_plan.target, tiny_plan.band
-    assert len(pack(g, tgt, band, best).wafer_layers) == tiny_plan.wafers
-    assert len(pack(g, tgt, band, best + 1).wafer_layers) > tiny_plan.wafers  # one too many
+    g, tgt, band, share = tiny_plan.graph, tiny_plan.target, tiny_plan.band, tiny_plan.share
+
+    def wafers(context):
+        p = pack_overlay(g, tgt, context) if share == 0 else pack(g, tgt, band, context, share)
+        return len(p.wafer_layers)
+
+    assert wafers(best) == tiny_plan.wafers
+    assert wafers(best + 1) > tiny_plan.wafers  # one position more does not fit
 
 
 def test_core_and_op_queries(tiny_plan):
     q = tiny_plan.op("blocks.0.attn.q")
     r = q.region
     core = tiny_plan.core(r.row, r.col, r.wafer)
-    assert core.op == "blocks.0.attn.q" and core.tile == (0, 0) and core.k_range[0] == 0
+    assert core.op == "blocks.0.attn.q"
+    tile = core.tiles[0]
+    assert tile.index == (0, 0) and tile.k_range[0] == 0 and tile.bytes <= core.bytes
     assert tiny_plan.op("blocks.0.attn.rotary").host in tiny_plan.regions
     with pytest.raises(IndexError):
         tiny_plan.core(10_000, 0)

@@ -1,0 +1,250 @@
+"""PLMR cost model: predicted decode latency of a plan, op by op, along the critical path.
+
+WaferLLM's PLMR device model (OSDI'25) with its four terms: Parallelism (every core of a
+region works at once, so an op costs its slowest core), Latency (alpha per hop plus beta per
+software routing stage), Memory (what fits is the plan's business; here only its effect on
+tile sizes) and Routing (relay stages where a router holds too many routes, from
+`route.py`). Every constant comes from the target (`target.py` says where each figure comes
+from); nothing here is fitted to a measurement.
+
+Costs are in cycles of the target's clock, split into components:
+  compute   the slowest core's multiply-accumulates / macs_per_cycle
+  hops      hops x hop_cycles on the critical path
+  stages    routing stages x routing_stage_cycles
+  transfer  bytes / link_bytes_per_cycle of the messages on the critical path
+  wafer     the inter-wafer link: latency + bytes / bandwidth
+
+Collectives (WaferLLM section 6):
+  broadcast over n cores in a line: one hardware multicast route, n - 1 hops.
+  reduce over n cores: the K-tree with K = 2: (K/2) n^(1/K) routing stages, n/2 hops to the
+  root; an allreduce adds the broadcast back (n hops in all, as the paper counts).
+A matvec over pr x pc cores: broadcast each K-slice along its row, multiply, reduce each
+column's partial sums (MeshGEMV). Attention over a head's cores: broadcast the query,
+score and weight the local positions, allreduce the softmax max and sum and reduce the
+weighted values. Prefill of n tokens keeps the weights stationary and streams n-row blocks
+through the same collectives (a MeshGEMM-style estimate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from compiler.ir import Op
+from compiler.partition import Tiling
+from compiler.target import Target
+
+COMPONENTS = ("compute", "hops", "stages", "transfer", "wafer")
+K_TREE = 2  # WaferLLM's K
+
+
+@dataclasses.dataclass
+class Cost:
+    """Cycles by component."""
+
+    compute: float = 0.0
+    hops: float = 0.0
+    stages: float = 0.0
+    transfer: float = 0.0
+    wafer: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.hops + self.stages + self.transfer + self.wafer
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(*(getattr(self, c) + getattr(other, c) for c in COMPONENTS))
+
+    def seconds(self, t: Target) -> dict[str, float]:
+        return {c: getattr(self, c) / t.clock_hz for c in COMPONENTS}
+
+
+def ktree_stages(n: int) -> float:
+    """Routing stages on the critical path of a K-tree reduction over n cores in a line."""
+    return 0.0 if n <= 1 else K_TREE / 2 * n ** (1 / K_TREE)
+
+
+def broadcast(n: int, nbytes: float, t: Target) -> Cost:
+    if n <= 1:
+        return Cost()
+    return Cost(hops=(n - 1) * t.hop_cycles, transfer=nbytes / t.link_bytes_per_cycle)
+
+
+def reduce(n: int, elems: float, act_bytes: int, t: Target, back: bool = False) -> Cost:
+    """K-tree reduction of `elems` values over n cores (an allreduce with back=True)."""
+    if n <= 1:
+        return Cost()
+    s = ktree_stages(n)
+    # At each stage the partial sums stream in and are added as they arrive (a core's
+    # instructions can take fabric input as an operand), so a stage costs its routing
+    # overhead plus the message's transfer time.
+    return Cost(hops=(n if back else n / 2) * t.hop_cycles,
+                stages=s * t.routing_stage_cycles,
+                transfer=s * elems * act_bytes / t.link_bytes_per_cycle)
+
+
+def matvec(tl: Tiling, act_bytes: int, t: Target, tokens: int = 1,
+           replicated: bool = False) -> Cost:
+    """MeshGEMV on pr x pc cores (tokens > 1: the prefill estimate).
+
+    replicated=False: the input arrives at the region and is multicast along its rows, and
+    the partial sums are reduced to the column roots. replicated=True (WaferLLM's chain of
+    GEMVs over one grid): the input is already on every row, left there by the previous
+    product's allreduce, which broadcasts its result back.
+    """
+    c = Cost(compute=tokens * tl.tk * tl.tn / t.macs_per_cycle)
+    if replicated:
+        return c + reduce(tl.pr, tokens * tl.tn, act_bytes, t, back=True)
+    return (broadcast(tl.pc, tokens * tl.tk * act_bytes, t) + c
+            + reduce(tl.pr, tokens * tl.tn, act_bytes, t))
+
+
+def attention(op: Op, tl: Tiling, context: int, act_bytes: int, t: Target,
+              tokens: int = 1) -> Cost:
+    """One layer's attention at `context` filled positions over a kv head's pr x cols
+    cores (positions over rows, dimensions over columns). tokens > 1: causal prefill."""
+    n, k, h = op.heads
+    g = n // k
+    cols = tl.pc // k
+    dh = math.ceil(h / cols)
+    if tokens == 1:
+        p = math.ceil(context / tl.pr)  # filled positions on the fullest row
+    else:  # causal: query i sees i + 1 keys, spread over the rows
+        p = math.ceil(tokens * (tokens + 1) / 2 / tl.pr)
+    q = broadcast(tl.pr, tokens * g * dh * act_bytes, t)  # down each column
+    scores = Cost(compute=p * g * dh / t.macs_per_cycle) + reduce(cols, p * g, 4, t, back=True)
+    softmax = Cost(compute=p * g / t.macs_per_cycle) + reduce(tl.pr, 2 * tokens * g, 4, t,
+                                                              back=True)
+    values = Cost(compute=p * g * dh / t.macs_per_cycle) + reduce(tl.pr, tokens * g * dh, 4, t)
+    append = Cost(hops=t.hop_cycles, transfer=2 * tokens * dh * act_bytes
+                  / t.link_bytes_per_cycle)
+    return q + scores + softmax + values + append
+
+
+def vector(op: Op, host: Tiling, act_bytes: int, t: Target, tokens: int = 1) -> Cost:
+    """Element-wise work spread over the host region's columns; norms add an allreduce of
+    their sum of squares along the row."""
+    elems = tokens * op.out_bytes / act_bytes
+    c = Cost(compute=4 * elems / max(host.pc, 1) / t.macs_per_cycle)
+    if "norm" in op.roles:
+        c = c + reduce(host.pc, tokens, 4, t, back=True)
+    return c
+
+
+def lookup(op: Op, tl: Tiling, act_bytes: int, t: Target, tokens: int = 1) -> Cost:
+    """The table row leaves the core row (or column) that holds it."""
+    return Cost(hops=max(tl.pr, tl.pc) * t.hop_cycles,
+                transfer=tokens * op.n * act_bytes / t.link_bytes_per_cycle)
+
+
+def handoff(hops: int, relays: int, nbytes: float, wafers: int, t: Target,
+            lanes: int = 1) -> Cost:
+    """An op's output moving to the next op's region over `lanes` parallel routes (the
+    output is spread over the source's columns, the input over the destination's rows)."""
+    c = Cost(hops=hops * t.hop_cycles, stages=relays * t.routing_stage_cycles,
+             transfer=nbytes / max(lanes, 1) / t.link_bytes_per_cycle)
+    if wafers:
+        c = c + Cost(wafer=abs(wafers) * (t.wafer_link_latency_s
+                                          + nbytes / t.wafer_link_bytes_per_s) * t.clock_hz)
+    return c
+
+
+# ---- a whole step ----------------------------------------------------------------------
+
+def op_cost(plan, op: Op, context: int, tokens: int = 1) -> Cost:
+    from compiler.place import anchor
+
+    act = np.dtype(plan.cfg.dtype).itemsize
+    t = plan.target
+    if op.kind == "matvec":
+        # An input made on the same cores is already replicated along the rows (the
+        # producer's allreduce broadcast it back); one from elsewhere is multicast in.
+        here = anchor(plan.regions, op.name)
+        replicated = bool(op.inputs) and all(
+            anchor(plan.regions, plan.host[i]) == here for i in op.inputs)
+        return matvec(plan.regions[op.name].tiling, act, t, tokens, replicated)
+    if op.kind == "attention":
+        return attention(op, plan.regions[op.name].tiling, context, act, t, tokens)
+    if op.kind == "lookup":
+        return lookup(op, plan.regions[plan.host[op.name]].tiling, act, t, tokens)
+    return vector(op, plan.regions[plan.host[op.name]].tiling, act, t, tokens)
+
+
+@dataclasses.dataclass
+class StepCost:
+    """A decode step (or a prefill) along its critical path."""
+
+    total: Cost  # the critical path, by component
+    ops: dict[str, Cost]  # each op's own cost
+    start: dict[str, float]  # cycle each op starts
+    finish: dict[str, float]
+    link_bound_cycles: float  # busiest link's bytes / bandwidth (a lower bound)
+
+    def seconds(self, t: Target) -> float:
+        return max(self.total.total, self.link_bound_cycles) / t.clock_hz
+
+
+def step(plan, routing, context: int, tokens: int = 1) -> StepCost:
+    """Earliest start of every op given its inputs' finish plus their hand-offs; the
+    step's latency is the finish of the last op."""
+    from compiler.place import anchor
+
+    t = plan.target
+    by_pair: dict[tuple[str, str], dict] = {}
+    for h in (routing.handoffs if routing is not None else _direct_handoffs(plan)):
+        by_pair.setdefault((h["src"], h["dst"]), h)
+
+    path: dict[str, Cost] = {}
+    own: dict[str, Cost] = {}
+    start: dict[str, float] = {}
+    finish: dict[str, float] = {}
+    by_name = {o.name: o for o in plan.graph.ops}
+    for o in plan.graph.ops:
+        own[o.name] = op_cost(plan, o, context, tokens)
+        best = Cost()
+        for i in o.inputs:
+            sa = anchor(plan.regions, plan.host[i])
+            da = anchor(plan.regions, plan.host[o.name])
+            h = by_pair.get((sa, da))
+            move = Cost() if h is None else handoff(
+                h["hops"], h["relays"], tokens * by_name[i].out_bytes, h["wafers"], t,
+                min(lanes(plan, by_name[i], "out"), lanes(plan, o, "in")))
+            cand = path[i] + move
+            if cand.total > best.total:
+                best = cand
+        start[o.name] = best.total
+        path[o.name] = best + own[o.name]
+        finish[o.name] = path[o.name].total
+    last = plan.graph.ops[-1].name
+    load = routing.max_link[0] if routing is not None else 0.0
+    return StepCost(path[last], own, start, finish,
+                    tokens * max(load, 0.0) / t.link_bytes_per_cycle)
+
+
+def lanes(plan, op: Op, side: str) -> int:
+    """Parallel routes an op's data enters ("in") or leaves ("out") its region by: a
+    matvec's input enters along its rows, every output leaves along its region's columns."""
+    tl = plan.regions[plan.host[op.name]].tiling
+    return tl.pr if side == "in" and op.kind == "matvec" else tl.pc
+
+
+def _direct_handoffs(plan) -> list[dict]:
+    """Hand-offs between region centres without routing (no relays): for quick estimates
+    while planning."""
+    from compiler.place import anchor
+
+    out = []
+    for o in plan.graph.ops:
+        for i in o.inputs:
+            sa, da = anchor(plan.regions, plan.host[i]), anchor(plan.regions, plan.host[o.name])
+            if sa == da:
+                continue
+            a, b = plan.regions[sa], plan.regions[da]
+            (ra, ca), (rb, cb) = a.center, b.center
+            hops = (abs(ra - rb) + abs(ca - cb) if a.wafer == b.wafer
+                    else plan.target.cols - 1 - ca + cb)
+            out.append({"src": sa, "dst": da, "hops": hops, "relays": 0,
+                        "wafers": b.wafer - a.wafer})
+    return out

@@ -1,0 +1,114 @@
+"""Plans as JSON: `plan_to_dict` / `plan_from_dict`, used by Plan.to_json / Plan.from_json.
+
+Schema (version 1), one JSON object:
+
+  schema       "spark-plan/1"
+  source       the preset name or checkpoint path the plan was compiled from
+  model        the ModelConfig fields (spark_model.config)
+  target       the Target fields (compiler.target): grid, SRAM, clock, link figures
+  context      KV cache positions reserved
+  band         rows per serpentine band
+  max_context  largest cache capacity that fits the same wafers
+  compile_s    seconds the compile took
+  placement_cost  [bytes x hops before refinement, after]
+  wafer_layers [[layer, ...] per wafer]
+  ops          [{name, kind, layer, inputs, out_bytes, weight, k, n, transposed,
+                 weight_dtype, shares, params, roles, kv_bytes_per_token, heads,
+                 host}, ...] in execution order
+  regions      {op name: {wafer, row, col, pr, pc, k, n, wbytes, positions, kv_bytes,
+                 buffers}}: the rectangle at (row, col) of pr x pc cores
+  summary      Plan.summary() at save time (for readers; ignored on load)
+
+Loading rebuilds the operator graph from `model` (tracing is deterministic) and checks
+that it matches the saved ops, so a loaded plan can `execute` again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from compiler.ir import CompilerError, Op
+from compiler.partition import Tiling
+from compiler.place import Region
+from compiler.target import Target
+from spark_model.config import ModelConfig
+
+SCHEMA = "spark-plan/1"
+_OP_FIELDS = [f.name for f in dataclasses.fields(Op) if f.name != "eqns"]
+_TILING_FIELDS = [f.name for f in dataclasses.fields(Tiling)]
+
+
+def plan_to_dict(plan) -> dict[str, Any]:
+    ops = []
+    for o in plan.graph.ops:
+        d = {k: getattr(o, k) for k in _OP_FIELDS}
+        d["inputs"], d["params"], d["roles"] = list(o.inputs), list(o.params), list(o.roles)
+        d["heads"] = list(o.heads)
+        d["host"] = plan.host[o.name]
+        ops.append(d)
+    regions = {name: {"wafer": r.wafer, "row": r.row, "col": r.col,
+                      **{k: getattr(r.tiling, k) for k in _TILING_FIELDS}}
+               for name, r in plan.regions.items()}
+    return {
+        "schema": SCHEMA, "source": plan.source, "model": plan.cfg.to_dict(),
+        "target": plan.target.to_dict(), "context": plan.context, "band": plan.band,
+        "max_context": plan.max_context, "compile_s": plan.compile_s,
+        "placement_cost": list(plan.placement_cost), "wafer_layers": plan.wafer_layers,
+        "ops": ops, "regions": regions, "summary": plan.summary(),
+    }
+
+
+def plan_from_dict(data: dict[str, Any]):
+    from compiler import frontend
+    from compiler.plan import Plan
+
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise CompilerError(f"not a plan of schema {SCHEMA!r} (found {found!r})")
+    try:
+        cfg = ModelConfig.from_dict(data["model"])
+        target = Target(**data["target"])
+        graph = frontend.build_graph(cfg)
+        saved = [(o["name"], o["kind"]) for o in data["ops"]]
+        if saved != [(o.name, o.kind) for o in graph.ops]:
+            raise CompilerError("the saved ops do not match the model's traced decode step "
+                                "(saved by another version of the model code?)")
+        regions = {}
+        for name, r in data["regions"].items():
+            tiling = Tiling(**{k: int(r[k]) for k in _TILING_FIELDS})
+            regions[name] = Region(name, int(r["wafer"]), int(r["row"]), int(r["col"]), tiling)
+        host = {o["name"]: o["host"] for o in data["ops"]}
+        return Plan(cfg=cfg, target=target, context=int(data["context"]), graph=graph,
+                    regions=regions, host=host, band=int(data["band"]),
+                    wafer_layers=[list(map(int, w)) for w in data["wafer_layers"]],
+                    placement_cost=tuple(map(float, data["placement_cost"])),
+                    max_context=int(data["max_context"]), compile_s=float(data["compile_s"]),
+                    source=str(data["source"]))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CompilerError):
+            raise
+        raise CompilerError(f"malformed plan JSON: {type(e).__name__}: {e}") from None
+
+
+def save_json(plan, path) -> Path:
+    """Write atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plan_to_dict(plan), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_json(path):
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CompilerError(f"cannot read plan {path}: {e}") from None
+    return plan_from_dict(data)
