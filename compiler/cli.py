@@ -1,7 +1,7 @@
 """`spark compile`: map a model onto a wafer-scale target and print what it takes.
 
     spark compile (--preset NAME | --checkpoint DIR) --target NAME [--context N]
-                  [--wafers N] [--print-ir] [--verify] [--json]
+                  [--wafers N] [--print-ir] [--verify] [--explain] [--report DIR] [--json]
 
 `--verify` runs the placed program on the checkpoint's weights and compares its logits with
 the model's own decode step (it needs real weights, so a checkpoint).
@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--print-ir", action="store_true", help="print the operator graph")
     p.add_argument("--verify", action="store_true",
                    help="run the placed program and compare its logits with the model's")
+    p.add_argument("--explain", action="store_true",
+                   help="list the planner's best alternatives with their predictions")
+    p.add_argument("--report", metavar="DIR",
+                   help="write plan.json, pictures (PNG), a decode-step trace and report.md")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -61,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         diffs = logit_diffs(plan, model, ids)
         summary["verified_positions"] = len(diffs)
         summary["max_abs_logit_diff"] = max(diffs)
+    if args.report:
+        summary["report"] = str(plan.report(args.report))
     if args.json:
         if args.print_ir:
             summary["ir"] = [{"name": o.name, "kind": o.kind, "layer": o.layer,
@@ -71,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         print(compiler.format_graph(plan.graph))
         print()
     print(plan.format_summary())
+    if args.explain:
+        print(plan.explain())
+    if args.report:
+        print(f"  report          {summary['report']}/report.md (plan.json, sram.png, "
+              "regions.png, links.png, trace.json)")
     if args.verify:
         print(f"  verified        {summary['verified_positions']} positions: max |logit "
               f"difference| {summary['max_abs_logit_diff']:.3g} against the model's decode step")

@@ -211,16 +211,18 @@ def _same_shape(op: Op, t: Tiling, band: int, target: Target, share: int, contex
     return own
 
 
-def _overlay_vectors(t: Tiling, R: int, C: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def _overlay_vectors(t: Tiling, R: int, C: int, col: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(a, b, is_kv): this op's bytes on core (i, j) are a[i] * b[j] (for the KV cache, per
-    cached position per row of cores)."""
+    cached position per row of cores); its region starts at column `col`."""
     a, b = np.zeros(R), np.zeros(C)
     if t.k:
         a[:t.pr] = np.diff(t.k_bounds()) * t.wbytes
-        b[:t.pc] = np.diff(t.n_bounds())
+        b[col:col + t.pc] = np.diff(t.n_bounds())
         return a, b, False
     a[:t.pr] = t.kv_bytes
-    b[:t.pc] = np.tile(np.diff(bounds(t.hd, t.cols_per_head, t.rn)), t.pc // t.cols_per_head)
+    b[col:col + t.pc] = np.tile(np.diff(bounds(t.hd, t.cols_per_head, t.rn)),
+                                t.pc // t.cols_per_head)
     return a, b, True
 
 
@@ -237,6 +239,8 @@ def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
     loads: list[list[np.ndarray | int]] = []  # per wafer: weights, KV per position, buffers
     weights, kv, buffers = np.zeros((R, C)), np.zeros((R, C)), 0
     off_k = off_n = 0
+    n_attn = sum(o.kind == "attention" for o in g.ops)
+    cols: dict[str, int] = {}  # attention regions narrower than the wafer are staggered
     for grp in layer_groups(g):
         placed, aw, bw, ak, bk = [], [], [], [], []
         for o in grp:
@@ -249,8 +253,10 @@ def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
             else:
                 t = dataclasses.replace(t, rn=off_n % t.cols_per_head)
                 off_n += t.hd % t.cols_per_head
+                # spread the layers' caches over all columns when a head block is narrower
+                cols[o.name] = (len(cols) * (C - t.pc + 1)) // max(n_attn, 1)
             placed.append((o, t))
-            a, b, is_kv = _overlay_vectors(t, R, C)
+            a, b, is_kv = _overlay_vectors(t, R, C, cols.get(o.name, 0))
             (ak if is_kv else aw).append(a)
             (bk if is_kv else bw).append(b)
         # This layer's bytes on every core: a sum of outer products, one matrix product.
@@ -272,7 +278,8 @@ def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
     for w, items in enumerate(wafers):
         first = items[0][0].name
         for o, t in items:
-            regions[o.name] = Region(o.name, w, 0, 0, dataclasses.replace(t, share=len(items)),
+            regions[o.name] = Region(o.name, w, 0, cols.get(o.name, 0),
+                                     dataclasses.replace(t, share=len(items)),
                                      group=None if o.name == first else first)
     layers = [sorted({o.layer for o, _ in items if o.layer is not None}) for items in wafers]
     return Packing(regions, layers, len(wafers) * target.cores, share=0,
@@ -360,6 +367,7 @@ def refine(regions: dict[str, Region], fl: list[tuple[str, str, int]], *, seed: 
     Returns (regions, cost before, cost after). Deterministic for a given seed.
     """
     regions = {k: dataclasses.replace(v) for k, v in regions.items()}
+    origin = {k: (r.row, r.col) for k, r in regions.items()}
     before = flow_cost(regions, fl)
     classes: dict[tuple, list[str]] = defaultdict(list)
     for name, r in regions.items():
@@ -367,7 +375,6 @@ def refine(regions: dict[str, Region], fl: list[tuple[str, str, int]], *, seed: 
             classes[(r.wafer, r.rows, r.cols)].append(name)
     swappable = [sorted(v) for v in classes.values() if len(v) > 1]
     if not swappable or not fl:
-        _follow(regions)
         return regions, before, before
     touching: dict[str, list[int]] = defaultdict(list)
     for i, (s, d, _) in enumerate(fl):
@@ -384,7 +391,7 @@ def refine(regions: dict[str, Region], fl: list[tuple[str, str, int]], *, seed: 
         ra, rb = regions[a], regions[b]
         ra.row, rb.row, ra.col, rb.col = rb.row, ra.row, rb.col, ra.col
 
-    n_moves = moves_per_region * len(regions)
+    n_moves = moves_per_region * sum(len(c) for c in swappable)
     # Start hot enough to accept a typical uphill move, cool geometrically to ~0.
     t0 = max(n for _, _, n in fl) * 2.0
     cost = before
@@ -404,11 +411,14 @@ def refine(regions: dict[str, Region], fl: list[tuple[str, str, int]], *, seed: 
             swap(a, b)
     for k, (r, c) in best.items():
         regions[k].row, regions[k].col = r, c
-    _follow(regions)
+    _follow(regions, origin)
     return regions, before, flow_cost(regions, fl)
 
 
-def _follow(regions: dict[str, Region]) -> None:
-    for r in regions.values():
+def _follow(regions: dict[str, Region], origin: dict[str, tuple[int, int]]) -> None:
+    """Move every sharing region by the displacement of its anchor."""
+    for name, r in regions.items():
         if r.group is not None:
-            r.row, r.col = regions[r.group].row, regions[r.group].col
+            a = regions[r.group]
+            dr, dc = a.row - origin[r.group][0], a.col - origin[r.group][1]
+            r.row, r.col = origin[name][0] + dr, origin[name][1] + dc

@@ -8,6 +8,7 @@ does (`execute`), which is how the lowering is checked against the model.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -264,6 +265,27 @@ class Plan:
             lines.append(f"  {a['mapping']:<34} {a['band_rows']:>5} {a['wafers']:>6} "
                          f"{a['cores']:>10,} {a['decode_tokens_per_s']:>9,.0f}")
         return "\n".join(lines)
+
+    # ---- saving and inspecting -----------------------------------------------------------
+
+    def to_json(self, path) -> Path:
+        """Write the plan as JSON (schema in compiler/serialize.py)."""
+        from compiler.serialize import save_json
+
+        return save_json(self, path)
+
+    @classmethod
+    def from_json(cls, path) -> "Plan":
+        """Read a plan written by to_json; it can execute and be costed again."""
+        from compiler.serialize import load_json
+
+        return load_json(path)
+
+    def report(self, directory) -> Path:
+        """Write the JSON, pictures, a decode-step trace and a Markdown summary."""
+        from compiler.report import write_report
+
+        return write_report(self, directory)
 
     # ---- functional execution ----------------------------------------------------------
 

@@ -12,11 +12,16 @@ Schema (version 1), one JSON object:
   compile_s    seconds the compile took
   placement_cost  [bytes x hops before refinement, after]
   wafer_layers [[layer, ...] per wafer]
+  share        layers per set of regions (0: every op overlaid on the whole wafer)
+  alternatives the planner's best mappings: {mapping, layers_per_region, band_rows,
+               wafers, cores, decode_tokens_per_s}
   ops          [{name, kind, layer, inputs, out_bytes, weight, k, n, transposed,
                  weight_dtype, shares, params, roles, kv_bytes_per_token, heads,
                  host}, ...] in execution order
-  regions      {op name: {wafer, row, col, pr, pc, k, n, wbytes, positions, kv_bytes,
-                 buffers}}: the rectangle at (row, col) of pr x pc cores
+  regions      {op name: {wafer, row, col, group, pr, pc, k, n, wbytes, positions, dh, hd,
+                 kv_bytes, buffers, share, rk, rn}}: the rectangle at (row, col) of pr x pc
+                 cores (group: the op whose cores it shares), with the tiling fields of
+                 compiler.partition.Tiling
   summary      Plan.summary() at save time (for readers; ignored on load)
 
 Loading rebuilds the operator graph from `model` (tracing is deterministic) and checks
@@ -49,7 +54,7 @@ def plan_to_dict(plan) -> dict[str, Any]:
         d["heads"] = list(o.heads)
         d["host"] = plan.host[o.name]
         ops.append(d)
-    regions = {name: {"wafer": r.wafer, "row": r.row, "col": r.col,
+    regions = {name: {"wafer": r.wafer, "row": r.row, "col": r.col, "group": r.group,
                       **{k: getattr(r.tiling, k) for k in _TILING_FIELDS}}
                for name, r in plan.regions.items()}
     return {
@@ -57,6 +62,7 @@ def plan_to_dict(plan) -> dict[str, Any]:
         "target": plan.target.to_dict(), "context": plan.context, "band": plan.band,
         "max_context": plan.max_context, "compile_s": plan.compile_s,
         "placement_cost": list(plan.placement_cost), "wafer_layers": plan.wafer_layers,
+        "share": plan.share, "alternatives": plan.alternatives,
         "ops": ops, "regions": regions, "summary": plan.summary(),
     }
 
@@ -79,14 +85,16 @@ def plan_from_dict(data: dict[str, Any]):
         regions = {}
         for name, r in data["regions"].items():
             tiling = Tiling(**{k: int(r[k]) for k in _TILING_FIELDS})
-            regions[name] = Region(name, int(r["wafer"]), int(r["row"]), int(r["col"]), tiling)
+            regions[name] = Region(name, int(r["wafer"]), int(r["row"]), int(r["col"]), tiling,
+                                   group=r.get("group"))
         host = {o["name"]: o["host"] for o in data["ops"]}
         return Plan(cfg=cfg, target=target, context=int(data["context"]), graph=graph,
                     regions=regions, host=host, band=int(data["band"]),
                     wafer_layers=[list(map(int, w)) for w in data["wafer_layers"]],
                     placement_cost=tuple(map(float, data["placement_cost"])),
                     max_context=int(data["max_context"]), compile_s=float(data["compile_s"]),
-                    source=str(data["source"]))
+                    source=str(data["source"]), share=int(data.get("share", 1)),
+                    alternatives=list(data.get("alternatives", [])))
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CompilerError):
             raise
