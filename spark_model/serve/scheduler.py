@@ -29,7 +29,6 @@ import numpy as np
 
 from spark_model import generation
 from spark_model.api import SparkModel
-from spark_model.engine import bucket
 from spark_model.serve import slots as slots_mod
 
 log = logging.getLogger("spark.serve")
@@ -106,7 +105,7 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._step_s = {w: 0.001 * (1 + w / 4) for w in self.widths}  # refined as it runs
-        self.completed = 0
+        self.finished: collections.Counter[str] = collections.Counter()  # by reason
 
     # ---- called from any thread ------------------------------------------------------
 
@@ -136,7 +135,7 @@ class Engine:
     def stats(self) -> dict:
         return {"active": sum(x is not None for x in self._live),
                 "queued": len(self._pending), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, "completed": self.completed}
+                "max_queue": self.max_queue, "finished": dict(self.finished)}
 
     def warmup(self, prompt_buckets=(16,)) -> None:
         """Compile the programs a short request needs (before the thread starts)."""
@@ -239,7 +238,7 @@ class Engine:
             reason = "stop" if (live.cutter.stopped or hit_eos
                                 or job.count < job.max_tokens) else "length"
         now = time.perf_counter()
-        self.completed += 1
+        self.finished[reason] += 1
         job.sink({"type": "done", "finish_reason": reason,
                   "usage": {"prompt_tokens": len(job.ids), "completion_tokens": job.count,
                             "total_tokens": len(job.ids) + job.count},
