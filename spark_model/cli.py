@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     model = spark_model.load(args.checkpoint, capacity=args.capacity)
     server.serve(model, host=args.host, port=args.port, max_batch=args.max_batch,
-                 max_queue=args.max_queue)
+                 max_queue=args.max_queue, log_level=args.log_level)
     return 0
 
 
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests that may wait for a slot before new ones get 429")
     srv.add_argument("--capacity", type=int, default=4096,
                      help="KV-cache positions per slot, prompt plus completion (default 4096)")
+    srv.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"],
+                     help="info logs every HTTP request; warning only problems")
     srv.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="run a speed benchmark")

@@ -40,14 +40,15 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
                model_id: str | None = None, warmup: bool = True) -> Starlette:
-    """The app; its engine thread starts and stops with the app's lifespan."""
+    """The app; its engine thread starts and stops with the app's lifespan. warmup
+    compiles the programs short prompts need before the first request arrives."""
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         if warmup:
             t0 = time.perf_counter()
-            engine.warmup()
+            engine.warmup(prompt_buckets=(16, 32, 64))
             log.info("compiled the engine in %.1f s", time.perf_counter() - t0)
         engine.start()
         try:

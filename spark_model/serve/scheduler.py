@@ -88,7 +88,7 @@ class Engine:
     """B slots over one batched KV cache, driven by one thread."""
 
     def __init__(self, model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
-                 call_budget_s: float = 0.004):
+                 call_budget_s: float = 0.008):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.model = model
@@ -143,7 +143,8 @@ class Engine:
         for p in prompt_buckets:
             n = min(p, m.capacity - 1)
             ids = [m.tokenizer.bos_id] + [m.tokenizer.pad_id] * (n - 1)
-            self._admit(0, Job(ids=ids, max_tokens=1))
+            for w in self.widths:
+                self._admit([(i, Job(ids=ids, max_tokens=1)) for i in range(w)])
         keep = jnp.zeros((self.max_batch,), bool)
         for w in self.widths:
             for k in STEP_CHOICES:
@@ -169,8 +170,9 @@ class Engine:
                 for slot, job in admits:
                     if job.cancelled:
                         self._retire(slot, "cancelled")
-                    else:
-                        self._admit(slot, job)
+                admits = [(slot, job) for slot, job in admits if not job.cancelled]
+                if admits:
+                    self._admit(admits)
                 if self._busy():
                     self._decode()
             except Exception as e:  # a failed device call: fail what is in flight, go on
@@ -181,20 +183,27 @@ class Engine:
     def _busy(self) -> bool:
         return any(x is not None for x in self._live)
 
-    def _admit(self, slot: int, job: Job) -> None:
+    def _admit(self, admits: list[tuple[int, Job]]) -> None:
+        """Prefill these jobs together (padded to a compiled group size by repeating the
+        last) and deliver each one's first token."""
         m = self.model
-        prompt_1p, len_1 = generation.pad_prompts([job.ids], m.tokenizer.pad_id)
-        row = slots_mod.RowSettings.make(job.temperature, job.top_k, job.top_p, job.seed,
-                                         list(job.stop), job.max_tokens,
-                                         -1 if job.ignore_eos else self._eos)
+        size = next(w for w in self.widths if w >= len(admits))
+        group = admits + [admits[-1]] * (size - len(admits))
+        prompt_np, len_n = generation.pad_prompts([job.ids for _, job in group],
+                                                  m.tokenizer.pad_id)
+        rows = slots_mod.RowSettings.stack([slots_mod.RowSettings.make(
+            job.temperature, job.top_k, job.top_p, job.seed, list(job.stop), job.max_tokens,
+            -1 if job.ignore_eos else self._eos) for _, job in group])
         self._slots, first, done = slots_mod.admit_jit(
-            m.graphdef, m.params, self._slots, jnp.asarray(slot, jnp.int32),
-            jnp.asarray(prompt_1p), jnp.asarray(len_1), row)
+            m.graphdef, m.params, self._slots, np.array([s for s, _ in group], np.int32),
+            prompt_np, len_n, rows)
         first, done = jax.device_get((first, done))
-        live = self._live[slot]
-        if live is not None:  # None only during warm-up
-            live.feed([int(first)])
-            if done:
+        for i, (slot, _) in enumerate(admits):
+            live = self._live[slot]
+            if live is None:  # warm-up
+                continue
+            live.feed([int(first[i])])
+            if done[i]:
                 self._retire(slot, None)
 
     def _decode(self) -> None:

@@ -1,8 +1,8 @@
 """The serving engine's device side: B batch slots over one persistent KV cache.
 
-A request is admitted into a free slot by prefilling its prompt alone (batch 1, the same
-chunked prefill `generate` runs, so its first token is the one `generate` would pick) and
-copying the prompt's keys and values into that slot's row of the batched cache. The
+Requests are admitted into free slots by prefilling their prompts (the same chunked
+prefill `generate` runs; requests that arrive together are prefilled together) and
+copying the prompts' keys and values into those slots' rows of the batched cache. The
 batch then decodes a few steps at a time for every slot at once; finished and free slots
 ride along as "done" rows whose results are ignored.
 
@@ -36,22 +36,30 @@ STOP_WIDTH = 64  # bytes per stop string (the tail each slot keeps for matching)
 
 @struct.dataclass
 class RowSettings:
-    """One request's settings as arrays with a leading axis of 1 (inserted into a slot)."""
+    """Settings of n requests, each array with a leading axis n (installed into n slots)."""
 
     sampling: SamplingParams
-    stop_spec: stops.StopSpec  # bytes (1, MAX_STOPS, STOP_WIDTH), lengths (1, MAX_STOPS)
-    max_new: jax.Array  # (1,) int32
-    eos_id: jax.Array  # (1,) int32; -1 (matches no token) to generate past the end of text
+    stop_spec: stops.StopSpec  # bytes (n, MAX_STOPS, STOP_WIDTH), lengths (n, MAX_STOPS)
+    max_new: jax.Array  # (n,) int32
+    eos_id: jax.Array  # (n,) int32; -1 (matches no token) to generate past the end of text
 
     @classmethod
     def make(cls, temperature: float, top_k: int, top_p: float, seed: int,
              stop: list[str], max_new: int, eos_id: int) -> "RowSettings":
+        """One request's settings (n = 1), as host arrays."""
         spec = stops.StopSpec.make(stop, STOP_WIDTH)
-        return cls(sampling=SamplingParams.make(1, temperature, top_k, top_p,
-                                                np.array([seed], np.uint32)),
-                   stop_spec=stops.StopSpec(spec.bytes_sm[None], spec.lengths_s[None]),
-                   max_new=jnp.array([max_new], jnp.int32),
-                   eos_id=jnp.array([eos_id], jnp.int32))
+        return cls(
+            sampling=SamplingParams(temperature=np.array([temperature], np.float32),
+                                    top_k=np.array([top_k], np.int32),
+                                    top_p=np.array([top_p], np.float32),
+                                    seed=np.array([seed], np.uint32)),
+            stop_spec=stops.StopSpec(np.asarray(spec.bytes_sm)[None],
+                                     np.asarray(spec.lengths_s)[None]),
+            max_new=np.array([max_new], np.int32), eos_id=np.array([eos_id], np.int32))
+
+    @staticmethod
+    def stack(rows: list["RowSettings"]) -> "RowSettings":
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *rows)
 
     def to_constants(self, shared: Constants) -> Constants:
         """These per-row settings in a Constants whose token tables come from `shared`."""
@@ -73,7 +81,7 @@ class Slots:
 
     state: DecodeState  # tokens_bn holds each slot's generated ids (N = capacity)
     consts: Constants  # per-slot sampling, stop_spec and max_new; shared token tables
-    scratch: KVCache  # a one-row cache that admissions prefill into (reused, never cleared)
+    scratch: KVCache  # B rows that admissions prefill into (reused, never cleared)
 
 
 def init_slots(cfg, batch: int, capacity: int, token_table: tuple[np.ndarray, np.ndarray],
@@ -85,7 +93,8 @@ def init_slots(cfg, batch: int, capacity: int, token_table: tuple[np.ndarray, np
     table, lengths = token_table
     shared = Constants(sampling=None, stop_spec=None, token_bytes_vw=jnp.asarray(table),
                        token_len_v=jnp.asarray(lengths), max_new=None, eos_id=None)
-    empty = RowSettings.make(0.0, 0, 1.0, 0, [], 1, eos_id).to_constants(shared)
+    empty = jax.tree.map(jnp.asarray,
+                         RowSettings.make(0.0, 0, 1.0, 0, [], 1, eos_id).to_constants(shared))
     consts = _rows(empty, lambda x: jnp.repeat(x, batch, axis=0))
     state = DecodeState(
         cache=init_cache(cfg, batch, capacity, dev),
@@ -93,7 +102,8 @@ def init_slots(cfg, batch: int, capacity: int, token_table: tuple[np.ndarray, np
         count_b=jnp.zeros((batch,), jnp.int32), last_b=jnp.zeros((batch,), jnp.int32),
         position_b=jnp.zeros((batch,), jnp.int32), done_b=jnp.ones((batch,), bool),
         tail_bm=stops.empty_tail(batch, STOP_WIDTH), step=jnp.zeros((), jnp.int32))
-    return put(Slots(state=state, consts=consts, scratch=init_cache(cfg, 1, capacity, dev)))
+    return put(Slots(state=state, consts=consts,
+                     scratch=init_cache(cfg, batch, capacity, dev)))
 
 
 _ROW_FIELDS = ("tokens_bn", "count_b", "last_b", "position_b", "done_b", "tail_bm")
@@ -107,36 +117,46 @@ def _put_row(big: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def admit_jit(graphdef, params, slots: Slots, slot: jax.Array, prompt_1p: jax.Array,
-              prompt_len_1: jax.Array, row: RowSettings
+def admit_jit(graphdef, params, slots: Slots, slot_n: jax.Array, prompt_np: jax.Array,
+              prompt_len_n: jax.Array, rows: RowSettings
               ) -> tuple[Slots, jax.Array, jax.Array]:
-    """Prefill one prompt and install it, with its settings, in slot `slot`; also return
-    its first token and whether that token already ended it.
+    """Prefill n prompts together and install each, with its settings, in slot slot_n[i];
+    also return their first tokens and whether each already ended there.
 
-    The prompt runs through the one-row scratch cache, then only its bucket's positions
-    are copied into the slot's row: the rest of the batch's cache is neither read nor
-    rewritten. The scratch needs no clearing: prefill writes every position it reads.
+    Requests that arrive together are admitted together, so the last of them does not
+    wait for the others' prefills one by one. The prompts run through the first n rows
+    of the scratch cache, then only their bucket's positions are copied into the slots'
+    rows: the rest of the batch's cache is neither read nor rewritten. The scratch needs
+    no clearing: prefill writes every position it reads. (The scheduler pads n to a
+    compiled size by repeating the last request: a repeated row writes the same values
+    into the same slot.)
     """
     model = nnx.merge(graphdef, params)
     big = slots.state.cache
-    p = prompt_1p.shape[1]
-    c = row.to_constants(slots.consts)
+    n, p = prompt_np.shape
+    c = rows.to_constants(slots.consts)
     n_out = slots.state.tokens_bn.shape[1]
-    first = engine.prefill(model, slots.scratch, prompt_1p, prompt_len_1, c, n_out)
+    first = engine.prefill(model, slots.scratch, prompt_np, prompt_len_n, c, n_out)
     keep = min(p, big.length)  # positions worth copying: the (padded) prompt
 
     def install(big_x, small_x):
-        return _put_row(big_x, small_x[:, :, :keep], slot)
+        for i in range(n):
+            big_x = _put_row(big_x, small_x[i:i + 1, :, :keep], slot_n[i])
+        return big_x
+
+    def put_rows(big_x, rows_x):
+        for i in range(n):
+            big_x = _put_row(big_x, rows_x[i:i + 1], slot_n[i])
+        return big_x
 
     cache = KVCache(k=tuple(map(install, big.k, first.cache.k)),
                     v=tuple(map(install, big.v, first.cache.v)))
     state = slots.state.replace(cache=cache, **{
-        f: _put_row(getattr(slots.state, f), getattr(first, f), slot) for f in _ROW_FIELDS})
+        f: put_rows(getattr(slots.state, f), getattr(first, f)) for f in _ROW_FIELDS})
     consts = slots.consts.replace(**{
-        name: jax.tree.map(lambda b, r: _put_row(b, r, slot), getattr(slots.consts, name),
-                           getattr(c, name)) for name in _PER_ROW})
-    return (Slots(state=state, consts=consts, scratch=first.cache),
-            first.last_b[0], first.done_b[0])
+        name: jax.tree.map(put_rows, getattr(slots.consts, name), getattr(c, name))
+        for name in _PER_ROW})
+    return Slots(state=state, consts=consts, scratch=first.cache), first.last_b, first.done_b
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=(2,))
