@@ -6,9 +6,10 @@ first token is delivered at once), then decode a few steps for the busy slots, h
 request its new text, and retire the finished ones. Cancelled requests and requests whose
 client has gone are dropped at the next step boundary, which frees their slot.
 
-Steps per decode call trade admission latency against per-call overhead. While every slot
-is busy nobody can be admitted, so calls are long; while a slot is free, a newcomer
-would wait for the call in flight, so calls are kept to about `call_budget_s`.
+Steps per decode call trade admission latency against per-call overhead: a call never runs
+past the point where the first busy slot spends its token budget (so a waiting request
+gets that slot at once), and while a slot is free, calls are kept to about
+`call_budget_s`, since a newcomer would wait for the call in flight.
 
 Results go back through each job's `sink`, a callable the engine thread invokes with
 plain dict events; the asyncio side wraps it with `loop.call_soon_threadsafe`.
@@ -210,10 +211,15 @@ class Engine:
         m = self.model
         busy = [i for i, x in enumerate(self._live) if x is not None]
         width = next(w for w in self.widths if w > busy[-1])
-        full = len(busy) == self.max_batch and not self._pending
-        steps = STEP_CHOICES[-1] if full else max(
-            [k for k in STEP_CHOICES if k * self._step_s[width] <= self.call_budget_s]
-            or [STEP_CHOICES[0]])
+        # No call outlasts the shortest remaining budget, so a slot that frees is refilled
+        # at once; while a slot is free, calls also stay within call_budget_s, so a
+        # newcomer does not wait long for the call in flight.
+        remaining = min(self._live[i].job.max_tokens - self._live[i].job.count for i in busy)
+        choices = [k for k in STEP_CHOICES if k <= remaining] or [STEP_CHOICES[0]]
+        if len(busy) < self.max_batch:
+            choices = [k for k in choices if k * self._step_s[width] <= self.call_budget_s
+                       ] or [STEP_CHOICES[0]]
+        steps = max(choices)
         keep = np.array([x is not None and not x.job.cancelled for x in self._live])
         t0 = time.perf_counter()
         self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
