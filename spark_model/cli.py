@@ -67,13 +67,28 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import spark_model
+    from spark_model.serve import server
+
+    model = spark_model.load(args.checkpoint, capacity=args.capacity)
+    server.serve(model, host=args.host, port=args.port, max_batch=args.max_batch,
+                 max_queue=args.max_queue, log_level=args.log_level)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "decode":
         from eval import bench_decode
 
         return bench_decode.main(args.checkpoint, args.json, args.runs, not args.no_peer)
-    print(f"spark bench {args.what}: not built yet in this version of Spark.", file=sys.stderr)
-    return 2
+    if args.what == "serve":
+        from eval import bench_serve
+
+        return bench_serve.main(args.checkpoint, args.json, args.max_batch)
+    from eval import bench_compile
+
+    return bench_compile.main(args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,15 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile with one untimed run first, then time a second")
     gen.set_defaults(func=_generate)
 
+    srv = sub.add_parser("serve", help="serve completions over HTTP (OpenAI-compatible) "
+                                       "and a persistent WebSocket")
+    srv.add_argument("--checkpoint", metavar="DIR", default=None,
+                     help="checkpoint directory (default: the shipped checkpoints/spark-tiny)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=8, metavar="N",
+                     help="batch slots: requests decoded together (default 8)")
+    srv.add_argument("--max-queue", type=int, default=64, metavar="N",
+                     help="requests that may wait for a slot before new ones get 429")
+    srv.add_argument("--capacity", type=int, default=4096,
+                     help="KV-cache positions per slot, prompt plus completion (default 4096)")
+    srv.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"],
+                     help="info logs every HTTP request; warning only problems")
+    srv.set_defaults(func=_serve)
+
     bench = sub.add_parser("bench", help="run a speed benchmark")
     bench.add_argument("what", choices=["decode", "compile", "serve"],
-                       help="decode: the engine against its roofline and the peer")
+                       help="decode: the engine against its roofline and the peer; "
+                            "serve: the server's overhead, TTFT and throughput under load; "
+                            "compile: compile times of tiny, llama3-8b and llama3-70b")
     bench.add_argument("--checkpoint", metavar="DIR", default=None,
                        help="checkpoint directory (default: the shipped one)")
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bench.add_argument("--runs", type=int, default=5, help="timed runs per figure (best kept)")
     bench.add_argument("--no-peer", action="store_true",
                        help="skip the Hugging Face transformers comparison")
+    bench.add_argument("--max-batch", type=int, default=8, metavar="N",
+                       help="serve: the server's batch slots (default 8)")
     bench.set_defaults(func=_bench)
 
     from eval import cli as eval_cli

@@ -108,7 +108,7 @@ def prefill(model: Transformer, cache: KVCache, prompt_bp: jax.Array, prompt_len
         cache=cache, tokens_bn=jnp.zeros((batch, n_out), jnp.int32),
         count_b=jnp.zeros((batch,), jnp.int32), last_b=jnp.zeros((batch,), jnp.int32),
         position_b=prompt_len_b - 1, done_b=jnp.zeros((batch,), bool),
-        tail_bm=stops.empty_tail(batch, c.stop_spec.bytes_sm.shape[1]),
+        tail_bm=stops.empty_tail(batch, c.stop_spec.bytes_sm.shape[-1]),
         step=jnp.zeros((), jnp.int32))
     return _emit(state, sample(logits_bv, c.sampling, state.step), c)
 

@@ -74,10 +74,14 @@ def write(cache_bksh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax
     One dynamic-update-slice per sequence, unrolled over the (static) batch: each is done
     in place. A vmapped update lowers to a scatter, which XLA:CPU ran as a loop over the
     whole cache (every step of a 16-row batch rewrote 277 MB).
+
+    The cache may hold more rows than there are new sequences: sequence b goes to row b,
+    and the rows past the batch are left alone (the serving engine steps only its first
+    few slots when few are busy).
     """
     new_bkth = rearrange(new_btkh, "b t k h -> b k t h").astype(cache_bksh.dtype)
     zero = jnp.zeros((), start_b.dtype)
-    for b in range(cache_bksh.shape[0]):
+    for b in range(new_bkth.shape[0]):
         cache_bksh = jax.lax.dynamic_update_slice(
             cache_bksh, new_bkth[b:b + 1], (b + zero, zero, start_b[b], zero))
     return cache_bksh
@@ -105,12 +109,16 @@ def _update(carry, q_bkgth, k_blk, v_blk, key_pos, q_pos_bt):
 
 
 def _blocks(q_bkgth, k_bksh, v_bksh, q_pos_bt, carry, start, n_blocks, block):
-    """Online softmax over n_blocks blocks of `block` keys from `start`."""
+    """Online softmax over n_blocks blocks of `block` keys from `start` (in the cache's
+    first B rows, B being the number of query sequences)."""
+    b, k_heads, h = q_bkgth.shape[0], k_bksh.shape[1], k_bksh.shape[3]
 
     def body(j, carry):
         s0 = start + j * block
-        k_blk = jax.lax.dynamic_slice_in_dim(k_bksh, s0, block, axis=2)  # (B, K, blk, H)
-        v_blk = jax.lax.dynamic_slice_in_dim(v_bksh, s0, block, axis=2)
+        zero = jnp.zeros_like(s0)
+        at, size = (zero, zero, s0, zero), (b, k_heads, block, h)
+        k_blk = jax.lax.dynamic_slice(k_bksh, at, size)  # (B, K, blk, H)
+        v_blk = jax.lax.dynamic_slice(v_bksh, at, size)
         return _update(carry, q_bkgth, k_blk, v_blk, s0 + jnp.arange(block), q_pos_bt)
 
     return jax.lax.fori_loop(0, n_blocks, body, carry)
@@ -119,6 +127,9 @@ def _blocks(q_bkgth, k_bksh, v_bksh, q_pos_bt, carry, start, n_blocks, block):
 def cached_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array,
                      q_pos_bt: jax.Array) -> jax.Array:
     """Attention of queries at positions q_pos over cache entries at positions <= q_pos.
+
+    Query sequence b reads cache row b; a cache with more rows than queries is read only
+    in its first rows.
 
     Cost follows max(q_pos), not the cache length S: the loops stop after the block that
     holds the furthest query position.

@@ -53,16 +53,21 @@ def _sample_row(logits_v, temperature, top_k, top_p, seed, step):
 
 
 def sample(logits_bv: jax.Array, params: SamplingParams, step: jax.Array) -> jax.Array:
-    """Token ids (B,) for logits (B, V) at generation step `step`."""
+    """Token ids (B,) for logits (B, V) at generation step `step`.
+
+    `step` is one number for the whole batch, or (B,) when rows are at different steps of
+    their own generations (the serving engine's slots): a row's draw depends only on its
+    seed and its own step, so it is the same whether it runs alone or beside others.
+    """
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    step_b = jnp.broadcast_to(step, greedy.shape)
 
     def truncated(_):
-        return jax.vmap(_sample_row, in_axes=(0, 0, 0, 0, 0, None))(
-            logits_bv, params.temperature, params.top_k, params.top_p, params.seed, step)
+        return jax.vmap(_sample_row)(
+            logits_bv, params.temperature, params.top_k, params.top_p, params.seed, step_b)
 
     def plain(_):
-        return jax.vmap(_plain_row, in_axes=(0, 0, 0, None))(
-            logits_bv, params.temperature, params.seed, step)
+        return jax.vmap(_plain_row)(logits_bv, params.temperature, params.seed, step_b)
 
     def stochastic(_):
         # Sorting the vocabulary (for top-k / top-p) costs more than the rest of a step on

@@ -63,18 +63,24 @@ def empty_tail(batch: int, width: int) -> jax.Array:
 
 def advance(tail_bm: jax.Array, token_b: jax.Array, table_vw: jax.Array,
             lengths_v: jax.Array, spec: StopSpec) -> tuple[jax.Array, jax.Array]:
-    """Append each sequence's new token; return (new tail, whether a stop string ended)."""
+    """Append each sequence's new token; return (new tail, whether a stop string ended).
+
+    The spec is shared by the batch ((S, M) bytes) or given per sequence ((B, S, M)), as
+    the serving engine does: each of its slots holds a different request.
+    """
     m = tail_bm.shape[1]
     new_bw = table_vw[token_b]  # (B, W)
     n_new = lengths_v[token_b]  # (B,)
-    w = new_bw.shape[1]
+    b, w = new_bw.shape
     combined = jnp.concatenate([tail_bm, new_bw], axis=1)  # (B, M + W)
     # Window i ends right after new byte i: combined[i + 1 : i + 1 + M], shape (B, W, M).
     windows = jax.vmap(lambda i: jax.lax.dynamic_slice_in_dim(combined, i + 1, m, axis=1),
                        out_axes=1)(jnp.arange(w))
-    used = jnp.arange(m)[None, :] >= (m - spec.lengths_s[:, None])  # (S, M) right-aligned
-    eq = windows[:, :, None, :] == spec.bytes_sm[None, None, :, :]  # (B, W, S, M)
-    hit = jnp.all(eq | ~used[None, None], axis=-1) & (spec.lengths_s > 0)[None, None]
+    stop_bsm = jnp.broadcast_to(spec.bytes_sm, (b,) + spec.bytes_sm.shape[-2:])
+    len_bs = jnp.broadcast_to(spec.lengths_s, stop_bsm.shape[:2])
+    used = jnp.arange(m)[None, None, :] >= (m - len_bs[:, :, None])  # (B, S, M) right-aligned
+    eq = windows[:, :, None, :] == stop_bsm[:, None, :, :]  # (B, W, S, M)
+    hit = jnp.all(eq | ~used[:, None], axis=-1) & (len_bs > 0)[:, None]
     in_new = jnp.arange(w)[None, :] < n_new[:, None]  # (B, W)
     stopped = jnp.any(hit & in_new[:, :, None], axis=(1, 2))
     new_tail = jax.vmap(lambda c, n: jax.lax.dynamic_slice_in_dim(c, n, m))(combined, n_new)

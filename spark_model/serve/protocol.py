@@ -1,0 +1,153 @@
+"""Request validation and error objects shared by the HTTP and WebSocket front ends.
+
+Errors follow the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`, with
+the status code that goes with them: 400 bad input, 404 unknown route or model, 429 busy,
+500 internal. Requests are checked field by field, so every message names the field at
+fault; unknown fields are rejected rather than silently ignored, since a misspelt
+`max_token` would otherwise fall back to a default the caller never chose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from typing import Any
+
+from spark_model.serve.scheduler import Job
+from spark_model.serve.slots import STOP_WIDTH
+
+MAX_STOPS = 4  # as OpenAI's completions endpoint allows
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+# Fields a completion request may carry. `top_k` and `ignore_eos` are extensions (the
+# benchmark uses ignore_eos to get exact lengths); the rest are OpenAI's.
+COMMON_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
+                 "seed", "ignore_eos"}
+HTTP_FIELDS = COMMON_FIELDS | {"stream", "stream_options", "n", "user"}
+WS_FIELDS = COMMON_FIELDS | {"type", "id"}
+
+
+class APIError(Exception):
+    """An error to answer with: an HTTP status and an OpenAI-shaped error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.type, self.param, self.code = type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def busy(message: str) -> APIError:
+    return APIError(429, f"server busy: {message}", type="server_busy", code="busy")
+
+
+def internal(message: str) -> APIError:
+    return APIError(500, message, type="server_error", code="internal_error")
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """Decode a JSON body or frame; non-UTF-8 bytes and malformed JSON are 400s."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise bad(f"the body is not valid UTF-8 (byte {e.start})", code="invalid_utf8")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise bad(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                  code="invalid_json")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float,
+            lo_open: bool = False) -> float:
+    x = body.get(name)
+    if x is None:
+        return default
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) \
+            or x > hi or x < lo or (lo_open and x == lo):
+        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise bad(f"'{name}' must be a number in {span}, got {x!r}", name)
+    return float(x)
+
+
+class Limits:
+    """What the running model allows: its name, tokenizer and KV-cache capacity."""
+
+    def __init__(self, model_id: str, tokenizer, capacity: int):
+        self.model_id, self.tokenizer, self.capacity = model_id, tokenizer, capacity
+
+
+def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
+    """Check a completion request and turn it into an engine Job (sink not yet set)."""
+    if not isinstance(body, dict):
+        raise bad(f"the request must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad(f"unknown field(s) {', '.join(map(repr, unknown))}; supported fields: "
+                  f"{', '.join(sorted(allowed))}", unknown[0], "unknown_field")
+    model = body.get("model")
+    if model is not None and model != limits.model_id:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                            f"{limits.model_id!r}", param="model", code="model_not_found")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # the one-element list OpenAI clients may send
+    if not isinstance(prompt, str):
+        raise bad("'prompt' must be a string (or a list of one string)", "prompt")
+    max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise bad(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}", "max_tokens")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = body.get("top_k", 0)
+    if not _is_int(top_k) or top_k < 0:
+        raise bad(f"'top_k' must be an integer >= 0 (0: off), got {top_k!r}", "top_k")
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbits(32)  # unseeded requests differ from each other
+    elif not _is_int(seed) or not 0 <= seed < 2**32:
+        raise bad(f"'seed' must be an integer in [0, 2**32), got {seed!r}", "seed")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(
+            isinstance(s, str) and 0 < len(s.encode("utf-8")) <= STOP_WIDTH for s in stop):
+        raise bad(f"'stop' must be a string or a list of at most {MAX_STOPS} strings of "
+                  f"1 to {STOP_WIDTH} UTF-8 bytes", "stop")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("'ignore_eos' must be true or false", "ignore_eos")
+    n = body.get("n", 1)
+    if n is not None and n != 1:
+        raise bad("only n=1 is supported", "n")
+    if "stream" in body and not isinstance(body["stream"], (bool, type(None))):
+        raise bad("'stream' must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict)
+                                or set(options) - {"include_usage"}):
+        raise bad("'stream_options' may only hold 'include_usage'", "stream_options")
+    try:
+        ids = limits.tokenizer.encode(prompt, bos=True)
+    except Exception as e:  # e.g. a lone surrogate from a JSON "\ud800" escape
+        raise bad(f"cannot tokenize the prompt: {e}", "prompt")
+    if len(ids) + max_tokens > limits.capacity:
+        raise bad(f"the prompt is {len(ids)} tokens and max_tokens is {max_tokens}: "
+                  f"together over the capacity of {limits.capacity} tokens",
+                  "prompt", "context_length_exceeded")
+    return Job(ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+               top_k=top_k, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)

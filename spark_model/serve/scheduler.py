@@ -1,0 +1,274 @@
+"""The batching scheduler: one engine thread shares the compiled decode loop among clients.
+
+Requests wait in a bounded queue (full means `Busy`, answered at once, never a hang). The
+engine thread loops: admit waiting requests into free slots (one prefill each, whose
+first token is delivered at once), then decode a few steps for the busy slots, hand each
+request its new text, and retire the finished ones. Cancelled requests and requests whose
+client has gone are dropped at the next step boundary, which frees their slot.
+
+Steps per decode call trade admission latency against per-call overhead: a call never runs
+past the point where the first busy slot spends its token budget (so a waiting request
+gets that slot at once), and while a slot is free, calls are kept to about
+`call_budget_s`, since a newcomer would wait for the call in flight.
+
+Results go back through each job's `sink`, a callable the engine thread invokes with
+plain dict events; the asyncio side wraps it with `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spark_model import generation
+from spark_model.api import SparkModel
+from spark_model.serve import slots as slots_mod
+
+log = logging.getLogger("spark.serve")
+
+STEP_CHOICES = (1, 2, 4, 8)  # decode steps per call: a few compiled variants
+
+
+class Busy(Exception):
+    """The request queue is full."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One generation request as the engine sees it (validated before it gets here)."""
+
+    ids: list[int]  # prompt token ids, BOS first
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    sink: Callable[[dict], None] = lambda event: None
+    # Filled in by the engine:
+    cancelled: bool = False
+    t_submit: float = 0.0
+    t_first: float | None = None
+    count: int = 0
+    last_token: int = -1
+
+    def cancel(self) -> None:
+        """Stop this request at the next step boundary (thread-safe: one flag)."""
+        self.cancelled = True
+
+
+class _Live:
+    """Host-side text state of a job in a slot: incremental decoding and stop cutting."""
+
+    def __init__(self, job: Job, tokenizer):
+        self.job = job
+        self.decoder = tokenizer.stream_decoder()
+        self.cutter = generation.StopCutter(job.stop)
+
+    def feed(self, tokens: list[int]) -> None:
+        job = self.job
+        job.count += len(tokens)
+        job.last_token = tokens[-1] if tokens else job.last_token
+        text = self.cutter.push(self.decoder.feed(tokens))
+        if text:
+            if job.t_first is None:
+                job.t_first = time.perf_counter()
+            job.sink({"type": "delta", "text": text})
+
+
+class Engine:
+    """B slots over one batched KV cache, driven by one thread."""
+
+    def __init__(self, model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
+                 call_budget_s: float = 0.008):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.call_budget_s = call_budget_s
+        self.widths = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self._eos = model.tokenizer.eos_id
+        self._slots = slots_mod.init_slots(model.config, max_batch, model.capacity,
+                                           model.token_table, self._eos)
+        self._live: list[_Live | None] = [None] * max_batch
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._step_s = {w: 0.001 * (1 + w / 4) for w in self.widths}  # refined as it runs
+        self.finished: collections.Counter[str] = collections.Counter()  # by reason
+
+    # ---- called from any thread ------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="spark-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise Busy when max_queue jobs are already waiting."""
+        with self._cv:
+            if self._closing:
+                raise Busy("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise Busy(f"{len(self._pending)} requests are already waiting for one of "
+                           f"{self.max_batch} slots; retry shortly")
+            job.t_submit = time.perf_counter()
+            self._pending.append(job)
+            self._cv.notify()
+
+    def stats(self) -> dict:
+        return {"active": sum(x is not None for x in self._live),
+                "queued": len(self._pending), "max_batch": self.max_batch,
+                "max_queue": self.max_queue, "finished": dict(self.finished)}
+
+    def warmup(self, prompt_buckets=(16,)) -> None:
+        """Compile the programs a short request needs (before the thread starts)."""
+        m = self.model
+        for p in prompt_buckets:
+            n = min(p, m.capacity - 1)
+            ids = [m.tokenizer.bos_id] + [m.tokenizer.pad_id] * (n - 1)
+            for w in self.widths:
+                self._admit([(i, Job(ids=ids, max_tokens=1)) for i in range(w)])
+        keep = jnp.zeros((self.max_batch,), bool)
+        for w in self.widths:
+            for k in STEP_CHOICES:
+                self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
+                                                        keep, k, w)
+        jax.block_until_ready(self._slots)
+
+    # ---- the engine thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not self._pending and not self._busy():
+                    self._cv.wait()
+                if self._closing:
+                    break
+                admits = []
+                for slot in range(self.max_batch):  # lowest free slot first
+                    if self._live[slot] is None and self._pending:
+                        admits.append((slot, self._pending.popleft()))
+                        self._live[slot] = _Live(admits[-1][1], self.model.tokenizer)
+            try:
+                for slot, job in admits:
+                    if job.cancelled:
+                        self._retire(slot, "cancelled")
+                admits = [(slot, job) for slot, job in admits if not job.cancelled]
+                if admits:
+                    self._admit(admits)
+                if self._busy():
+                    self._decode()
+            except Exception as e:  # a failed device call: fail what is in flight, go on
+                log.exception("engine step failed")
+                self._fail_all(f"internal error in the decode engine: {e}")
+        self._fail_all("the server is shutting down")
+
+    def _busy(self) -> bool:
+        return any(x is not None for x in self._live)
+
+    def _admit(self, admits: list[tuple[int, Job]]) -> None:
+        """Prefill these jobs together (padded to a compiled group size by repeating the
+        last) and deliver each one's first token."""
+        m = self.model
+        size = next(w for w in self.widths if w >= len(admits))
+        group = admits + [admits[-1]] * (size - len(admits))
+        prompt_np, len_n = generation.pad_prompts([job.ids for _, job in group],
+                                                  m.tokenizer.pad_id)
+        rows = slots_mod.RowSettings.stack([slots_mod.RowSettings.make(
+            job.temperature, job.top_k, job.top_p, job.seed, list(job.stop), job.max_tokens,
+            -1 if job.ignore_eos else self._eos) for _, job in group])
+        self._slots, first, done = slots_mod.admit_jit(
+            m.graphdef, m.params, self._slots, np.array([s for s, _ in group], np.int32),
+            prompt_np, len_n, rows)
+        first, done = jax.device_get((first, done))
+        for i, (slot, _) in enumerate(admits):
+            live = self._live[slot]
+            if live is None:  # warm-up
+                continue
+            live.feed([int(first[i])])
+            if done[i]:
+                self._retire(slot, None)
+
+    def _decode(self) -> None:
+        m = self.model
+        busy = [i for i, x in enumerate(self._live) if x is not None]
+        width = next(w for w in self.widths if w > busy[-1])
+        # No call outlasts the shortest remaining budget, so a slot that frees is refilled
+        # at once; while a slot is free, calls also stay within call_budget_s, so a
+        # newcomer does not wait long for the call in flight.
+        remaining = min(self._live[i].job.max_tokens - self._live[i].job.count for i in busy)
+        choices = [k for k in STEP_CHOICES if k <= remaining] or [STEP_CHOICES[0]]
+        if len(busy) < self.max_batch:
+            choices = [k for k in choices if k * self._step_s[width] <= self.call_budget_s
+                       ] or [STEP_CHOICES[0]]
+        steps = max(choices)
+        keep = np.array([x is not None and not x.job.cancelled for x in self._live])
+        t0 = time.perf_counter()
+        self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
+                                                jnp.asarray(keep), steps, width)
+        new, done = jax.device_get((new, self._slots.state.done_b))
+        n_steps = max(1, int((new >= 0).sum(axis=1).max()))
+        self._step_s[width] = 0.8 * self._step_s[width] + 0.2 * (
+            (time.perf_counter() - t0) / n_steps)
+        for slot in busy:
+            live = self._live[slot]
+            if not keep[slot]:
+                self._retire(slot, "cancelled")
+                continue
+            tokens = [int(t) for t in new[slot] if t >= 0]
+            if tokens:
+                live.feed(tokens)
+            if done[slot]:
+                self._retire(slot, None)
+
+    def _retire(self, slot: int, reason: str | None) -> None:
+        """Free the slot and send the job's last text and its final event."""
+        live, self._live[slot] = self._live[slot], None
+        job = live.job
+        if reason is None:
+            tail = live.cutter.push(live.decoder.flush()) + live.cutter.finish()
+            if tail:
+                if job.t_first is None:
+                    job.t_first = time.perf_counter()
+                job.sink({"type": "delta", "text": tail})
+            hit_eos = not job.ignore_eos and job.last_token == self._eos
+            reason = "stop" if (live.cutter.stopped or hit_eos
+                                or job.count < job.max_tokens) else "length"
+        now = time.perf_counter()
+        self.finished[reason] += 1
+        job.sink({"type": "done", "finish_reason": reason,
+                  "usage": {"prompt_tokens": len(job.ids), "completion_tokens": job.count,
+                            "total_tokens": len(job.ids) + job.count},
+                  "ttft_ms": ((job.t_first or now) - job.t_submit) * 1e3,
+                  "engine_ms": (now - job.t_submit) * 1e3})
+
+    def _fail_all(self, message: str) -> None:
+        """Tell every job in flight or waiting that it failed, and start from clean slots."""
+        with self._cv:
+            jobs = [x.job for x in self._live if x is not None] + list(self._pending)
+            self._pending.clear()
+            self._live = [None] * self.max_batch
+        for job in jobs:
+            job.sink({"type": "error", "message": message})
+        if not self._closing:
+            m = self.model
+            self._slots = slots_mod.init_slots(m.config, self.max_batch, m.capacity,
+                                               m.token_table, self._eos)

@@ -1,0 +1,199 @@
+"""The serving engine's device side: B batch slots over one persistent KV cache.
+
+Requests are admitted into free slots by prefilling their prompts (the same chunked
+prefill `generate` runs; requests that arrive together are prefilled together) and
+copying the prompts' keys and values into those slots' rows of the batched cache. The
+batch then decodes a few steps at a time for every slot at once; finished and free slots
+ride along as "done" rows whose results are ignored.
+
+Everything that varies per request is a traced array indexed by slot: sampling settings and
+seed, stop strings, the token budget. The slot index is traced too, so admitting into any
+slot, with any settings, reuses one compiled program per prompt-length bucket.
+
+Numerics: rows never mix. A done row queries position 0, so the attention loops' trip
+count (set by the furthest position queried) follows the live rows only; blocks a row
+does not reach contribute exact zeros. A row's sampling step is its own token count,
+which is the step `generate` uses for the same token, so seeded sampling draws the same
+random numbers whether a request runs alone or in a full batch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from spark_model import engine, stops
+from spark_model.engine import Constants, DecodeState
+from spark_model.kv_cache import KVCache, init_cache
+from spark_model.sampling import SamplingParams, sample
+
+STOP_WIDTH = 64  # bytes per stop string (the tail each slot keeps for matching)
+
+
+@struct.dataclass
+class RowSettings:
+    """Settings of n requests, each array with a leading axis n (installed into n slots)."""
+
+    sampling: SamplingParams
+    stop_spec: stops.StopSpec  # bytes (n, MAX_STOPS, STOP_WIDTH), lengths (n, MAX_STOPS)
+    max_new: jax.Array  # (n,) int32
+    eos_id: jax.Array  # (n,) int32; -1 (matches no token) to generate past the end of text
+
+    @classmethod
+    def make(cls, temperature: float, top_k: int, top_p: float, seed: int,
+             stop: list[str], max_new: int, eos_id: int) -> "RowSettings":
+        """One request's settings (n = 1), as host arrays."""
+        spec = stops.StopSpec.make(stop, STOP_WIDTH)
+        return cls(
+            sampling=SamplingParams(temperature=np.array([temperature], np.float32),
+                                    top_k=np.array([top_k], np.int32),
+                                    top_p=np.array([top_p], np.float32),
+                                    seed=np.array([seed], np.uint32)),
+            stop_spec=stops.StopSpec(np.asarray(spec.bytes_sm)[None],
+                                     np.asarray(spec.lengths_s)[None]),
+            max_new=np.array([max_new], np.int32), eos_id=np.array([eos_id], np.int32))
+
+    @staticmethod
+    def stack(rows: list["RowSettings"]) -> "RowSettings":
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *rows)
+
+    def to_constants(self, shared: Constants) -> Constants:
+        """These per-row settings in a Constants whose token tables come from `shared`."""
+        return shared.replace(sampling=self.sampling, stop_spec=self.stop_spec,
+                              max_new=self.max_new, eos_id=self.eos_id)
+
+
+_PER_ROW = ("sampling", "stop_spec", "max_new", "eos_id")  # Constants fields set per slot
+
+
+def _rows(c: Constants, f) -> Constants:
+    """Apply f to every per-slot field of c (the token tables are shared)."""
+    return c.replace(**{name: jax.tree.map(f, getattr(c, name)) for name in _PER_ROW})
+
+
+@struct.dataclass
+class Slots:
+    """The batch: decode state and per-slot settings, every array with leading axis B."""
+
+    state: DecodeState  # tokens_bn holds each slot's generated ids (N = capacity)
+    consts: Constants  # per-slot sampling, stop_spec and max_new; shared token tables
+    scratch: KVCache  # B rows that admissions prefill into (reused, never cleared)
+
+
+def init_slots(cfg, batch: int, capacity: int, token_table: tuple[np.ndarray, np.ndarray],
+               eos_id: int) -> Slots:
+    """All slots free (done). Committed to the default device, like the engine's outputs,
+    so the first call and later ones hit the same compiled programs."""
+    dev = jax.devices()[0]
+    put = functools.partial(jax.device_put, device=dev)
+    table, lengths = token_table
+    shared = Constants(sampling=None, stop_spec=None, token_bytes_vw=jnp.asarray(table),
+                       token_len_v=jnp.asarray(lengths), max_new=None, eos_id=None)
+    empty = jax.tree.map(jnp.asarray,
+                         RowSettings.make(0.0, 0, 1.0, 0, [], 1, eos_id).to_constants(shared))
+    consts = _rows(empty, lambda x: jnp.repeat(x, batch, axis=0))
+    state = DecodeState(
+        cache=init_cache(cfg, batch, capacity, dev),
+        tokens_bn=jnp.zeros((batch, capacity), jnp.int32),
+        count_b=jnp.zeros((batch,), jnp.int32), last_b=jnp.zeros((batch,), jnp.int32),
+        position_b=jnp.zeros((batch,), jnp.int32), done_b=jnp.ones((batch,), bool),
+        tail_bm=stops.empty_tail(batch, STOP_WIDTH), step=jnp.zeros((), jnp.int32))
+    return put(Slots(state=state, consts=consts,
+                     scratch=init_cache(cfg, batch, capacity, dev)))
+
+
+_ROW_FIELDS = ("tokens_bn", "count_b", "last_b", "position_b", "done_b", "tail_bm")
+
+
+def _put_row(big: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
+    """Write (n, ...) rows into slots slot .. slot + n - 1 of a (B, ...) array (in place
+    when donated)."""
+    start = (slot,) + (jnp.zeros((), slot.dtype),) * (big.ndim - 1)
+    return jax.lax.dynamic_update_slice(big, row.astype(big.dtype), start)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def admit_jit(graphdef, params, slots: Slots, slot_n: jax.Array, prompt_np: jax.Array,
+              prompt_len_n: jax.Array, rows: RowSettings
+              ) -> tuple[Slots, jax.Array, jax.Array]:
+    """Prefill n prompts together and install each, with its settings, in slot slot_n[i];
+    also return their first tokens and whether each already ended there.
+
+    Requests that arrive together are admitted together, so the last of them does not
+    wait for the others' prefills one by one. The prompts run through the first n rows
+    of the scratch cache, then only their bucket's positions are copied into the slots'
+    rows: the rest of the batch's cache is neither read nor rewritten. The scratch needs
+    no clearing: prefill writes every position it reads. (The scheduler pads n to a
+    compiled size by repeating the last request: a repeated row writes the same values
+    into the same slot.)
+    """
+    model = nnx.merge(graphdef, params)
+    big = slots.state.cache
+    n, p = prompt_np.shape
+    c = rows.to_constants(slots.consts)
+    n_out = slots.state.tokens_bn.shape[1]
+    first = engine.prefill(model, slots.scratch, prompt_np, prompt_len_n, c, n_out)
+    keep = min(p, big.length)  # positions worth copying: the (padded) prompt
+
+    def install(big_x, small_x):
+        for i in range(n):
+            big_x = _put_row(big_x, small_x[i:i + 1, :, :keep], slot_n[i])
+        return big_x
+
+    def put_rows(big_x, rows_x):
+        for i in range(n):
+            big_x = _put_row(big_x, rows_x[i:i + 1], slot_n[i])
+        return big_x
+
+    cache = KVCache(k=tuple(map(install, big.k, first.cache.k)),
+                    v=tuple(map(install, big.v, first.cache.v)))
+    state = slots.state.replace(cache=cache, **{
+        f: put_rows(getattr(slots.state, f), getattr(first, f)) for f in _ROW_FIELDS})
+    consts = slots.consts.replace(**{
+        name: jax.tree.map(put_rows, getattr(slots.consts, name), getattr(c, name))
+        for name in _PER_ROW})
+    return Slots(state=state, consts=consts, scratch=first.cache), first.last_b, first.done_b
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=(2,))
+def decode_jit(graphdef, params, slots: Slots, keep_b: jax.Array, n_steps: int, width: int
+               ) -> tuple[Slots, jax.Array]:
+    """Up to n_steps tokens for each of the first `width` slots; returns the slots and the
+    (width, n_steps) ids each of them generated in this call (-1 past its end).
+
+    Only slots [0, width) are stepped: the scheduler fills the lowest free slot first and
+    picks the smallest compiled width (1, 2, 4 ... B) that covers every busy slot, so a
+    lone request pays for a batch of one, not B. The cache stays whole (its rows past
+    `width` are neither read nor written). keep_b False retires a slot now (its request
+    was cancelled or its client left); the loop exits early once every slot is done.
+    """
+    model = nnx.merge(graphdef, params)
+    full = slots.state
+    c = _rows(slots.consts, lambda x: x[:width])
+    s0 = full.replace(**{f: getattr(full, f)[:width] for f in _ROW_FIELDS})
+    s0 = s0.replace(done_b=s0.done_b | ~keep_b[:width])
+    start_b = s0.count_b
+
+    def cond(carry):
+        i, s = carry
+        return (i < n_steps) & ~jnp.all(s.done_b)
+
+    def body(carry):
+        i, s = carry
+        pos_b = jnp.where(s.done_b, 0, s.position_b)  # done rows do not widen attention
+        x_btd, cache = model.cached(s.last_b[:, None], pos_b[:, None], s.cache)
+        token_b = sample(model.logits(x_btd)[:, 0], c.sampling, s.count_b)
+        return i + 1, engine._emit(s.replace(cache=cache), token_b, c)
+
+    _, s = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), s0))
+    idx = start_b[:, None] + jnp.arange(n_steps)[None, :]
+    new = jnp.take_along_axis(s.tokens_bn, jnp.minimum(idx, s.tokens_bn.shape[1] - 1), axis=1)
+    new = jnp.where(idx < s.count_b[:, None], new, -1)
+    zero = jnp.zeros((), jnp.int32)
+    state = s.replace(**{f: _put_row(getattr(full, f), getattr(s, f), zero)
+                         for f in _ROW_FIELDS})
+    return slots.replace(state=state), new
