@@ -86,13 +86,16 @@ def _largest_context(g: Graph, target: Target, band: int, wafers: int, lo: int,
 
 
 def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 131_072, *,
-            wafers: int | None = None, seed: int = 0, refine_moves: int = 100) -> Plan:
+            wafers: int | None = None, seed: int = 0, refine_moves: int = 100,
+            layers_per_region: int | None = None) -> Plan:
     """Trace the decode step of `model`, plan its partition, place it on `target`, refine
     the placement, route it and predict its latency.
 
     context: KV cache positions to reserve (default 128K). wafers: how many wafers may be
     used (default: the target's count, 1 for the presets); a model that needs more is an
-    error that gives the bytes needed and available.
+    error that gives the bytes needed and available. layers_per_region: keep only the
+    planner's mappings with that many layers per set of regions (0: every op over the
+    whole wafer); default: the fastest of all.
     """
     t0 = time.perf_counter()
     cfg, source = resolve_model(model)
@@ -104,8 +107,13 @@ def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 1
                             "positions")
     if not isinstance(refine_moves, int) or refine_moves < 0:
         raise CompilerError(f"refine_moves must be a non-negative integer, got {refine_moves!r}")
+    if layers_per_region is not None and (
+            isinstance(layers_per_region, bool) or not isinstance(layers_per_region, int)
+            or not 0 <= layers_per_region <= cfg.n_layers):
+        raise CompilerError(f"layers_per_region must be an integer in [0, {cfg.n_layers}], "
+                            f"got {layers_per_region!r}")
     g = frontend.build_graph(cfg)
-    cands = planner.candidates(g, tgt, context, tgt.wafers, cfg)
+    cands = planner.candidates(g, tgt, context, tgt.wafers, cfg, layers_per_region)
     if not cands:
         smallest = planner.smallest(g, tgt, context)
         if smallest is None:

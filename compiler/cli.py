@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--wafers", type=int, default=None,
                    help="wafers that may be used (default: the target's, 1 for presets)")
     p.add_argument("--seed", type=int, default=0, help="seed of the placement refinement")
+    p.add_argument("--layers-per-region", type=int, default=None, metavar="N",
+                   help="force the planner's mapping: N layers per set of regions, 0 for "
+                        "every op over the whole wafer (default: the fastest)")
     p.add_argument("--print-ir", action="store_true", help="print the operator graph")
     p.add_argument("--verify", action="store_true",
                    help="run the placed program and compare its logits with the model's")
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         plan = compiler.compile(args.checkpoint or args.preset, args.target, args.context,
-                                wafers=args.wafers, seed=args.seed)
+                                wafers=args.wafers, seed=args.seed,
+                                layers_per_region=args.layers_per_region)
     except (compiler.CompilerError, compiler.TargetError) as e:
         print(f"spark compile: error: {e}", file=sys.stderr)
         return 1

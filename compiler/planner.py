@@ -59,15 +59,18 @@ def band_choices(rows: int) -> list[int]:
     return sorted(out, reverse=True)
 
 
-def candidates(g: Graph, target: Target, context: int, max_wafers: int, cfg) -> list[Candidate]:
-    """Every (share, band) mapping that fits `max_wafers`, fastest first."""
+def candidates(g: Graph, target: Target, context: int, max_wafers: int, cfg,
+               only_share: int | None = None) -> list[Candidate]:
+    """Every (share, band) mapping that fits `max_wafers`, fastest first (only those with
+    `only_share` layers per region when given)."""
     from compiler.plan import Plan
 
     host = hosts(g)
     layers = max(len(g.layers), 1)
     out: list[Candidate] = []
-    tries = [(0, target.rows)] + [(share, band) for share in share_candidates(layers)
-                                  for band in band_choices(target.rows)]
+    shares = share_candidates(layers) if only_share is None else [only_share]
+    tries = [(share, band) for share in shares for band in band_choices(target.rows)
+             if share] + ([(0, target.rows)] if only_share in (None, 0) else [])
     for share, band in tries:
         p = (pack_overlay(g, target, context) if share == 0
              else pack(g, target, band, context, share))
