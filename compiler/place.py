@@ -239,8 +239,6 @@ def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
     loads: list[list[np.ndarray | int]] = []  # per wafer: weights, KV per position, buffers
     weights, kv, buffers = np.zeros((R, C)), np.zeros((R, C)), 0
     off_k = off_n = 0
-    n_attn = sum(o.kind == "attention" for o in g.ops)
-    cols: dict[str, int] = {}  # attention regions narrower than the wafer are staggered
     for grp in layer_groups(g):
         placed, aw, bw, ak, bk = [], [], [], [], []
         for o in grp:
@@ -253,10 +251,8 @@ def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
             else:
                 t = dataclasses.replace(t, rn=off_n % t.cols_per_head)
                 off_n += t.hd % t.cols_per_head
-                # spread the layers' caches over all columns when a head block is narrower
-                cols[o.name] = (len(cols) * (C - t.pc + 1)) // max(n_attn, 1)
             placed.append((o, t))
-            a, b, is_kv = _overlay_vectors(t, R, C, cols.get(o.name, 0))
+            a, b, is_kv = _overlay_vectors(t, R, C)
             (ak if is_kv else aw).append(a)
             (bk if is_kv else bw).append(b)
         # This layer's bytes on every core: a sum of outer products, one matrix product.
@@ -278,8 +274,7 @@ def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
     for w, items in enumerate(wafers):
         first = items[0][0].name
         for o, t in items:
-            regions[o.name] = Region(o.name, w, 0, cols.get(o.name, 0),
-                                     dataclasses.replace(t, share=len(items)),
+            regions[o.name] = Region(o.name, w, 0, 0, dataclasses.replace(t, share=len(items)),
                                      group=None if o.name == first else first)
     layers = [sorted({o.layer for o, _ in items if o.layer is not None}) for items in wafers]
     return Packing(regions, layers, len(wafers) * target.cores, share=0,

@@ -228,7 +228,7 @@ class Plan:
             f"  KV cache        {s['kv_cache_bytes'] / gib:.3f} GiB on {s['kv_cores']:,} cores",
             f"  ops / tiles     {s['ops']} ops, {s['tiles']:,} weight tiles",
             f"  cores used      {s['cores_used']:,} of {s['cores_available']:,} "
-            f"({s['wafers']} wafer(s); bands of {s['band_rows']} rows)",
+            f"({s['wafers']} wafer(s))",
         ]
         for w, layers in enumerate(s["wafer_layers"]):
             lines.append(f"    wafer {w}: layers {layers[0]}-{layers[1]}" if layers

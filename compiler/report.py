@@ -94,7 +94,9 @@ def region_png(plan, path: Path) -> None:
         op = plan.graph.op(name)
         key = op.layer if op.layer is not None else (-2 if name.startswith(("embed", "lm")) else -3)
         owner[r.wafer, r.row:r.row + r.rows, r.col:r.col + r.cols] = key
-        names[key] = (f"layer {key}" if key >= 0 else "embedding / output")
+        last = min(key + plan.share - 1, plan.cfg.n_layers - 1) if key >= 0 else key
+        names[key] = ("embedding / output" if key < 0 else
+                      f"layer {key}" if last == key else f"layers {key}-{last}")
     if plan.share == 0:  # every layer overlaid: colour by wafer instead
         for w, ls in enumerate(plan.wafer_layers):
             owner[w][owner[w] >= -2] = w
