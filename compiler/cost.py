@@ -233,18 +233,14 @@ def lanes(plan, op: Op, side: str) -> int:
 def _direct_handoffs(plan) -> list[dict]:
     """Hand-offs between region centres without routing (no relays): for quick estimates
     while planning."""
-    from compiler.place import anchor
+    from compiler.place import handoff_pairs
 
     out = []
-    for o in plan.graph.ops:
-        for i in o.inputs:
-            sa, da = anchor(plan.regions, plan.host[i]), anchor(plan.regions, plan.host[o.name])
-            if sa == da:
-                continue
-            a, b = plan.regions[sa], plan.regions[da]
-            (ra, ca), (rb, cb) = a.center, b.center
-            hops = (abs(ra - rb) + abs(ca - cb) if a.wafer == b.wafer
-                    else plan.target.cols - 1 - ca + cb)
-            out.append({"src": sa, "dst": da, "hops": hops, "relays": 0,
-                        "wafers": b.wafer - a.wafer})
+    for _, _, sa, da in handoff_pairs(plan.graph, plan.host, plan.regions):
+        a, b = plan.regions[sa], plan.regions[da]
+        (ra, ca), (rb, cb) = a.center, b.center
+        hops = (abs(ra - rb) + abs(ca - cb) if a.wafer == b.wafer
+                else plan.target.cols - 1 - ca + cb)
+        out.append({"src": sa, "dst": da, "hops": hops, "relays": 0,
+                    "wafers": b.wafer - a.wafer})
     return out

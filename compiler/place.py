@@ -330,18 +330,23 @@ def anchor(regions: dict[str, Region], name: str) -> str:
     return regions[name].group or name
 
 
-def flows(g: Graph, host: dict[str, str], regions: dict[str, Region]
-          ) -> list[tuple[str, str, int]]:
-    """(source rectangle, destination rectangle, bytes per token) of every op-to-op
-    hand-off between different rectangles, each named by its anchor op."""
-    out = []
-    by_name = {o.name: o for o in g.ops}
+def handoff_pairs(g: Graph, host: dict[str, str], regions: dict[str, Region]):
+    """(op, input op name, source anchor, destination anchor) for every input that crosses
+    from one rectangle to another."""
     for o in g.ops:
         for i in o.inputs:
             src, dst = anchor(regions, host[i]), anchor(regions, host[o.name])
             if src != dst:
-                out.append((src, dst, by_name[i].out_bytes))
-    return out
+                yield o, i, src, dst
+
+
+def flows(g: Graph, host: dict[str, str], regions: dict[str, Region]
+          ) -> list[tuple[str, str, int]]:
+    """(source rectangle, destination rectangle, bytes per token) of every op-to-op
+    hand-off between different rectangles, each named by its anchor op."""
+    by_name = {o.name: o for o in g.ops}
+    return [(src, dst, by_name[i].out_bytes)
+            for _, i, src, dst in handoff_pairs(g, host, regions)]
 
 
 def _hops(a: Region, b: Region) -> float:

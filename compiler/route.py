@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from compiler.cost import lanes
-from compiler.place import anchor
+from compiler.place import handoff_pairs
 
 
 @dataclasses.dataclass
@@ -117,37 +117,33 @@ def route(plan) -> Routing:
     handoffs = []
     routes_seen = set()
     by_name = {o.name: o for o in plan.graph.ops}
-    for o in plan.graph.ops:
-        for i in o.inputs:
-            sa, da = anchor(plan.regions, plan.host[i]), anchor(plan.regions, plan.host[o.name])
-            if sa == da:
-                continue
-            src, dst = plan.regions[sa], plan.regions[da]
-            n_lanes = min(lanes(plan, by_name[i], "out"), lanes(plan, o, "in"))
-            nbytes = by_name[i].out_bytes / n_lanes  # on each of the parallel routes
-            (rs, cs), (rd, cd) = _centre(src), _centre(dst)
-            if src.wafer == dst.wafer:
-                pieces = [(src.wafer, rs, rs + 1, min(cs, cd), max(cs, cd) + 1),
-                          (src.wafer, min(rs, rd), max(rs, rd) + 1, cd, cd + 1)]
-                hops = abs(rs - rd) + abs(cs - cd)
-            else:  # east edge of this wafer, the wafer link, west edge of the next
-                pieces = [(src.wafer, rs, rs + 1, cs, C), (dst.wafer, rd, rd + 1, 0, cd + 1)]
-                hops = (C - 1 - cs) + cd
+    for o, i, sa, da in handoff_pairs(plan.graph, plan.host, plan.regions):
+        src, dst = plan.regions[sa], plan.regions[da]
+        n_lanes = min(lanes(plan, by_name[i], "out"), lanes(plan, o, "in"))
+        nbytes = by_name[i].out_bytes / n_lanes  # on each of the parallel routes
+        (rs, cs), (rd, cd) = _centre(src), _centre(dst)
+        if src.wafer == dst.wafer:
+            pieces = [(src.wafer, rs, rs + 1, min(cs, cd), max(cs, cd) + 1),
+                      (src.wafer, min(rs, rd), max(rs, rd) + 1, cd, cd + 1)]
+            hops = abs(rs - rd) + abs(cs - cd)
+        else:  # east edge of this wafer, the wafer link, west edge of the next
+            pieces = [(src.wafer, rs, rs + 1, cs, C), (dst.wafer, rd, rd + 1, 0, cd + 1)]
+            hops = (C - 1 - cs) + cd
+        for w, a, b, c, d in pieces:
+            if b - a == 1:
+                h.add(w, a, b, c, d - 1, nbytes)
+            else:
+                v.add(w, a, b - 1, c, d, nbytes)
+        key = (sa, da)
+        if key not in routes_seen:
+            routes_seen.add(key)
             for w, a, b, c, d in pieces:
-                if b - a == 1:
-                    h.add(w, a, b, c, d - 1, nbytes)
-                else:
-                    v.add(w, a, b - 1, c, d, nbytes)
-            key = (sa, da)
-            if key not in routes_seen:
-                routes_seen.add(key)
-                for w, a, b, c, d in pieces:
-                    paths.add(w, a, b, c, d, 1)
-            idx = len(handoffs)
-            segments += [(idx, *p) for p in pieces]
-            handoffs.append({"src": sa, "dst": da, "bytes": int(by_name[i].out_bytes),
-                             "lanes": int(n_lanes), "hops": int(hops),
-                             "relays": 0, "wafers": int(dst.wafer - src.wafer)})
+                paths.add(w, a, b, c, d, 1)
+        idx = len(handoffs)
+        segments += [(idx, *p) for p in pieces]
+        handoffs.append({"src": sa, "dst": da, "bytes": int(by_name[i].out_bytes),
+                         "lanes": int(n_lanes), "hops": int(hops),
+                         "relays": 0, "wafers": int(dst.wafer - src.wafer)})
     path_counts = np.rint(paths.result()).astype(np.int64)
     over = path_counts > t.routing_paths
     if over.any():
