@@ -195,10 +195,7 @@ class _Builder:
         params = tuple(dict.fromkeys(params))
         roles = sorted({ROLE_OF[p] for p in prims if p in ROLE_OF}
                        | ({"activation"} if "silu" in prims or "gelu" in prims else set()))
-        if "add" in {e.primitive.name for e in eqns} and not roles:
-            roles = ["residual"]
-        elif "add" in {e.primitive.name for e in eqns} and "norm" in roles:
-            roles = ["residual"] * self._has_residual(eqns) + roles
+        roles = (["residual"] if self._has_residual(eqns, produced) else []) + roles
         roles = roles or ["elementwise"]
         if params:
             name = _prefix(params[0])
@@ -212,11 +209,13 @@ class _Builder:
         for p in params:
             self._use(p)
 
-    def _has_residual(self, eqns) -> bool:
-        # An add of two full activation vectors (the norm's own add is with a scalar eps).
+    def _has_residual(self, eqns, produced) -> bool:
+        """A residual add sums two vectors made by other ops (an add inside a norm or the
+        rotary works on values made within the segment, or on a constant)."""
+        inside = set(produced)
         return any(e.primitive.name == "add" and all(
-            getattr(v.aval, "shape", ()) and v.aval.shape[-1] > 1 for v in e.invars)
-            for e in eqns)
+            isinstance(v, jcore.Var) and v not in inside and v in self.producer
+            for v in e.invars) for e in eqns)
 
     def _consumed_outputs(self, ids, produced):
         """Outputs of equations `ids` that something outside them reads."""

@@ -81,6 +81,11 @@ def test_ir_lists_every_parameter_once_in_execution_order():
     assert g.op("embed.lookup").shares == "embed"
     q = g.op("blocks.0.attn.q")
     assert (q.k, q.n) == (cfg.d_model, cfg.n_heads * cfg.head_dim)
+    assert g.op("blocks.0.attn_norm").roles == ("norm",)
+    assert g.op("blocks.0.mlp_norm").roles == ("residual", "norm")
+    assert g.op("blocks.0.attn.rotary").roles == ("rotary",)
+    assert g.op("blocks.0.mlp.activation").roles == ("activation",)
+    assert g.op("final_norm").roles == ("residual", "norm")
 
 
 def test_a_changed_model_needs_no_compiler_change():
