@@ -117,8 +117,8 @@ def _share_groups(groups: list[list[Op]], share: int) -> list[list[list[Op]]] | 
     """Layer groups in runs of `share`; None if the layers of a run differ in shape."""
     runs = [groups[i:i + share] for i in range(0, len(groups), share)]
     for run in runs:
-        shapes = [[(o.kind, o.k, o.n, o.kv_bytes_per_token) for o in grp
-                   if o.layer is not None] for grp in run]
+        shapes = [[(o.kind, o.k, o.n, o.weight_dtype, o.kv_bytes_per_token, o.heads)
+                   for o in grp if o.layer is not None] for grp in run]
         if any(s != shapes[0] for s in shapes):
             return None
     return runs
@@ -130,9 +130,8 @@ def pack(g: Graph, target: Target, band: int, context: int, share: int = 1
 
     share: that many consecutive layers keep their weights (and KV caches) on the same
     regions: a core then holds that op's tiles of every layer of the run (and one set of
-    working buffers, which they use in turn). share=1 gives every
-    op of every layer cores of its own; share=L spreads every layer over all the cores the
-    template layer occupies (WaferLLM's mapping: each matrix over many cores).
+    working buffers, which they use in turn). share=1 gives every op of every layer cores
+    of its own; a larger share spreads each matrix over share times more cores.
     """
     groups = layer_groups(g)
     runs = _share_groups(groups, share)
@@ -175,12 +174,9 @@ def pack(g: Graph, target: Target, band: int, context: int, share: int = 1
                 return None
             col = cursor if b % 2 == 0 else target.cols - cursor - t.pc
             if commit:
-                for s in sharers:  # same rectangle; each op keeps its own tiling
-                    regions[s.name] = Region(s.name, w, b * band, col, t if s is o else
-                                             _same_shape(s, t, band, target, len(sharers),
-                                                         context))
-                for s in sharers[1:]:
-                    regions[s.name].group = o.name
+                for s in sharers:  # same rectangle and tiling (the shapes are equal)
+                    regions[s.name] = Region(s.name, w, b * band, col, t,
+                                             group=None if s is o else o.name)
             cursor += t.pc
         return b, cursor
 
@@ -201,14 +197,6 @@ def pack(g: Graph, target: Target, band: int, context: int, share: int = 1
                                            if o.layer is not None}))
     span = wafer * target.cores + b * band * target.cols + cursor * band
     return Packing(regions, wafer_layers, span, share)
-
-
-def _same_shape(op: Op, t: Tiling, band: int, target: Target, share: int, context: int
-                ) -> Tiling:
-    """The tiling of a sharing op: same region shape as its template's (same sizes)."""
-    own = tile_op(op, band, target.core_budget, context, share)
-    assert own is not None and (own.pr, own.pc) == (t.pr, t.pc), (op.name, own, t)
-    return own
 
 
 def _overlay_vectors(t: Tiling, R: int, C: int, col: int = 0
