@@ -107,6 +107,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._step_s = {w: 0.001 * (1 + w / 4) for w in self.widths}  # refined as it runs
         self.finished: collections.Counter[str] = collections.Counter()  # by reason
+        # Where the engine thread's time goes (seconds, and counts), for /health: enough
+        # to tell waiting for work from prefill, device steps and the host's share.
+        self.timing: collections.Counter[str] = collections.Counter()
 
     # ---- called from any thread ------------------------------------------------------
 
@@ -136,7 +139,8 @@ class Engine:
     def stats(self) -> dict:
         return {"active": sum(x is not None for x in self._live),
                 "queued": len(self._pending), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, "finished": dict(self.finished)}
+                "max_queue": self.max_queue, "finished": dict(self.finished),
+                "timing": {k: round(v, 6) for k, v in self.timing.items()}}
 
     def warmup(self, prompt_buckets=(16,)) -> None:
         """Compile the programs a short request needs (before the thread starts)."""
@@ -152,14 +156,17 @@ class Engine:
                 self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
                                                         keep, k, w)
         jax.block_until_ready(self._slots)
+        self.timing.clear()
 
     # ---- the engine thread -----------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cv:
+                t_idle = time.perf_counter()
                 while not self._closing and not self._pending and not self._busy():
                     self._cv.wait()
+                self.timing["idle_s"] += time.perf_counter() - t_idle
                 if self._closing:
                     break
                 admits = []
@@ -188,6 +195,7 @@ class Engine:
         """Prefill these jobs together (padded to a compiled group size by repeating the
         last) and deliver each one's first token."""
         m = self.model
+        t0 = time.perf_counter()
         size = next(w for w in self.widths if w >= len(admits))
         group = admits + [admits[-1]] * (size - len(admits))
         prompt_np, len_n = generation.pad_prompts([job.ids for _, job in group],
@@ -199,13 +207,19 @@ class Engine:
             m.graphdef, m.params, self._slots, np.array([s for s, _ in group], np.int32),
             prompt_np, len_n, rows)
         first, done = jax.device_get((first, done))
-        for i, (slot, _) in enumerate(admits):
+        t1 = time.perf_counter()
+        for i, (slot, job) in enumerate(admits):
             live = self._live[slot]
             if live is None:  # warm-up
                 continue
+            self.timing["queue_wait_s"] += t0 - job.t_submit
             live.feed([int(first[i])])
             if done[i]:
                 self._retire(slot, None)
+        self.timing["admit_device_s"] += t1 - t0
+        self.timing["admit_host_s"] += time.perf_counter() - t1
+        self.timing["admit_calls"] += 1
+        self.timing["admitted"] += len(admits)
 
     def _decode(self) -> None:
         m = self.model
@@ -226,8 +240,12 @@ class Engine:
                                                 jnp.asarray(keep), steps, width)
         new, done = jax.device_get((new, self._slots.state.done_b))
         n_steps = max(1, int((new >= 0).sum(axis=1).max()))
-        self._step_s[width] = 0.8 * self._step_s[width] + 0.2 * (
-            (time.perf_counter() - t0) / n_steps)
+        t1 = time.perf_counter()
+        self._step_s[width] = 0.8 * self._step_s[width] + 0.2 * ((t1 - t0) / n_steps)
+        self.timing["decode_device_s"] += t1 - t0
+        self.timing["decode_calls"] += 1
+        self.timing["decode_steps"] += n_steps
+        self.timing["decode_row_steps"] += n_steps * len(busy)
         for slot in busy:
             live = self._live[slot]
             if not keep[slot]:
@@ -238,6 +256,7 @@ class Engine:
                 live.feed(tokens)
             if done[slot]:
                 self._retire(slot, None)
+        self.timing["decode_host_s"] += time.perf_counter() - t1
 
     def _retire(self, slot: int, reason: str | None) -> None:
         """Free the slot and send the job's last text and its final event."""
