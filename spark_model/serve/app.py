@@ -48,7 +48,7 @@ def create_app(model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
     async def lifespan(app: Starlette):
         if warmup:
             t0 = time.perf_counter()
-            engine.warmup(prompt_buckets=(16, 32, 64))
+            engine.warmup(prompt_buckets=(8, 16, 32, 64))
             log.info("compiled the engine in %.1f s", time.perf_counter() - t0)
         engine.start()
         try:
