@@ -77,15 +77,15 @@ class _Live:
         self.decoder = tokenizer.stream_decoder()
         self.cutter = generation.StopCutter(job.stop)
 
-    def feed(self, tokens: list[int]) -> None:
+    def feed(self, tokens: list[int]) -> str:
+        """Take new tokens; return the text that may be shown now."""
         job = self.job
         job.count += len(tokens)
         job.last_token = tokens[-1] if tokens else job.last_token
         text = self.cutter.push(self.decoder.feed(tokens))
-        if text:
-            if job.t_first is None:
-                job.t_first = time.perf_counter()
-            job.sink({"type": "delta", "text": text})
+        if text and job.t_first is None:
+            job.t_first = time.perf_counter()
+        return text
 
 
 class Engine:
@@ -105,6 +105,7 @@ class Engine:
                                            model.token_table, self._eos)
         self._live: list[_Live | None] = [None] * max_batch
         self._pending: collections.deque[Job] = collections.deque()
+        self._outbox: list[tuple[Job, dict]] = []  # events not yet handed to their sinks
         self._cv = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -165,6 +166,8 @@ class Engine:
 
     def _run(self) -> None:
         while True:
+            if not self._pending and not self._busy():
+                self._flush()  # about to go idle (otherwise the next device call flushes)
             with self._cv:
                 t_idle = time.perf_counter()
                 while not self._closing and not self._pending and not self._busy():
@@ -191,6 +194,15 @@ class Engine:
                 self._fail_all(f"internal error in the decode engine: {e}")
         self._fail_all("the server is shutting down")
 
+    def _post(self, job: Job, event: dict) -> None:
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand the held events to their sinks, in order (called before blocking)."""
+        outbox, self._outbox = self._outbox, []
+        for job, event in outbox:
+            job.sink(event)
+
     def _busy(self) -> bool:
         return any(x is not None for x in self._live)
 
@@ -209,6 +221,7 @@ class Engine:
         self._slots, first, done = slots_mod.admit_jit(
             m.graphdef, m.params, self._slots, np.array([s for s, _ in group], np.int32),
             prompt_np, len_n, rows)
+        self._flush()
         first, done = jax.device_get((first, done))
         t1 = time.perf_counter()
         for i, (slot, job) in enumerate(admits):
@@ -216,7 +229,7 @@ class Engine:
             if live is None:  # warm-up
                 continue
             self.timing["queue_wait_s"] += t0 - job.t_submit
-            live.feed([int(first[i])])
+            self._send_text(live, [int(first[i])])
             if done[i]:
                 self._retire(slot, None)
         self.timing["admit_device_s"] += t1 - t0
@@ -241,6 +254,7 @@ class Engine:
         t0 = time.perf_counter()
         self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
                                                 jnp.asarray(keep), steps, width)
+        self._flush()  # the previous call's text goes out while this one runs
         new, done = jax.device_get((new, self._slots.state.done_b))
         n_steps = max(1, int((new >= 0).sum(axis=1).max()))
         t1 = time.perf_counter()
@@ -256,10 +270,15 @@ class Engine:
                 continue
             tokens = [int(t) for t in new[slot] if t >= 0]
             if tokens:
-                live.feed(tokens)
+                self._send_text(live, tokens)
             if done[slot]:
                 self._retire(slot, None)
         self.timing["decode_host_s"] += time.perf_counter() - t1
+
+    def _send_text(self, live: _Live, tokens: list[int]) -> None:
+        text = live.feed(tokens)
+        if text:
+            self._post(live.job, {"type": "delta", "text": text})
 
     def _retire(self, slot: int, reason: str | None) -> None:
         """Free the slot and send the job's last text and its final event."""
@@ -270,13 +289,13 @@ class Engine:
             if tail:
                 if job.t_first is None:
                     job.t_first = time.perf_counter()
-                job.sink({"type": "delta", "text": tail})
+                self._post(job, {"type": "delta", "text": tail})
             hit_eos = not job.ignore_eos and job.last_token == self._eos
             reason = "stop" if (live.cutter.stopped or hit_eos
                                 or job.count < job.max_tokens) else "length"
         now = time.perf_counter()
         self.finished[reason] += 1
-        job.sink({"type": "done", "finish_reason": reason,
+        self._post(job, {"type": "done", "finish_reason": reason,
                   "usage": {"prompt_tokens": len(job.ids), "completion_tokens": job.count,
                             "total_tokens": len(job.ids) + job.count},
                   "ttft_ms": ((job.t_first or now) - job.t_submit) * 1e3,
@@ -284,6 +303,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         """Tell every job in flight or waiting that it failed, and start from clean slots."""
+        self._flush()  # what finished before the failure still gets its end
         with self._cv:
             jobs = [x.job for x in self._live if x is not None] + list(self._pending)
             self._pending.clear()
