@@ -9,10 +9,18 @@ client has gone are dropped at the next step boundary, which frees their slot.
 Steps per decode call trade admission latency against per-call overhead: a call never runs
 past the point where the first busy slot spends its token budget (so a waiting request
 gets that slot at once), and while a slot is free, calls are kept to about
-`call_budget_s`, since a newcomer would wait for the call in flight.
+`call_budget_s`, since a newcomer would wait for the call in flight. Right after a request
+ends its client often sends the next one within a millisecond or two (a chat turn, an
+agent's next call, a benchmark loop), so while a slot freed less than `refill_window_s`
+ago is still empty, calls shrink to about `refill_budget_s` (one step at full width): the
+expected newcomer waits for one short call, not a long one.
 
 Results go back through each job's `sink`, a callable the engine thread invokes with
-plain dict events; the asyncio side wraps it with `loop.call_soon_threadsafe`.
+plain dict events; the asyncio side wraps it with `loop.call_soon_threadsafe`. Events are
+held in an outbox and handed over just before the engine thread next blocks (on the
+device, or idle): by then the next device call is already running, so the event loop
+formats and sends frames while the device computes instead of contending for the GIL
+with the engine thread between two calls.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import threading
 import time
 from typing import Callable
@@ -92,13 +101,17 @@ class Engine:
     """B slots over one batched KV cache, driven by one thread."""
 
     def __init__(self, model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
-                 call_budget_s: float = 0.008):
+                 call_budget_s: float = 0.008, refill_budget_s: float = 0.002,
+                 refill_window_s: float = 0.010):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.call_budget_s = call_budget_s
+        self.refill_budget_s = refill_budget_s
+        self.refill_window_s = refill_window_s
+        self._freed_at = [-math.inf] * max_batch  # when each slot last became free
         self.widths = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self._eos = model.tokenizer.eos_id
         self._slots = slots_mod.init_slots(model.config, max_batch, model.capacity,
@@ -247,7 +260,11 @@ class Engine:
         remaining = min(self._live[i].job.max_tokens - self._live[i].job.count for i in busy)
         choices = [k for k in STEP_CHOICES if k <= remaining] or [STEP_CHOICES[0]]
         if len(busy) < self.max_batch:
-            choices = [k for k in choices if k * self._step_s[width] <= self.call_budget_s
+            now = time.perf_counter()
+            refill = any(x is None and now - t < self.refill_window_s
+                         for x, t in zip(self._live, self._freed_at))
+            budget = self.refill_budget_s if refill else self.call_budget_s
+            choices = [k for k in choices if k * self._step_s[width] <= budget
                        ] or [STEP_CHOICES[0]]
         steps = max(choices)
         keep = np.array([x is not None and not x.job.cancelled for x in self._live])
@@ -283,6 +300,7 @@ class Engine:
     def _retire(self, slot: int, reason: str | None) -> None:
         """Free the slot and send the job's last text and its final event."""
         live, self._live[slot] = self._live[slot], None
+        self._freed_at[slot] = time.perf_counter()
         job = live.job
         if reason is None:
             tail = live.cutter.push(live.decoder.flush()) + live.cutter.finish()
