@@ -33,6 +33,14 @@ class StopSpec:
 
     @classmethod
     def make(cls, stops: list[str], width: int) -> "StopSpec":
+        rows, lengths = cls.host_arrays(stops, width)
+        return cls(bytes_sm=jnp.asarray(rows), lengths_s=jnp.asarray(lengths))
+
+    @staticmethod
+    def host_arrays(stops: list[str], width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (MAX_STOPS, width) bytes and (MAX_STOPS,) lengths as host arrays: what a
+        caller assembling many requests' settings on the host wants (a round trip through
+        the device costs more than building them)."""
         if len(stops) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
         rows = np.full((MAX_STOPS, width), _EMPTY, np.int16)
@@ -43,7 +51,7 @@ class StopSpec:
                 raise ValueError(f"stop string {s!r} must be 1..{width} bytes")
             rows[i, width - len(b):] = b
             lengths[i] = len(b)
-        return cls(bytes_sm=jnp.asarray(rows), lengths_s=jnp.asarray(lengths))
+        return rows, lengths
 
 
 def token_byte_table(token_bytes: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

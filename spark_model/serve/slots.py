@@ -47,14 +47,13 @@ class RowSettings:
     def make(cls, temperature: float, top_k: int, top_p: float, seed: int,
              stop: list[str], max_new: int, eos_id: int) -> "RowSettings":
         """One request's settings (n = 1), as host arrays."""
-        spec = stops.StopSpec.make(stop, STOP_WIDTH)
+        stop_rows, stop_lengths = stops.StopSpec.host_arrays(stop, STOP_WIDTH)
         return cls(
             sampling=SamplingParams(temperature=np.array([temperature], np.float32),
                                     top_k=np.array([top_k], np.int32),
                                     top_p=np.array([top_p], np.float32),
                                     seed=np.array([seed], np.uint32)),
-            stop_spec=stops.StopSpec(np.asarray(spec.bytes_sm)[None],
-                                     np.asarray(spec.lengths_s)[None]),
+            stop_spec=stops.StopSpec(stop_rows[None], stop_lengths[None]),
             max_new=np.array([max_new], np.int32), eos_id=np.array([eos_id], np.int32))
 
     @staticmethod
