@@ -126,9 +126,9 @@ def admit_jit(graphdef, params, slots: Slots, slot_n: jax.Array, prompt_np: jax.
     wait for the others' prefills one by one. The prompts run through the first n rows
     of the scratch cache, then only their bucket's positions are copied into the slots'
     rows: the rest of the batch's cache is neither read nor rewritten. The scratch needs
-    no clearing: prefill writes every position it reads. (The scheduler pads n to a
-    compiled size by repeating the last request: a repeated row writes the same values
-    into the same slot.)
+    no clearing: prefill writes every position it reads. (The scheduler admits in groups
+    of compiled sizes; a caller that pads a group by repeating a request is safe too: a
+    repeated row writes the same values into the same slot.)
     """
     model = nnx.merge(graphdef, params)
     big = slots.state.cache
