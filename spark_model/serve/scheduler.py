@@ -200,6 +200,10 @@ class Engine:
                 admits = [(slot, job) for slot, job in admits if not job.cancelled]
                 if admits:
                     self._admit(admits)
+                    if self._pending and None in self._live:
+                        # More arrived during that prefill: admit them now rather than
+                        # after a decode call (at most max_batch admissions in a row).
+                        continue
                 if self._busy():
                     self._decode()
             except Exception as e:  # a failed device call: fail what is in flight, go on
