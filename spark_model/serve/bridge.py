@@ -35,7 +35,9 @@ class _Mailbox:
             self._scheduled = True
         try:
             self._loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:
+        except RuntimeError:  # closed: later posts must fail too, so their jobs are cancelled
+            with self._lock:
+                self._scheduled = False
             return False
         return True
 
