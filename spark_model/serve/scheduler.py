@@ -1,9 +1,9 @@
 """The batching scheduler: one engine thread shares the compiled decode loop among clients.
 
 Requests wait in a bounded queue (full means `Busy`, answered at once, never a hang). The
-engine thread loops: admit waiting requests into free slots (one prefill each, whose
-first token is delivered at once), then decode a few steps for the busy slots, hand each
-request its new text, and retire the finished ones. Cancelled requests and requests whose
+engine thread loops: admit waiting requests into free slots (prefilled in groups, each
+request's first token delivered at once), then decode a few steps for the busy slots, hand
+each request its new text, and retire the finished ones. Cancelled requests and requests whose
 client has gone are dropped at the next step boundary, which frees their slot.
 
 Steps per decode call trade admission latency against per-call overhead: a call never runs
