@@ -74,10 +74,12 @@ def row_seeds(seed: int, batch: int) -> np.ndarray:
             % np.uint64(2**32)).astype(np.uint32)
 
 
-def pad_prompts(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token lists to a power-of-two width: (B, P) ids and (B,) lengths."""
+def pad_prompts(ids: list[list[int]], pad_id: int, minimum: int = 16
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists to a power-of-two width (>= minimum): (B, P) ids and (B,)
+    lengths."""
     lengths = np.array([len(x) for x in ids], np.int32)
-    out = np.full((len(ids), bucket(int(lengths.max()))), pad_id, np.int32)
+    out = np.full((len(ids), bucket(int(lengths.max()), minimum)), pad_id, np.int32)
     for row, x in zip(out, ids):
         row[:len(x)] = x
     return out, lengths

@@ -3,10 +3,59 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+import threading
+import weakref
+from typing import AsyncIterator, Callable
 
 from spark_model.serve import protocol
 from spark_model.serve.scheduler import Busy, Engine, Job
+
+
+class _Mailbox:
+    """Events from the engine thread for one event loop, handed over in bursts.
+
+    The engine hands over its events together (one per busy slot after a decode call, a
+    short request's text and its end), so the loop is woken once per burst rather than
+    once per event: each wake-up is a write to the loop's self-pipe and a thread switch.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[Callable[[dict], None], dict]] = []
+        self._scheduled = False
+
+    def post(self, deliver: Callable[[dict], None], event: dict) -> bool:
+        """Queue an event for `deliver` on the loop (engine thread); False when the loop
+        has closed and nobody is listening."""
+        with self._lock:
+            self._items.append((deliver, event))
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # closed: later posts must fail too, so their jobs are cancelled
+            with self._lock:
+                self._scheduled = False
+            return False
+        return True
+
+    def _drain(self) -> None:  # on the loop
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for deliver, event in items:
+            deliver(event)
+
+
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> _Mailbox
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = _Mailbox(loop)
+    return box
 
 
 class Submitted:
@@ -18,15 +67,14 @@ class Submitted:
     """
 
     def __init__(self, engine: Engine, job: Job):
-        loop = asyncio.get_running_loop()
+        box = _mailbox(asyncio.get_running_loop())
         self._queue: asyncio.Queue[dict] = asyncio.Queue()
         self.job = job
         self.finished = False
+        deliver = self._queue.put_nowait
 
         def sink(event: dict) -> None:  # runs on the engine thread
-            try:
-                loop.call_soon_threadsafe(self._queue.put_nowait, event)
-            except RuntimeError:  # the event loop has closed: nobody is listening
+            if not box.post(deliver, event):
                 job.cancel()
 
         job.sink = sink

@@ -1,18 +1,26 @@
 """The batching scheduler: one engine thread shares the compiled decode loop among clients.
 
 Requests wait in a bounded queue (full means `Busy`, answered at once, never a hang). The
-engine thread loops: admit waiting requests into free slots (one prefill each, whose
-first token is delivered at once), then decode a few steps for the busy slots, hand each
-request its new text, and retire the finished ones. Cancelled requests and requests whose
+engine thread loops: admit waiting requests into free slots (prefilled in groups, each
+request's first token delivered at once), then decode a few steps for the busy slots, hand
+each request its new text, and retire the finished ones. Cancelled requests and requests whose
 client has gone are dropped at the next step boundary, which frees their slot.
 
 Steps per decode call trade admission latency against per-call overhead: a call never runs
 past the point where the first busy slot spends its token budget (so a waiting request
 gets that slot at once), and while a slot is free, calls are kept to about
-`call_budget_s`, since a newcomer would wait for the call in flight.
+`call_budget_s`, since a newcomer would wait for the call in flight. Right after a request
+ends its client often sends the next one within a millisecond or two (a chat turn, an
+agent's next call, a benchmark loop), so while a slot freed less than `refill_window_s`
+ago is still empty, calls shrink to about `refill_budget_s` (one step at full width): the
+expected newcomer waits for one short call, not a long one.
 
 Results go back through each job's `sink`, a callable the engine thread invokes with
-plain dict events; the asyncio side wraps it with `loop.call_soon_threadsafe`.
+plain dict events; the asyncio side wraps it with `loop.call_soon_threadsafe`. Events are
+held in an outbox and handed over just before the engine thread next blocks (on the
+device, or idle): by then the next device call is already running, so the event loop
+formats and sends frames while the device computes instead of contending for the GIL
+with the engine thread between two calls.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import threading
 import time
 from typing import Callable
@@ -35,6 +44,9 @@ from spark_model.serve import slots as slots_mod
 log = logging.getLogger("spark.serve")
 
 STEP_CHOICES = (1, 2, 4, 8)  # decode steps per call: a few compiled variants
+# Shortest prompt bucket. Prefill is compute-bound on CPU and short chat and completion
+# prompts are mostly under 8 tokens, so a bucket of 8 halves their prefill against 16.
+PROMPT_MIN = 8
 
 
 class Busy(Exception):
@@ -74,39 +86,47 @@ class _Live:
         self.decoder = tokenizer.stream_decoder()
         self.cutter = generation.StopCutter(job.stop)
 
-    def feed(self, tokens: list[int]) -> None:
+    def feed(self, tokens: list[int]) -> str:
+        """Take new tokens; return the text that may be shown now."""
         job = self.job
         job.count += len(tokens)
         job.last_token = tokens[-1] if tokens else job.last_token
         text = self.cutter.push(self.decoder.feed(tokens))
-        if text:
-            if job.t_first is None:
-                job.t_first = time.perf_counter()
-            job.sink({"type": "delta", "text": text})
+        if text and job.t_first is None:
+            job.t_first = time.perf_counter()
+        return text
 
 
 class Engine:
     """B slots over one batched KV cache, driven by one thread."""
 
     def __init__(self, model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
-                 call_budget_s: float = 0.008):
+                 call_budget_s: float = 0.008, refill_budget_s: float = 0.002,
+                 refill_window_s: float = 0.010):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.call_budget_s = call_budget_s
+        self.refill_budget_s = refill_budget_s
+        self.refill_window_s = refill_window_s
+        self._freed_at = [-math.inf] * max_batch  # when each slot last became free
         self.widths = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self._eos = model.tokenizer.eos_id
         self._slots = slots_mod.init_slots(model.config, max_batch, model.capacity,
                                            model.token_table, self._eos)
         self._live: list[_Live | None] = [None] * max_batch
         self._pending: collections.deque[Job] = collections.deque()
+        self._outbox: list[tuple[Job, dict]] = []  # events not yet handed to their sinks
         self._cv = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
         self._step_s = {w: 0.001 * (1 + w / 4) for w in self.widths}  # refined as it runs
         self.finished: collections.Counter[str] = collections.Counter()  # by reason
+        # Where the engine thread's time goes (seconds, and counts), for /health: enough
+        # to tell waiting for work from prefill, device steps and the host's share.
+        self.timing: collections.Counter[str] = collections.Counter()
 
     # ---- called from any thread ------------------------------------------------------
 
@@ -136,9 +156,10 @@ class Engine:
     def stats(self) -> dict:
         return {"active": sum(x is not None for x in self._live),
                 "queued": len(self._pending), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, "finished": dict(self.finished)}
+                "max_queue": self.max_queue, "finished": dict(self.finished),
+                "timing": {k: round(v, 6) for k, v in self.timing.items()}}
 
-    def warmup(self, prompt_buckets=(16,)) -> None:
+    def warmup(self, prompt_buckets=(PROMPT_MIN,)) -> None:
         """Compile the programs a short request needs (before the thread starts)."""
         m = self.model
         for p in prompt_buckets:
@@ -152,14 +173,19 @@ class Engine:
                 self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
                                                         keep, k, w)
         jax.block_until_ready(self._slots)
+        self.timing.clear()
 
     # ---- the engine thread -----------------------------------------------------------
 
     def _run(self) -> None:
         while True:
+            if not self._pending and not self._busy():
+                self._flush()  # about to go idle (otherwise the next device call flushes)
             with self._cv:
+                t_idle = time.perf_counter()
                 while not self._closing and not self._pending and not self._busy():
                     self._cv.wait()
+                self.timing["idle_s"] += time.perf_counter() - t_idle
                 if self._closing:
                     break
                 admits = []
@@ -174,6 +200,10 @@ class Engine:
                 admits = [(slot, job) for slot, job in admits if not job.cancelled]
                 if admits:
                     self._admit(admits)
+                    if self._pending and None in self._live:
+                        # More arrived during that prefill: admit them now rather than
+                        # after a decode call (at most max_batch admissions in a row).
+                        continue
                 if self._busy():
                     self._decode()
             except Exception as e:  # a failed device call: fail what is in flight, go on
@@ -181,31 +211,59 @@ class Engine:
                 self._fail_all(f"internal error in the decode engine: {e}")
         self._fail_all("the server is shutting down")
 
+    def _post(self, job: Job, event: dict) -> None:
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand the held events to their sinks, in order (called before blocking)."""
+        outbox, self._outbox = self._outbox, []
+        for job, event in outbox:
+            job.sink(event)
+
     def _busy(self) -> bool:
         return any(x is not None for x in self._live)
 
     def _admit(self, admits: list[tuple[int, Job]]) -> None:
-        """Prefill these jobs together (padded to a compiled group size by repeating the
-        last) and deliver each one's first token."""
+        """Prefill these jobs and deliver each one's first token, in groups of compiled
+        sizes, largest first (6 = 4 + 2), shortest prompts first.
+
+        Padding a group up to a compiled size (6 to 8) would prefill whole rows for
+        nothing, and prefill is compute-bound; in parts, the first part's requests also get
+        their first tokens sooner (sent while the next part runs). Prompts sorted by length
+        keep a long prompt from putting short ones into its larger bucket.
+        """
+        admits = sorted(admits, key=lambda a: len(a[1].ids))
+        while admits:
+            size = max(w for w in self.widths if w <= len(admits))
+            self._admit_group(admits[:size])
+            admits = admits[size:]
+
+    def _admit_group(self, group: list[tuple[int, Job]]) -> None:
         m = self.model
-        size = next(w for w in self.widths if w >= len(admits))
-        group = admits + [admits[-1]] * (size - len(admits))
+        t0 = time.perf_counter()
         prompt_np, len_n = generation.pad_prompts([job.ids for _, job in group],
-                                                  m.tokenizer.pad_id)
+                                                  m.tokenizer.pad_id, PROMPT_MIN)
         rows = slots_mod.RowSettings.stack([slots_mod.RowSettings.make(
             job.temperature, job.top_k, job.top_p, job.seed, list(job.stop), job.max_tokens,
             -1 if job.ignore_eos else self._eos) for _, job in group])
         self._slots, first, done = slots_mod.admit_jit(
             m.graphdef, m.params, self._slots, np.array([s for s, _ in group], np.int32),
             prompt_np, len_n, rows)
+        self._flush()
         first, done = jax.device_get((first, done))
-        for i, (slot, _) in enumerate(admits):
+        t1 = time.perf_counter()
+        for i, (slot, job) in enumerate(group):
             live = self._live[slot]
             if live is None:  # warm-up
                 continue
-            live.feed([int(first[i])])
+            self.timing["queue_wait_s"] += t0 - job.t_submit
+            self._send_text(live, [int(first[i])])
             if done[i]:
                 self._retire(slot, None)
+        self.timing["admit_device_s"] += t1 - t0
+        self.timing["admit_host_s"] += time.perf_counter() - t1
+        self.timing["admit_calls"] += 1
+        self.timing["admitted"] += len(group)
 
     def _decode(self) -> None:
         m = self.model
@@ -217,17 +275,26 @@ class Engine:
         remaining = min(self._live[i].job.max_tokens - self._live[i].job.count for i in busy)
         choices = [k for k in STEP_CHOICES if k <= remaining] or [STEP_CHOICES[0]]
         if len(busy) < self.max_batch:
-            choices = [k for k in choices if k * self._step_s[width] <= self.call_budget_s
+            now = time.perf_counter()
+            refill = any(x is None and now - t < self.refill_window_s
+                         for x, t in zip(self._live, self._freed_at))
+            budget = self.refill_budget_s if refill else self.call_budget_s
+            choices = [k for k in choices if k * self._step_s[width] <= budget
                        ] or [STEP_CHOICES[0]]
         steps = max(choices)
         keep = np.array([x is not None and not x.job.cancelled for x in self._live])
         t0 = time.perf_counter()
         self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
                                                 jnp.asarray(keep), steps, width)
+        self._flush()  # the previous call's text goes out while this one runs
         new, done = jax.device_get((new, self._slots.state.done_b))
         n_steps = max(1, int((new >= 0).sum(axis=1).max()))
-        self._step_s[width] = 0.8 * self._step_s[width] + 0.2 * (
-            (time.perf_counter() - t0) / n_steps)
+        t1 = time.perf_counter()
+        self._step_s[width] = 0.8 * self._step_s[width] + 0.2 * ((t1 - t0) / n_steps)
+        self.timing["decode_device_s"] += t1 - t0
+        self.timing["decode_calls"] += 1
+        self.timing["decode_steps"] += n_steps
+        self.timing["decode_row_steps"] += n_steps * len(busy)
         for slot in busy:
             live = self._live[slot]
             if not keep[slot]:
@@ -235,26 +302,33 @@ class Engine:
                 continue
             tokens = [int(t) for t in new[slot] if t >= 0]
             if tokens:
-                live.feed(tokens)
+                self._send_text(live, tokens)
             if done[slot]:
                 self._retire(slot, None)
+        self.timing["decode_host_s"] += time.perf_counter() - t1
+
+    def _send_text(self, live: _Live, tokens: list[int]) -> None:
+        text = live.feed(tokens)
+        if text:
+            self._post(live.job, {"type": "delta", "text": text})
 
     def _retire(self, slot: int, reason: str | None) -> None:
         """Free the slot and send the job's last text and its final event."""
         live, self._live[slot] = self._live[slot], None
+        self._freed_at[slot] = time.perf_counter()
         job = live.job
         if reason is None:
             tail = live.cutter.push(live.decoder.flush()) + live.cutter.finish()
             if tail:
                 if job.t_first is None:
                     job.t_first = time.perf_counter()
-                job.sink({"type": "delta", "text": tail})
+                self._post(job, {"type": "delta", "text": tail})
             hit_eos = not job.ignore_eos and job.last_token == self._eos
             reason = "stop" if (live.cutter.stopped or hit_eos
                                 or job.count < job.max_tokens) else "length"
         now = time.perf_counter()
         self.finished[reason] += 1
-        job.sink({"type": "done", "finish_reason": reason,
+        self._post(job, {"type": "done", "finish_reason": reason,
                   "usage": {"prompt_tokens": len(job.ids), "completion_tokens": job.count,
                             "total_tokens": len(job.ids) + job.count},
                   "ttft_ms": ((job.t_first or now) - job.t_submit) * 1e3,
@@ -262,6 +336,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         """Tell every job in flight or waiting that it failed, and start from clean slots."""
+        self._flush()  # what finished before the failure still gets its end
         with self._cv:
             jobs = [x.job for x in self._live if x is not None] + list(self._pending)
             self._pending.clear()

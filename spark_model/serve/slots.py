@@ -47,14 +47,13 @@ class RowSettings:
     def make(cls, temperature: float, top_k: int, top_p: float, seed: int,
              stop: list[str], max_new: int, eos_id: int) -> "RowSettings":
         """One request's settings (n = 1), as host arrays."""
-        spec = stops.StopSpec.make(stop, STOP_WIDTH)
+        stop_rows, stop_lengths = stops.StopSpec.host_arrays(stop, STOP_WIDTH)
         return cls(
             sampling=SamplingParams(temperature=np.array([temperature], np.float32),
                                     top_k=np.array([top_k], np.int32),
                                     top_p=np.array([top_p], np.float32),
                                     seed=np.array([seed], np.uint32)),
-            stop_spec=stops.StopSpec(np.asarray(spec.bytes_sm)[None],
-                                     np.asarray(spec.lengths_s)[None]),
+            stop_spec=stops.StopSpec(stop_rows[None], stop_lengths[None]),
             max_new=np.array([max_new], np.int32), eos_id=np.array([eos_id], np.int32))
 
     @staticmethod
@@ -127,9 +126,9 @@ def admit_jit(graphdef, params, slots: Slots, slot_n: jax.Array, prompt_np: jax.
     wait for the others' prefills one by one. The prompts run through the first n rows
     of the scratch cache, then only their bucket's positions are copied into the slots'
     rows: the rest of the batch's cache is neither read nor rewritten. The scratch needs
-    no clearing: prefill writes every position it reads. (The scheduler pads n to a
-    compiled size by repeating the last request: a repeated row writes the same values
-    into the same slot.)
+    no clearing: prefill writes every position it reads. (The scheduler admits in groups
+    of compiled sizes; a caller that pads a group by repeating a request is safe too: a
+    repeated row writes the same values into the same slot.)
     """
     model = nnx.merge(graphdef, params)
     big = slots.state.cache
