@@ -215,6 +215,7 @@ def test_llama3_8b_fits_one_wse3_at_128k_from_shapes():
     assert s["sram_max_fraction"] <= 1 - plan.target.reserve_fraction
 
 
+@pytest.mark.slow
 def test_too_large_model_is_split_or_refused():
     with pytest.raises(compiler.NoFit, match=r"bytes.*wafer"):
         compiler.compile("llama3-70b", "wse3")

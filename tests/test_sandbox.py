@@ -231,6 +231,7 @@ def test_forged_sentinels_are_not_a_pass():
     _assert_failed(result, "exited_early")
 
 
+@pytest.mark.slow
 def test_sample_does_not_outlive_a_killed_harness():
     # The harness itself is SIGKILLed mid-run, so nobody is left to enforce its timeout;
     # the launcher's own deadline (timeout + 5 s) must still end the sleeping sample.

@@ -300,6 +300,7 @@ def test_a_full_queue_answers_busy_at_once(one_slot):
     _wait_idle(one_slot)
 
 
+@pytest.mark.slow
 def test_64_concurrent_clients_all_complete(server, reference):
     """32 HTTP streaming clients and 32 WebSocket clients, 3 requests each."""
     n_tokens = 6

@@ -57,6 +57,7 @@ def test_stdlib_files() -> None:
     assert not any({"site-packages", "dist-packages"} & set(p.parts) for p in FILES)
 
 
+@pytest.mark.slow
 def test_roundtrip_all_stdlib(tok: Tokenizer) -> None:
     texts = [read_source(p) for p in FILES]
     assert len(texts) > 1000
