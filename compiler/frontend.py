@@ -166,6 +166,8 @@ class _Builder:
         base, k = op.name, 2
         while op.name in names:
             op.name, k = f"{base}#{k}", k + 1
+        # Work with no parameter of its own (rotary, activation, attention) belongs to the
+        # layer of the op before it; norms are placed by their scale's path.
         if op.layer is None and self.ops and self.ops[-1].layer is not None and op.kind in (
                 "vector", "attention") and not op.params:
             op.layer = self.ops[-1].layer
