@@ -94,8 +94,9 @@ def _read_all(fd: int) -> bytes:
         out += chunk
 
 
-def _read_available(fd: int) -> bytes:
-    """Whatever is in a pipe now, without waiting for writers that may never close it."""
+def read_available(fd: int) -> bytes:
+    """Whatever is in a pipe now, without waiting for writers that may never close it.
+    (Standard library only: the supervisor in eval.sandbox imports it too.)"""
     os.set_blocking(fd, False)
     out = bytearray()
     while True:
@@ -279,7 +280,7 @@ def main() -> None:
             status["signal"] = os.WTERMSIG(wstatus)
         else:
             status["exit_code"] = os.waitstatus_to_exitcode(wstatus)
-        status["sentinel"] = token in _read_available(done_r)
+        status["sentinel"] = token in read_available(done_r)
     except BaseException as e:  # noqa: BLE001 - the harness turns this into SandboxError
         status["error"] = f"sandbox setup failed: {type(e).__name__}: {e}"
         if sample_pid:

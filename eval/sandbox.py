@@ -80,6 +80,8 @@ import threading
 import time
 from pathlib import Path
 
+from eval._sandbox_launcher import read_available
+
 LAUNCHER = Path(__file__).with_name("_sandbox_launcher.py")
 UID_BASE = int(os.environ.get("SPARK_SANDBOX_UID_BASE", "60800"))
 UID_SLOTS = 64
@@ -486,7 +488,7 @@ def _run(source: str, plan: _Plan, uid: int | None, workdir: str, python: str,
     finally:
         _kill_group(proc, uid, plan)
         proc.wait()
-        status_raw = _drain(status_r)
+        status_raw = read_available(status_r)
         os.close(status_r)
     wall = time.monotonic() - start
     stdout = out.decode("utf-8", errors="replace")
@@ -530,19 +532,6 @@ def _run(source: str, plan: _Plan, uid: int | None, workdir: str, python: str,
     if sentinel:
         return result("failed", f"ran to the end but exited with status {code}", code)
     return result("failed", _reason_from_stderr(stderr, f"exited with status {code}"), code)
-
-
-def _drain(fd: int) -> bytes:
-    os.set_blocking(fd, False)
-    out = bytearray()
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return bytes(out)
-        if not chunk:
-            return bytes(out)
-        out += chunk
 
 
 def _kill_group(proc: subprocess.Popen, uid: int | None, plan: _Plan) -> None:
