@@ -1,0 +1,195 @@
+// Single-query attention over the KV cache, for the decode step on CPU (an XLA FFI handler).
+//
+// Why a kernel: expressed in XLA ops, each block of keys is first copied out of the cache
+// by a dynamic slice (about 8 GB/s on one core here) and then scored by a small library dot,
+// so a step at position 100K read its keys and values at about 6 GB/s. This kernel reads
+// them where they lie, once, and splits the positions over XLA's own intra-op threads.
+//
+// Axis letters as in spark_model: B batch, R cache rows (>= B), K kv heads, G query heads per
+// kv head, S cache positions, H head dim.
+//
+//   q    (B, K, G, H) f32, already scaled by 1/sqrt(H)
+//   k, v (R, K, S, H) f32: the cache; row b < B belongs to query b
+//   pos  (B,)        s32: query b attends to cache positions 0 .. pos[b]
+//   out  (B, K, G, H) f32
+//
+// Work is cut into units of one (b, kv head, span of CHUNK positions). Each unit computes a
+// partial softmax (max m, sum l, weighted values acc) over its span; partials of the same
+// (b, kv head) are then merged by rescaling, as in any split-K online softmax.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t CHUNK = 256;          // positions per unit of work
+constexpr int64_t SERIAL_BELOW = 8192;  // fewer (positions x kv heads) than this: one thread
+constexpr int64_t MAX_G = 16;           // query heads per kv head (scores live on the stack)
+
+struct Partial {
+  float m[MAX_G];
+  float l[MAX_G];
+};
+
+// One unit: positions [s0, s1) of one kv head. Writes m, l and acc (G x H). G_ and H_ are
+// the query heads per kv head and the head dim when known at compile time (0: runtime), so
+// the common shapes get fully unrolled loops with acc held in registers.
+template <int64_t G_, int64_t H_>
+void attend_span(const float* __restrict q, const float* __restrict k,
+                 const float* __restrict v, int64_t g_rt, int64_t h_rt, int64_t s0, int64_t s1,
+                 Partial& part, float* __restrict acc_out) {
+  const int64_t g_n = G_ ? G_ : g_rt;
+  const int64_t h_n = H_ ? H_ : h_rt;
+  float scores[MAX_G][CHUNK];  // (G, span): contiguous per query head, so exp vectorises
+  const int64_t n = s1 - s0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* __restrict kj = k + (s0 + j) * h_n;
+    for (int64_t g = 0; g < g_n; ++g) {
+      const float* __restrict qg = q + g * h_n;
+      float s = 0.f;
+      for (int64_t h = 0; h < h_n; ++h) s += qg[h] * kj[h];
+      scores[g][j] = s;
+    }
+  }
+  for (int64_t g = 0; g < g_n; ++g) {
+    float* sg = scores[g];
+    float m = sg[0];
+    for (int64_t j = 1; j < n; ++j) m = std::max(m, sg[j]);
+    float l = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      sg[j] = std::exp(sg[j] - m);
+      l += sg[j];
+    }
+    part.m[g] = m;
+    part.l[g] = l;
+  }
+  float acc[(G_ && H_) ? G_ * H_ : 1];
+  float* __restrict a = (G_ && H_) ? acc : acc_out;
+  std::fill(a, a + g_n * h_n, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* __restrict vj = v + (s0 + j) * h_n;
+    for (int64_t g = 0; g < g_n; ++g) {
+      const float p = scores[g][j];
+      for (int64_t h = 0; h < h_n; ++h) a[g * h_n + h] += p * vj[h];
+    }
+  }
+  if (G_ && H_) std::copy(a, a + g_n * h_n, acc_out);
+}
+
+using SpanFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t,
+                        int64_t, Partial&, float*);
+
+SpanFn pick_span(int64_t g_n, int64_t h_n) {
+#define SPARK_SPAN(G, H) \
+  if (g_n == G && h_n == H) return attend_span<G, H>;
+  SPARK_SPAN(1, 64) SPARK_SPAN(2, 64) SPARK_SPAN(4, 64) SPARK_SPAN(8, 64)
+  SPARK_SPAN(1, 128) SPARK_SPAN(2, 128) SPARK_SPAN(4, 128) SPARK_SPAN(8, 128)
+#undef SPARK_SPAN
+  return attend_span<0, 0>;
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                           ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const auto vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pos.dimensions().size() != 1 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()))
+    return ffi::Error::InvalidArgument(
+        "decode_attention: expected q (B,K,G,H), k and v (R,K,S,H), pos (B,)");
+  const int64_t b_n = qd[0], k_n = qd[1], g_n = qd[2], h_n = qd[3];
+  const int64_t r_n = kd[0], s_n = kd[2];
+  if (kd[1] != k_n || kd[3] != h_n || r_n < b_n || pos.dimensions()[0] != b_n)
+    return ffi::Error::InvalidArgument("decode_attention: q, cache and pos shapes disagree");
+  if (g_n > MAX_G) return ffi::Error::InvalidArgument("decode_attention: too many query heads per kv head");
+
+  const int32_t* pos_b = pos.typed_data();
+  // Units: (b, kh, chunk) for every chunk up to each row's own position.
+  std::vector<int64_t> first_unit(b_n * k_n + 1, 0);  // prefix sums over (b, kh)
+  std::vector<int64_t> n_keys(b_n);
+  int64_t total_keys = 0;
+  for (int64_t b = 0; b < b_n; ++b) {
+    n_keys[b] = std::clamp<int64_t>(int64_t{pos_b[b]} + 1, 0, s_n);
+    total_keys += n_keys[b] * k_n;
+    for (int64_t kh = 0; kh < k_n; ++kh)
+      first_unit[b * k_n + kh + 1] = first_unit[b * k_n + kh] + (n_keys[b] + CHUNK - 1) / CHUNK;
+  }
+  const int64_t n_units = first_unit[b_n * k_n];
+  std::vector<Partial> parts(n_units);
+  std::vector<float> accs(n_units * g_n * h_n);
+
+  const float* q_p = q.typed_data();
+  const float* k_p = k.typed_data();
+  const float* v_p = v.typed_data();
+  const SpanFn span = pick_span(g_n, h_n);
+  auto run_unit = [&](int64_t u) {
+    // The (b, kh) that unit u belongs to.
+    int64_t bk = static_cast<int64_t>(
+        std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin()) - 1;
+    const int64_t b = bk / k_n, kh = bk % k_n;
+    const int64_t s0 = (u - first_unit[bk]) * CHUNK;
+    const int64_t s1 = std::min(s0 + CHUNK, n_keys[b]);
+    const int64_t cache_off = ((b * k_n) + kh) * s_n * h_n;  // row b < R of (R, K, S, H)
+    span(q_p + bk * g_n * h_n, k_p + cache_off, v_p + cache_off, g_n, h_n, s0, s1,
+                parts[u], accs.data() + u * g_n * h_n);
+  };
+
+  const int64_t workers = total_keys < SERIAL_BELOW
+                              ? 1
+                              : std::clamp<int64_t>(pool.num_threads(), 1, n_units);
+  if (workers <= 1) {
+    for (int64_t u = 0; u < n_units; ++u) run_unit(u);
+  } else {
+    // Helpers pull units from a shared counter; the calling thread works too, then waits
+    // for every helper to finish (they reference this frame).
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> finished{0};
+    auto work = [&] {
+      for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) run_unit(u);
+    };
+    for (int64_t t = 1; t < workers; ++t) pool.Schedule([&] { work(); finished.fetch_add(1); });
+    work();
+    while (finished.load() < workers - 1) std::this_thread::yield();
+  }
+
+  // Merge the partials of each (b, kh) and normalise.
+  float* o_p = out->typed_data();
+  for (int64_t bk = 0; bk < b_n * k_n; ++bk) {
+    float* o = o_p + bk * g_n * h_n;
+    std::fill(o, o + g_n * h_n, 0.f);
+    for (int64_t g = 0; g < g_n; ++g) {
+      if (first_unit[bk] == first_unit[bk + 1]) continue;  // no positions: zeros
+      float m = parts[first_unit[bk]].m[g];
+      for (int64_t u = first_unit[bk]; u < first_unit[bk + 1]; ++u) m = std::max(m, parts[u].m[g]);
+      float l = 0.f;
+      for (int64_t u = first_unit[bk]; u < first_unit[bk + 1]; ++u) {
+        const float w = std::exp(parts[u].m[g] - m);
+        l += w * parts[u].l[g];
+        const float* a = accs.data() + (u * g_n + g) * h_n;
+        for (int64_t h = 0; h < h_n; ++h) o[g * h_n + h] += w * a[h];
+      }
+      for (int64_t h = 0; h < h_n; ++h) o[g * h_n + h] /= l;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // pos
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
