@@ -103,7 +103,13 @@ def prefill(model: Transformer, cache: KVCache, prompt_bp: jax.Array, prompt_len
 
     last = jnp.zeros((batch, model.cfg.d_model), jnp.dtype(model.cfg.dtype))
     cache, last = jax.lax.fori_loop(0, n_chunks, body, (cache, last))
-    logits_bv = model.logits(last[:, None, :])[:, 0]
+    return first_token(cache, model.logits(last[:, None, :])[:, 0], prompt_len_b, c, n_out)
+
+
+def first_token(cache: KVCache | None, logits_bv: jax.Array, prompt_len_b: jax.Array,
+                c: Constants, n_out: int) -> DecodeState:
+    """The state after a prefill: the first token sampled from the prompts' last logits."""
+    batch = logits_bv.shape[0]
     state = DecodeState(
         cache=cache, tokens_bn=jnp.zeros((batch, n_out), jnp.int32),
         count_b=jnp.zeros((batch,), jnp.int32), last_b=jnp.zeros((batch,), jnp.int32),

@@ -32,17 +32,23 @@ def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> nnx.Par
 def causal_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array
                      ) -> tuple[jax.Array, None]:
     """Plain masked softmax attention over one whole sequence (query i sees keys <= i)."""
+    t, s = q_btnh.shape[1], k_bskh.shape[1]
+    mask_ts = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
+    return masked_attention(q_btnh, k_bskh, v_bskh, mask_ts), None
+
+
+def masked_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                     mask_ts: jax.Array) -> jax.Array:
+    """Softmax attention where query t sees key s iff mask_ts[t, s] (each row needs one)."""
     n_kv = k_bskh.shape[2]
     q = rearrange(q_btnh, "b t (k g) h -> b t k g h", k=n_kv)
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh,
                         preferred_element_type=jnp.float32) * scale
-    t, s = scores.shape[-2], scores.shape[-1]
-    mask_ts = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
     scores = jnp.where(mask_ts, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
     o = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-    return rearrange(o, "b t k g h -> b t (k g) h"), None
+    return rearrange(o, "b t k g h -> b t (k g) h")
 
 
 class Attention(nnx.Module):

@@ -173,6 +173,33 @@ def test_websocket_overlapping_requests_are_complete_and_attributed(server, refe
     assert got["same-a"]["text"] == got["same-b"]["text"]
 
 
+def test_packed_and_batched_admissions_both_reproduce_generate(server, reference):
+    """Short prompts arriving together are prefilled packed into one sequence; a group
+    over PACK_MAX tokens takes the batched prefill. Both must serve generate's text."""
+    from spark_model.serve.scheduler import PACK_MAX
+
+    long_prompt = "import os\n" + "x = os.path.join('a', 'b')\n" * 60
+    assert len(reference.tokenizer.encode(long_prompt, bos=True)) > PACK_MAX
+    groups = [{f"s{i}": (p, 12) for i, p in enumerate(PROMPTS)},  # packed: 4 short prompts
+              {"long": (long_prompt, 12), "short": (PROMPTS[1], 12)}]  # batched
+    timing = server.app.state.engine.timing
+    for jobs, path in zip(groups, ["admit_packed_calls", "admit_batched_calls"]):
+        _wait_idle(server)
+        calls = timing[path]
+
+        async def run():
+            async with websockets.connect(server.ws_url) as ws:
+                for rid, (prompt, n) in jobs.items():
+                    await ws.send(json.dumps({"type": "request", "id": rid, "prompt": prompt,
+                                              "max_tokens": n, "temperature": 0}))
+                return await _collect(ws, list(jobs))
+
+        got = asyncio.run(run())
+        for rid, (prompt, n) in jobs.items():
+            assert got[rid]["text"] == reference.generate(prompt, n), rid
+        assert timing[path] > calls, path
+
+
 def test_websocket_cancel_frees_the_slot(one_slot):
     async def run():
         async with websockets.connect(one_slot.ws_url) as ws:

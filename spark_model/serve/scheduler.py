@@ -47,6 +47,9 @@ STEP_CHOICES = (1, 2, 4, 8)  # decode steps per call: a few compiled variants
 # Shortest prompt bucket. Prefill is compute-bound on CPU and short chat and completion
 # prompts are mostly under 8 tokens, so a bucket of 8 halves their prefill against 16.
 PROMPT_MIN = 8
+# A group whose prompts total at most this many tokens is prefilled packed into one
+# sequence (its cost follows the tokens it has); larger groups use the batched prefill.
+PACK_MAX = 256
 
 
 class Busy(Exception):
@@ -224,31 +227,55 @@ class Engine:
         return any(x is not None for x in self._live)
 
     def _admit(self, admits: list[tuple[int, Job]]) -> None:
-        """Prefill these jobs and deliver each one's first token, in groups of compiled
-        sizes, largest first (6 = 4 + 2), shortest prompts first.
+        """Prefill these jobs and deliver each one's first token.
 
-        Padding a group up to a compiled size (6 to 8) would prefill whole rows for
-        nothing, and prefill is compute-bound; in parts, the first part's requests also get
-        their first tokens sooner (sent while the next part runs). Prompts sorted by length
-        keep a long prompt from putting short ones into its larger bucket.
+        Short prompts (PACK_MAX tokens in all) go in one packed call: its cost follows
+        their tokens, and the group is padded up to a compiled size by repeating its last
+        request, which costs no compute (the repeat points at the same packed tokens and
+        writes the same values into the same slot). Longer ones are prefilled as batch
+        rows in groups of compiled sizes, largest first (6 = 4 + 2), shortest prompts
+        first: padding 6 rows to 8 would prefill whole rows for nothing, and the first
+        part's requests get their first tokens while the next part runs. Sorting by length
+        keeps a long prompt from putting short ones into its larger bucket.
         """
         admits = sorted(admits, key=lambda a: len(a[1].ids))
+        if self._packs(sum(len(job.ids) for _, job in admits)):
+            self._admit_group(admits)
+            return
         while admits:
             size = max(w for w in self.widths if w <= len(admits))
             self._admit_group(admits[:size])
             admits = admits[size:]
 
+    def _packs(self, n_tokens: int) -> bool:
+        return generation.bucket(n_tokens, PROMPT_MIN) <= min(PACK_MAX, self.model.capacity)
+
     def _admit_group(self, group: list[tuple[int, Job]]) -> None:
         m = self.model
         t0 = time.perf_counter()
-        prompt_np, len_n = generation.pad_prompts([job.ids for _, job in group],
-                                                  m.tokenizer.pad_id, PROMPT_MIN)
-        rows = slots_mod.RowSettings.stack([slots_mod.RowSettings.make(
+        rows = [slots_mod.RowSettings.make(
             job.temperature, job.top_k, job.top_p, job.seed, list(job.stop), job.max_tokens,
-            -1 if job.ignore_eos else self._eos) for _, job in group])
-        self._slots, first, done = slots_mod.admit_jit(
-            m.graphdef, m.params, self._slots, np.array([s for s, _ in group], np.int32),
-            prompt_np, len_n, rows)
+            -1 if job.ignore_eos else self._eos) for _, job in group]
+        slot_n = np.array([s for s, _ in group], np.int32)
+        len_n = np.array([len(job.ids) for _, job in group], np.int32)
+        if self._packs(int(len_n.sum())):
+            self.timing["admit_packed_calls"] += 1
+            tokens = np.full((generation.bucket(int(len_n.sum()), PROMPT_MIN),),
+                             m.tokenizer.pad_id, np.int32)
+            tokens[:len_n.sum()] = np.concatenate([job.ids for _, job in group])
+            start_n = (np.cumsum(len_n) - len_n).astype(np.int32)
+            pad = next(w for w in self.widths if w >= len(group)) - len(group)
+            rep = lambda x: np.concatenate([x, np.repeat(x[-1:], pad)])  # noqa: E731
+            self._slots, first, done = slots_mod.admit_packed_jit(
+                m.graphdef, m.params, self._slots, rep(slot_n), tokens, rep(start_n),
+                rep(len_n), slots_mod.RowSettings.stack(rows + rows[-1:] * pad))
+        else:
+            self.timing["admit_batched_calls"] += 1
+            prompt_np, len_n = generation.pad_prompts([job.ids for _, job in group],
+                                                      m.tokenizer.pad_id, PROMPT_MIN)
+            self._slots, first, done = slots_mod.admit_jit(
+                m.graphdef, m.params, self._slots, slot_n, prompt_np, len_n,
+                slots_mod.RowSettings.stack(rows))
         self._flush()
         first, done = jax.device_get((first, done))
         t1 = time.perf_counter()

@@ -24,11 +24,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx, struct
 
 from spark_model import engine, stops
 from spark_model.engine import Constants, DecodeState
 from spark_model.kv_cache import KVCache, init_cache
+from spark_model.modules import masked_attention
 from spark_model.sampling import SamplingParams, sample
 
 STOP_WIDTH = 64  # bytes per stop string (the tail each slot keeps for matching)
@@ -122,40 +124,86 @@ def admit_jit(graphdef, params, slots: Slots, slot_n: jax.Array, prompt_np: jax.
     """Prefill n prompts together and install each, with its settings, in slot slot_n[i];
     also return their first tokens and whether each already ended there.
 
-    Requests that arrive together are admitted together, so the last of them does not
-    wait for the others' prefills one by one. The prompts run through the first n rows
-    of the scratch cache, then only their bucket's positions are copied into the slots'
-    rows: the rest of the batch's cache is neither read nor rewritten. The scratch needs
-    no clearing: prefill writes every position it reads. (The scheduler admits in groups
-    of compiled sizes; a caller that pads a group by repeating a request is safe too: a
-    repeated row writes the same values into the same slot.)
+    The prompts run through the first n rows of the scratch cache (the chunked prefill of
+    `generate`), then only their bucket's positions are copied into the slots' rows: the
+    rest of the batch's cache is neither read nor rewritten. The scratch needs no
+    clearing: prefill writes every position it reads. (A caller that pads a group by
+    repeating a request is safe: a repeated row writes the same values into the same slot.)
     """
     model = nnx.merge(graphdef, params)
-    big = slots.state.cache
     n, p = prompt_np.shape
     c = rows.to_constants(slots.consts)
-    n_out = slots.state.tokens_bn.shape[1]
-    first = engine.prefill(model, slots.scratch, prompt_np, prompt_len_n, c, n_out)
-    keep = min(p, big.length)  # positions worth copying: the (padded) prompt
+    first = engine.prefill(model, slots.scratch, prompt_np, prompt_len_n, c,
+                           slots.state.tokens_bn.shape[1])
+    keep = min(p, slots.state.cache.length)  # positions worth copying: the (padded) prompt
+    row_kv = lambda x_rksh, i: x_rksh[i:i + 1, :, :keep]  # noqa: E731
+    new = _install(slots, slot_n, first, c, [(row_kv, k, v) for k, v in
+                                             zip(first.cache.k, first.cache.v)])
+    return new.replace(scratch=first.cache), first.last_b, first.done_b
 
-    def install(big_x, small_x):
-        for i in range(n):
-            big_x = _put_row(big_x, small_x[i:i + 1, :, :keep], slot_n[i])
-        return big_x
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def admit_packed_jit(graphdef, params, slots: Slots, slot_n: jax.Array, tokens_p: jax.Array,
+                     start_n: jax.Array, prompt_len_n: jax.Array, rows: RowSettings
+                     ) -> tuple[Slots, jax.Array, jax.Array]:
+    """`admit_jit` for short prompts, packed: prompt i is tokens_p[start_n[i]:][:len_n[i]].
+
+    One sequence of P tokens holds every prompt back to back, each at its own positions
+    0 .. len - 1 and seeing only its own earlier tokens, so a group of short prompts costs
+    the tokens it has rather than n times the longest (a batch of rows pads each prompt to
+    the longest one). Prompt i's keys and values are then copied into slot_n[i]'s row: P
+    positions from its start, of which those past its end are padding that the request
+    overwrites before it ever reads them. Needs start_n[i] + P <= 2P, always true.
+    """
+    model = nnx.merge(graphdef, params)
+    p = tokens_p.shape[0]
+    c = rows.to_constants(slots.consts)
+    seg_p = jnp.sum(jnp.arange(p)[:, None] >= start_n[None, :], axis=1)  # prompt of each token
+    pos_p = jnp.arange(p) - start_n[seg_p - 1]  # position inside its own prompt
+    mask_ts = (seg_p[:, None] == seg_p[None, :]) & (jnp.arange(p)[None, :] <= jnp.arange(p)[:, None])
+
+    def attend(q, k, v):
+        return masked_attention(q, k, v, mask_ts), (k, v)
+
+    x_1pd, kvs = model.hidden(tokens_p[None], pos_p[None], [attend] * model.cfg.n_layers)
+    last_nd = x_1pd[0, start_n + prompt_len_n - 1]
+    first = engine.first_token(None, model.logits(last_nd[:, None])[:, 0], prompt_len_n, c,
+                               slots.state.tokens_bn.shape[1])
+
+    def row_kv(x_1pkh, i):  # (1, K, P, H): P positions from prompt i's start
+        padded = jnp.concatenate([x_1pkh, jnp.zeros_like(x_1pkh)], axis=1)
+        block = jax.lax.dynamic_slice_in_dim(padded, start_n[i], p, axis=1)
+        return rearrange(block, "1 p k h -> 1 k p h")
+
+    new = _install(slots, slot_n, first, c, [(row_kv, k, v) for k, v in kvs])
+    return new, first.last_b, first.done_b
+
+
+def _install(slots: Slots, slot_n, first: DecodeState, c: Constants, layers) -> Slots:
+    """Copy n admitted requests into their slots: each layer's keys and values
+    (row_kv(x, i) gives request i's block, written from position 0 of its row), the
+    per-row decode state, and the per-row settings."""
+    big = slots.state.cache
+    n = slot_n.shape[0]
 
     def put_rows(big_x, rows_x):
         for i in range(n):
             big_x = _put_row(big_x, rows_x[i:i + 1], slot_n[i])
         return big_x
 
-    cache = KVCache(k=tuple(map(install, big.k, first.cache.k)),
-                    v=tuple(map(install, big.v, first.cache.v)))
+    def install(big_x, row_kv, small_x):
+        for i in range(n):
+            big_x = _put_row(big_x, row_kv(small_x, i), slot_n[i])
+        return big_x
+
+    cache = KVCache(k=tuple(install(bk, f, k) for bk, (f, k, _) in zip(big.k, layers)),
+                    v=tuple(install(bv, f, v) for bv, (f, _, v) in zip(big.v, layers)))
     state = slots.state.replace(cache=cache, **{
         f: put_rows(getattr(slots.state, f), getattr(first, f)) for f in _ROW_FIELDS})
     consts = slots.consts.replace(**{
         name: jax.tree.map(put_rows, getattr(slots.consts, name), getattr(c, name))
         for name in _PER_ROW})
-    return Slots(state=state, consts=consts, scratch=first.cache), first.last_b, first.done_b
+    return slots.replace(state=state, consts=consts)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=(2,))
