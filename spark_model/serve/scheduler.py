@@ -265,7 +265,10 @@ class Engine:
             tokens[:len_n.sum()] = np.concatenate([job.ids for _, job in group])
             start_n = (np.cumsum(len_n) - len_n).astype(np.int32)
             pad = next(w for w in self.widths if w >= len(group)) - len(group)
-            rep = lambda x: np.concatenate([x, np.repeat(x[-1:], pad)])  # noqa: E731
+
+            def rep(x):  # the group padded to a compiled size with its last request
+                return np.concatenate([x, np.repeat(x[-1:], pad)])
+
             self._slots, first, done = slots_mod.admit_packed_jit(
                 m.graphdef, m.params, self._slots, rep(slot_n), tokens, rep(start_n),
                 rep(len_n), slots_mod.RowSettings.stack(rows + rows[-1:] * pad))

@@ -136,7 +136,9 @@ def admit_jit(graphdef, params, slots: Slots, slot_n: jax.Array, prompt_np: jax.
     first = engine.prefill(model, slots.scratch, prompt_np, prompt_len_n, c,
                            slots.state.tokens_bn.shape[1])
     keep = min(p, slots.state.cache.length)  # positions worth copying: the (padded) prompt
-    row_kv = lambda x_rksh, i: x_rksh[i:i + 1, :, :keep]  # noqa: E731
+    def row_kv(x_rksh, i):  # request i's prompt positions, from its scratch row
+        return x_rksh[i:i + 1, :, :keep]
+
     new = _install(slots, slot_n, first, c, [(row_kv, k, v) for k, v in
                                              zip(first.cache.k, first.cache.v)])
     return new.replace(scratch=first.cache), first.last_b, first.done_b
