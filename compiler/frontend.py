@@ -23,6 +23,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from compiler.ir import CompilerError, Graph, Op, ParamInfo, check_graph
+from spark_model import kernels
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import ATTENTION_OP, KVCache, cache_length
 from spark_model.transformer import abstract_model
@@ -81,8 +82,11 @@ def trace(cfg: ModelConfig, cache_len: int | None = None, batch: int = 1):
     names, leaves, graphdef, treedef = param_tree(cfg)
     cache_len = cache_len or cache_length(1)
     tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    closed = jax.make_jaxpr(decode_step(graphdef, treedef))(
-        leaves, tok, tok, abstract_cache(cfg, batch, cache_len))
+    # The model's own operations, not the CPU's native decode kernels (a fresh closure, so
+    # no earlier trace of the step is reused).
+    with kernels.disabled():
+        closed = jax.make_jaxpr(decode_step(graphdef, treedef))(
+            leaves, tok, tok, abstract_cache(cfg, batch, cache_len))
     return closed, names, leaves
 
 
@@ -213,11 +217,20 @@ class _Builder:
 
     def _has_residual(self, eqns, produced) -> bool:
         """A residual add sums two vectors made by other ops (an add inside a norm or the
-        rotary works on values made within the segment, or on a constant)."""
+        rotary works on values made within the segment, or on a constant). A value only
+        re-laid out within the segment (a reshape of another op's output) still counts as
+        made by that op."""
         inside = set(produced)
-        return any(e.primitive.name == "add" and all(
-            isinstance(v, jcore.Var) and v not in inside and v in self.producer
-            for v in e.invars) for e in eqns)
+        relaid = {e.outvars[0]: e.invars[0] for e in eqns
+                  if e.primitive.name in LAYOUT and isinstance(e.invars[0], jcore.Var)}
+
+        def from_other_op(v) -> bool:
+            while v in relaid:
+                v = relaid[v]
+            return isinstance(v, jcore.Var) and v not in inside and v in self.producer
+
+        return any(e.primitive.name == "add" and all(map(from_other_op, e.invars))
+                   for e in eqns)
 
     def _consumed_outputs(self, ids, produced):
         """Outputs of equations `ids` that something outside them reads."""

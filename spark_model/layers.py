@@ -1,4 +1,5 @@
-"""Small building blocks: RMSNorm and rotary position embedding with Llama 3.1 scaling."""
+"""Small building blocks: RMSNorm, rotary position embedding with Llama 3.1 scaling, and the
+row-wise product every projection uses."""
 
 from __future__ import annotations
 
@@ -8,9 +9,23 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
+from spark_model import kernels
 from spark_model.config import RopeScaling
+
+
+def rows_linear(x_btk: jax.Array, w: jax.Array, *, transposed: bool = False,
+                preferred_element_type=None) -> jax.Array:
+    """(B, T, K) times a (K, N) weight, or a (N, K) one when `transposed`: (B, T, N).
+
+    One 2-D product over the B*T rows (`kernels.linear`): native threads for a decode step's
+    few rows on CPU, an XLA dot otherwise.
+    """
+    y = kernels.linear(rearrange(x_btk, "b t k -> (b t) k"), w, transposed=transposed,
+                       preferred_element_type=preferred_element_type)
+    return rearrange(y, "(b t) n -> b t n", b=x_btk.shape[0])
 
 
 class RMSNorm(nnx.Module):

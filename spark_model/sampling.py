@@ -31,6 +31,18 @@ class SamplingParams:
                    seed=jnp.asarray(seeds, jnp.uint32))
 
 
+def argmax(logits_bv: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (first maximum; first NaN if any), as int32.
+
+    Written as a max and a min: XLA:CPU runs jnp.argmax's (value, index) reduction at
+    about 25 us over 8K logits, these two plain reductions at about 5.
+    """
+    top = jnp.max(logits_bv, axis=-1, keepdims=True)  # NaN if any logit is NaN
+    hit = (logits_bv == top) | jnp.isnan(logits_bv)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, logits_bv.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, logits_bv.shape[-1]), axis=-1)
+
+
 def _plain_row(logits_v, temperature, seed, step):
     """Temperature sampling over the whole vocabulary: no sort needed."""
     key = jax.random.fold_in(jax.random.key(seed), step)
@@ -59,7 +71,7 @@ def sample(logits_bv: jax.Array, params: SamplingParams, step: jax.Array) -> jax
     their own generations (the serving engine's slots): a row's draw depends only on its
     seed and its own step, so it is the same whether it runs alone or beside others.
     """
-    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits_bv)
     step_b = jnp.broadcast_to(step, greedy.shape)
 
     def truncated(_):

@@ -11,7 +11,7 @@ from flax import nnx
 from spark_model import kv_cache
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import KVCache
-from spark_model.layers import RMSNorm
+from spark_model.layers import RMSNorm, rows_linear
 from spark_model.modules import AttendFn, Block, causal_attention
 
 
@@ -39,11 +39,11 @@ class Transformer(nnx.Module):
     def logits(self, x_btd: jax.Array) -> jax.Array:
         """Final norm and output projection; logits are always f32."""
         x_btd = self.final_norm(x_btd)
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings:  # (V, D): the embedding table, used transposed
             w_vd = self.embed[...].astype(x_btd.dtype)
-            return jnp.einsum("btd,vd->btv", x_btd, w_vd, preferred_element_type=jnp.float32)
-        w_dv = self.lm_head[...].astype(x_btd.dtype)
-        return jnp.einsum("btd,dv->btv", x_btd, w_dv, preferred_element_type=jnp.float32)
+            return rows_linear(x_btd, w_vd, transposed=True, preferred_element_type=jnp.float32)
+        return rows_linear(x_btd, self.lm_head[...].astype(x_btd.dtype),
+                           preferred_element_type=jnp.float32)
 
     def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array,
                attends: Sequence[AttendFn]) -> tuple[jax.Array, list[Any]]:

@@ -1,4 +1,4 @@
-"""The native decode attention against a direct softmax, and its XLA fallback likewise."""
+"""The native decode kernels against float64 references, and their XLA fallbacks likewise."""
 
 import math
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spark_model import kernels
+from spark_model import kernels, sampling
 from spark_model.kv_cache import blocked_attention, cache_length, cached_attention
 
 
@@ -69,3 +69,65 @@ def test_build_failure_falls_back_with_a_reason(monkeypatch, tmp_path):
         assert not kernels.available()
     assert "internal compiler error" in kernels.status()
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left behind
+
+
+def _native_or_skip():
+    if not kernels.usable(jnp.zeros((), jnp.float32)):
+        pytest.skip(kernels.status())
+
+
+# Row counts 1..MAX_ROWS go native, MAX_ROWS + 1 falls back to the XLA dot; K not a multiple
+# of the 4-row unroll, and weights both above and below the size that runs serially.
+@pytest.mark.parametrize("m", [1, 3, kernels.MAX_ROWS, kernels.MAX_ROWS + 1])
+@pytest.mark.parametrize("k, n", [(256, 768), (771, 130), (8, 8)])
+def test_linear_matches_float64(m, k, n):
+    _native_or_skip()
+    rng = np.random.default_rng(m * k + n)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w_kn = rng.normal(size=(k, n)).astype(np.float32)
+    w2 = rng.normal(size=(k, 3)).astype(np.float32)
+    ref = x.astype(np.float64) @ w_kn
+    tol = dict(atol=1e-4 * math.sqrt(k), rtol=1e-5)
+    got = jax.jit(kernels.linear)(x, w_kn)
+    np.testing.assert_allclose(np.asarray(got), ref, **tol)
+    got_t = jax.jit(lambda x, w: kernels.linear(x, w, transposed=True))(x, w_kn.T.copy())
+    np.testing.assert_allclose(np.asarray(got_t), ref, **tol)
+    many = jax.jit(kernels.linear_many)(x, [w_kn, w2])
+    np.testing.assert_allclose(np.asarray(many[0]), ref, **tol)
+    np.testing.assert_allclose(np.asarray(many[1]), x.astype(np.float64) @ w2, **tol)
+
+
+def test_linear_gradient_is_the_xla_gradient():
+    _native_or_skip()
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 64)), jnp.float32)
+    ws = [jnp.asarray(rng.normal(size=(64, n)), jnp.float32) for n in (32, 16)]
+    wt = jnp.asarray(rng.normal(size=(48, 64)), jnp.float32)
+
+    def loss(x, ws, wt):
+        ys = kernels.linear_many(x, ws) + [kernels.linear(x, wt, transposed=True)]
+        return sum(jnp.sum(jnp.tanh(y / 8)) for y in ys)
+
+    def traced(fn):  # a fresh function each time: no trace is reused from a cache
+        return str(jax.make_jaxpr(lambda *a: fn(*a))(x, ws, wt))
+
+    native = jax.grad(loss, argnums=(0, 1, 2))(x, ws, wt)
+    assert "spark_matvec" in traced(loss)
+    with kernels.disabled():  # traced inside: plain XLA dots
+        assert "ffi_call" not in traced(loss)
+        xla = jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2))(x, ws, wt)
+    for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(xla)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_argmax_matches_numpy_on_ties_infinities_and_nans():
+    rows = np.array([
+        [1.0, 3.0, 3.0, 2.0],            # tie: the first maximum
+        [-np.inf, -np.inf, -np.inf, -np.inf],
+        [1.0, np.inf, 2.0, np.inf],
+        [1.0, np.nan, 5.0, np.nan],      # NaN: the first NaN, as numpy and jnp.argmax
+        [0.5, -1.0, 7.0, 6.9],
+    ], np.float32)
+    assert np.asarray(sampling.argmax(jnp.asarray(rows))).tolist() == np.argmax(rows, -1).tolist()
+    big = np.random.default_rng(0).normal(size=(3, 8192)).astype(np.float32)
+    assert np.asarray(jax.jit(sampling.argmax)(big)).tolist() == np.argmax(big, -1).tolist()

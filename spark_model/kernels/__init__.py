@@ -1,18 +1,26 @@
 """Native CPU kernels called from inside the compiled programs (XLA FFI custom calls).
 
-One kernel today: `decode_attention`, single-query attention over the KV cache (see
-decode_attention.cc for why it exists). It is built from source with the machine's C++
-compiler on first use, into ``$SPARK_CACHE_DIR/kernels`` (default ``~/.cache/spark``), keyed
-by the source, the flags, the jax version and the CPU, and registered with XLA.
+Two kernels, each with a comment at the top of its source that says why it exists:
 
-Everything works without it: when no compiler is found, the build fails, the backend is not
-the CPU or ``SPARK_KERNELS=0`` is set, `kv_cache` uses its pure-XLA attention instead (same
-results, slower at long context). `status()` says which is in use and why.
+- `decode_attention` (decode_attention.cc): single-query attention over the KV cache;
+- `linear` (matvec.cc): the layer products of a decode step, (M <= 8, K) x (K, N) on all
+  intra-op threads; larger products (prefill, training) stay XLA dots.
+
+They are built from source with the machine's C++ compiler on first use, into one library
+under ``$SPARK_CACHE_DIR/kernels`` (default ``~/.cache/spark``), keyed by the sources, the
+flags, the jax version and the CPU, and registered with XLA.
+
+Everything works without them: when no compiler is found, the build fails, the backend is
+not the CPU, ``SPARK_KERNELS=0`` is set or code is traced inside `disabled()` (the wafer
+compiler does, to see the model's own operations), plain XLA operations run instead (same
+results to rounding, slower). `status()` says which is in use and why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -21,17 +29,23 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).with_name("decode_attention.cc")
-TARGET = "spark_decode_attention"
+HERE = Path(__file__).parent
+SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc")
+HEADERS = (HERE / "parallel.h",)
+TARGETS = {"spark_decode_attention": "SparkDecodeAttention", "spark_matvec": "SparkMatVec",
+           "spark_matvec_t": "SparkMatVecT"}  # XLA target name -> exported symbol
+MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
 # -ffast-math lets the compiler vectorise the exp and the dot-product reductions; the kernel
 # never forms an infinity or a NaN from finite inputs, which that flag assumes.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
 
 _state: dict = {}  # "ok": bool, "why": str, "path": Path
+_disabled = 0  # > 0 inside `disabled()`
 
 
 def _cache_dir() -> Path:
@@ -62,15 +76,15 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     key = hashlib.sha256(b"\0".join([
-        SOURCE.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(), jax.__version__.encode(),
-        _cpu_tag().encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"decode_attention-{key}.so"
+        *(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(), cxx.encode(),
+        jax.__version__.encode(), _cpu_tag().encode()])).hexdigest()[:16]
+    out = _cache_dir() / f"spark_kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
@@ -89,32 +103,48 @@ def _load() -> None:
     try:
         path = _build()
         lib = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SparkDecodeAttention),
-                                    platform="cpu")
-        _state.update(ok=True, why=f"native decode attention from {path}", path=path)
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+        _state.update(ok=True, why=f"native decode kernels from {path}", path=path)
     except Exception as e:  # any failure leaves the pure-XLA path in place
-        _state.update(ok=False, why=f"native decode attention unavailable: {e}")
-        warnings.warn(f"{_state['why']}; using the slower XLA attention", stacklevel=3)
+        _state.update(ok=False, why=f"native decode kernels unavailable: {e}")
+        warnings.warn(f"{_state['why']}; using the slower XLA operations", stacklevel=3)
 
 
 def available() -> bool:
-    """Whether the native decode attention is built and registered (builds on first call)."""
+    """Whether the native kernels are built and registered (builds on first call)."""
     if not _state:
         _load()
     return _state["ok"]
 
 
 def status() -> str:
-    """One line: which decode attention runs, and why."""
+    """One line: which decode kernels run, and why."""
     if jax.default_backend() != "cpu":
-        return f"XLA decode attention (backend {jax.default_backend()})"
+        return f"XLA decode operations (backend {jax.default_backend()})"
     available()
     return _state["why"]
 
 
-def usable(q: jax.Array, k: jax.Array) -> bool:
-    """Whether a decode step with these operands can use the kernel."""
-    return (q.dtype == jnp.float32 and k.dtype == jnp.float32
+@contextlib.contextmanager
+def disabled():
+    """Code traced inside this block uses XLA operations only (e.g. to export the step).
+
+    It governs tracing, so it applies to functions traced inside it: a jitted function
+    already traced with the same shapes outside the block keeps that trace.
+    """
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def usable(*operands: jax.Array) -> bool:
+    """Whether operands of these dtypes can go to a native kernel here and now."""
+    return (not _disabled and all(a.dtype == jnp.float32 for a in operands)
             and jax.default_backend() == "cpu" and available())
 
 
@@ -125,5 +155,52 @@ def decode_attention(q_bkgh: jax.Array, k_rksh: jax.Array, v_rksh: jax.Array,
     The cache may have more rows R than there are queries; rows past B are not read.
     """
     out = jax.ShapeDtypeStruct(q_bkgh.shape, jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
+    return jax.ffi.ffi_call("spark_decode_attention", out, vmap_method="sequential")(
         q_bkgh, k_rksh, v_rksh, pos_b.astype(jnp.int32))
+
+
+def linear(x_mk: jax.Array, w: jax.Array, *, transposed: bool = False,
+           preferred_element_type=None) -> jax.Array:
+    """x (M, K) @ w (K, N), or x @ w.T for a (N, K) w when `transposed`.
+
+    Up to MAX_ROWS rows in f32 on CPU this is the native kernel, which splits the product
+    over the intra-op threads (differentiable: its gradient is the XLA one); anything else
+    is an XLA dot (accumulating in `preferred_element_type` if given).
+    """
+    if x_mk.shape[0] <= MAX_ROWS and usable(x_mk, w):
+        return _native_linear(x_mk, (w,), transposed)[0]
+    # Contract w's own axis (no transpose op), so a reader of the program sees which it is.
+    return jnp.einsum("mk,nk->mn" if transposed else "mk,kn->mn", x_mk, w,
+                      preferred_element_type=preferred_element_type)
+
+
+def linear_many(x_mk: jax.Array, ws: Sequence[jax.Array]) -> list[jax.Array]:
+    """[x @ w for w in ws] for (K, N_i) weights: natively one call that reads x once."""
+    if x_mk.shape[0] <= MAX_ROWS and usable(x_mk, *ws):
+        return list(_native_linear(x_mk, tuple(ws), False))
+    return [x_mk @ w for w in ws]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _native_linear(x_mk: jax.Array, ws: tuple[jax.Array, ...], transposed: bool):
+    m = x_mk.shape[0]
+    if transposed:  # one (N, K) weight
+        out = jax.ShapeDtypeStruct((m, ws[0].shape[0]), jnp.float32)
+        return (jax.ffi.ffi_call("spark_matvec_t", out, vmap_method="sequential")(x_mk, ws[0]),)
+    outs = tuple(jax.ShapeDtypeStruct((m, w.shape[1]), jnp.float32) for w in ws)
+    return tuple(jax.ffi.ffi_call("spark_matvec", outs, vmap_method="sequential")(x_mk, *ws))
+
+
+def _native_linear_fwd(x_mk, ws, transposed):
+    return _native_linear(x_mk, ws, transposed), (x_mk, ws)
+
+
+def _native_linear_bwd(transposed, res, gs):
+    x_mk, ws = res
+    if transposed:  # y = x @ w.T
+        return gs[0] @ ws[0], (gs[0].T @ x_mk,)
+    dx = sum(g @ w.T for g, w in zip(gs, ws))
+    return dx, tuple(x_mk.T @ g for g in gs)
+
+
+_native_linear.defvjp(_native_linear_fwd, _native_linear_bwd)

@@ -18,12 +18,11 @@
 // (b, kv head) are then merged by rescaling, as in any split-K online softmax.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -143,23 +142,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                 parts[u], accs.data() + u * g_n * h_n);
   };
 
-  const int64_t workers = total_keys < SERIAL_BELOW
-                              ? 1
-                              : std::clamp<int64_t>(pool.num_threads(), 1, n_units);
-  if (workers <= 1) {
-    for (int64_t u = 0; u < n_units; ++u) run_unit(u);
-  } else {
-    // Helpers pull units from a shared counter; the calling thread works too, then waits
-    // for every helper to finish (they reference this frame).
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> finished{0};
-    auto work = [&] {
-      for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) run_unit(u);
-    };
-    for (int64_t t = 1; t < workers; ++t) pool.Schedule([&] { work(); finished.fetch_add(1); });
-    work();
-    while (finished.load() < workers - 1) std::this_thread::yield();
-  }
+  const int64_t workers = total_keys < SERIAL_BELOW ? 1 : pool.num_threads();
+  spark::parallel_units(pool, n_units, workers, run_unit);
 
   // Merge the partials of each (b, kh) and normalise.
   float* o_p = out->typed_data();
