@@ -76,8 +76,9 @@ def _native_or_skip():
         pytest.skip(kernels.status())
 
 
-# Row counts 1..MAX_ROWS go native, MAX_ROWS + 1 falls back to the XLA dot; K not a multiple
-# of the 4-row unroll, and weights both above and below the size that runs serially.
+# Row counts 1..MAX_ROWS go native, MAX_ROWS + 1 falls back to the XLA dot; K and N off the
+# kernels' 8-row and 32-column blocks, and weights both above and below the size that runs
+# serially.
 @pytest.mark.parametrize("m", [1, 3, kernels.MAX_ROWS, kernels.MAX_ROWS + 1])
 @pytest.mark.parametrize("k, n", [(256, 768), (771, 130), (8, 8)])
 def test_linear_matches_float64(m, k, n):
