@@ -4,7 +4,9 @@ Every figure is measured in the same process on the same machine:
   1. tokens/s at batch 1 (16-token prompt, 256 new tokens, greedy, 128K-capacity cache);
   2. the roofline: parameter bytes over the GEMV bandwidth measured here;
   3. decode step time at filled positions 1K, 16K, 100K of a 128K cache (synthetic K/V),
-     next to its bound (weights + K/V up to p) / bandwidth;
+     next to its bound (weights + K/V up to p) / GEMV bandwidth, and next to a memory-level
+     bound: weights over the GEMV bandwidth plus K/V over the bandwidth of one streaming
+     read of that many bytes (a long cache does not fit in the caches the GEMV runs from);
   4. time to first token for a 1,000-token prompt;
   5. Hugging Face transformers' generate() on the same weights (logits checked first).
 Timings are the best of several runs after a warm-up (compilation excluded).
@@ -61,6 +63,14 @@ def gemv_bandwidth(n_bytes: int, width: int, runs: int = 5, iters: int = 200) ->
     best = min(_best(lambda: chain_xw(w, x).block_until_ready(), runs),
                _best(lambda: chain_wx(wt, x).block_until_ready(), runs))
     return iters * w.size * 4 / best
+
+
+def stream_bandwidth(n_bytes: int, runs: int = 5) -> float:
+    """Bytes/s of one jitted sum over an f32 array of `n_bytes` (on all intra-op threads)."""
+    x = jnp.ones((max(1, n_bytes // 4),), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = _best(lambda: total(x).block_until_ready(), runs)
+    return x.size * 4 / seconds
 
 
 def _prompt_ids(m: SparkModel, n: int) -> list[int]:
@@ -152,21 +162,31 @@ def run(m: SparkModel, *, runs: int = 5, with_peer: bool = True, log=print) -> d
     roof = bw / param_bytes
     log(f"decode batch 1: {speed['tokens_per_s']:.0f} tokens/s ({speed['ms_per_token']:.3f} "
         f"ms/token); roofline {roof:.0f} tokens/s -> {speed['tokens_per_s'] / roof:.0%}")
-    step_ms, bound_ms = {}, {}
+    fits = [p for p in POSITIONS if p + 64 <= m.capacity]
+    stream = stream_bandwidth(kv_per_pos * max(fits)) if fits else None
+    if stream:
+        log(f"streaming read of {kv_per_pos * max(fits) / 2**20:,.0f} MiB (the K/V at "
+            f"{max(fits):,}): {stream / 1e9:.1f} GB/s")
+    step_ms, bound_ms, mem_bound_ms = {}, {}, {}
     for p in POSITIONS:
-        if p + 64 > m.capacity:
+        if p not in fits:
             log(f"step at {p}: skipped (capacity {m.capacity})")
             continue
         step_ms[str(p)] = step_time_at(m, p) * 1e3
         bound_ms[str(p)] = (param_bytes + kv_per_pos * p) / bw * 1e3
+        mem_bound_ms[str(p)] = (param_bytes / bw + kv_per_pos * p / stream) * 1e3
         log(f"step at position {p:>7,}: {step_ms[str(p)]:.3f} ms, bound "
-            f"{bound_ms[str(p)]:.3f} ms (x{step_ms[str(p)] / bound_ms[str(p)]:.2f})")
+            f"{bound_ms[str(p)]:.3f} ms (x{step_ms[str(p)] / bound_ms[str(p)]:.2f}); "
+            f"memory-level bound {mem_bound_ms[str(p)]:.3f} ms "
+            f"(x{step_ms[str(p)] / mem_bound_ms[str(p)]:.2f})")
     t1000 = ttft(m)
     log(f"TTFT, 1,000-token prompt: {t1000 * 1e3:.1f} ms")
     out = {"params": n_params, "param_bytes": param_bytes, "gemv_gb_per_s": bw / 1e9,
            **speed, "roofline_tokens_per_s": roof,
            "roofline_fraction": speed["tokens_per_s"] / roof,
-           "step_ms_at": step_ms, "step_bound_ms_at": bound_ms, "ttft_1000_s": t1000,
+           "step_ms_at": step_ms, "step_bound_ms_at": bound_ms,
+           "stream_gb_per_s": stream / 1e9 if stream else None,
+           "step_memory_bound_ms_at": mem_bound_ms, "ttft_1000_s": t1000,
            "hf_tokens_per_s": None, "ratio_vs_hf": None, "capacity": m.capacity,
            "device": jax.devices()[0].device_kind}
     if with_peer:

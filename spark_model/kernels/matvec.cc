@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -202,22 +203,13 @@ void rows_nk_avx512(const float* __restrict x, const float* __restrict w, float*
   for (; n < n1; ++n) rows_nk_block<M, 1>(x, w + n * k_n, y + n, k_n, n_n, k_vec);
 }
 
-template <int M>
-void kn_dispatch(const float* x, const float* w, float* y, int64_t m_n, int64_t k_n,
-                 int64_t n_n, int64_t k0, int64_t k1) {
+// Calls f(std::integral_constant<int, m_n>{}) for 1 <= m_n <= M: a compile-time row count.
+template <int M, class F>
+void with_rows(int64_t m_n, F&& f) {
   if constexpr (M > 1) {
-    if (m_n < M) return kn_dispatch<M - 1>(x, w, y, m_n, k_n, n_n, k0, k1);
+    if (m_n < M) return with_rows<M - 1>(m_n, f);
   }
-  rows_kn_avx512<M>(x, w, y, k_n, n_n, k0, k1);
-}
-
-template <int M>
-void nk_dispatch(const float* x, const float* w, float* y, int64_t m_n, int64_t k_n,
-                 int64_t n_n, int64_t n0, int64_t n1) {
-  if constexpr (M > 1) {
-    if (m_n < M) return nk_dispatch<M - 1>(x, w, y, m_n, k_n, n_n, n0, n1);
-  }
-  rows_nk_avx512<M>(x, w, y, k_n, n_n, n0, n1);
+  f(std::integral_constant<int, M>{});
 }
 #endif
 
@@ -226,7 +218,8 @@ void nk_dispatch(const float* x, const float* w, float* y, int64_t m_n, int64_t 
 void product_kn(const float* x, const float* w, float* y, int64_t m_n, int64_t k_n,
                 int64_t n_n, int64_t k0, int64_t k1) {
 #ifdef __AVX512F__
-  if (m_n >= 1 && m_n <= MAX_M) return kn_dispatch<MAX_M>(x, w, y, m_n, k_n, n_n, k0, k1);
+  if (m_n >= 1 && m_n <= MAX_M)
+    return with_rows<MAX_M>(m_n, [&](auto m) { rows_kn_avx512<m>(x, w, y, k_n, n_n, k0, k1); });
 #endif
   rows_kn(x, w, y, m_n, k_n, n_n, k0, k1);
 }
@@ -234,7 +227,8 @@ void product_kn(const float* x, const float* w, float* y, int64_t m_n, int64_t k
 void product_nk(const float* x, const float* w, float* y, int64_t m_n, int64_t k_n,
                 int64_t n_n, int64_t n0, int64_t n1) {
 #ifdef __AVX512F__
-  if (m_n >= 1 && m_n <= MAX_M) return nk_dispatch<MAX_M>(x, w, y, m_n, k_n, n_n, n0, n1);
+  if (m_n >= 1 && m_n <= MAX_M)
+    return with_rows<MAX_M>(m_n, [&](auto m) { rows_nk_avx512<m>(x, w, y, k_n, n_n, n0, n1); });
 #endif
   rows_nk(x, w, y, m_n, k_n, n_n, n0, n1);
 }
