@@ -8,7 +8,8 @@ Every figure is measured in the same process on the same machine:
      bound: weights over the GEMV bandwidth plus K/V over the bandwidth of one streaming
      read of that many bytes (a long cache does not fit in the caches the GEMV runs from);
   4. time to first token for a 1,000-token prompt;
-  5. Hugging Face transformers' generate() on the same weights (logits checked first).
+  5. batches of 1, 2, 4 and 8 sequences sharing each step (2K-capacity cache);
+  6. Hugging Face transformers' generate() on the same weights (logits checked first).
 Timings are the best of several runs after a warm-up (compilation excluded).
 """
 
@@ -124,6 +125,20 @@ def step_time_at(m: SparkModel, position: int, steps: int = 32, runs: int = 3) -
     return seconds / steps
 
 
+def batch_scaling(m: SparkModel, runs: int, batches=(1, 2, 4, 8), capacity: int = 2048,
+                  new_tokens: int = 128) -> dict:
+    """ms per step and tokens/s when `b` sequences (16-token prompts) share each step."""
+    small = SparkModel(m.model, m.tokenizer, m.path, capacity=capacity)
+    ids = _prompt_ids(m, 16)
+    out = {}
+    for b in batches:
+        seconds = _best(lambda: small.generate_tokens([ids] * b, new_tokens, ignore_eos=True),
+                        runs)
+        out[str(b)] = {"ms_per_step": seconds / new_tokens * 1e3,
+                       "tokens_per_s": b * new_tokens / seconds}
+    return out
+
+
 def ttft(m: SparkModel, prompt_tokens: int = 1000, runs: int = 5) -> float:
     ids = _prompt_ids(m, prompt_tokens)
     return _best(lambda: m.generate_tokens([ids], 1, ignore_eos=True), runs)
@@ -181,12 +196,17 @@ def run(m: SparkModel, *, runs: int = 5, with_peer: bool = True, log=print) -> d
             f"(x{step_ms[str(p)] / mem_bound_ms[str(p)]:.2f})")
     t1000 = ttft(m)
     log(f"TTFT, 1,000-token prompt: {t1000 * 1e3:.1f} ms")
+    batches = batch_scaling(m, runs)
+    log("batches sharing a step (2K capacity, 128 new tokens): " + ", ".join(
+        f"{b}: {r['ms_per_step']:.3f} ms/step, {r['tokens_per_s']:,.0f} tokens/s"
+        for b, r in batches.items()))
     out = {"params": n_params, "param_bytes": param_bytes, "gemv_gb_per_s": bw / 1e9,
            **speed, "roofline_tokens_per_s": roof,
            "roofline_fraction": speed["tokens_per_s"] / roof,
            "step_ms_at": step_ms, "step_bound_ms_at": bound_ms,
            "stream_gb_per_s": stream / 1e9 if stream else None,
            "step_memory_bound_ms_at": mem_bound_ms, "ttft_1000_s": t1000,
+           "batch_scaling": batches,
            "hf_tokens_per_s": None, "ratio_vs_hf": None, "capacity": m.capacity,
            "device": jax.devices()[0].device_kind}
     if with_peer:
