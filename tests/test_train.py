@@ -414,6 +414,35 @@ def test_validation_bpb_agrees_with_eval_bpb(e2e_run, mini_corpus):
     assert ref["bits_per_byte"] == pytest.approx(final["val_bpb"], rel=1e-4)
 
 
+def test_resume_with_more_steps_extends_the_run(tmp_path, e2e_run, mini_corpus, cache_dir):
+    """--resume with a larger --steps continues from the last checkpoint on a cosine over the
+    new total; earlier metrics stay, and run.json records the new length."""
+    src, _ = e2e_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    tc = _mini_config(mini_corpus, steps=16)
+    summary = loop.train(tc, out, resume=True, cache_dir=cache_dir, progress=False)
+    assert summary["start_step"] == 12 and summary["step"] == 16
+    after = (out / "metrics.jsonl").read_text().splitlines()
+    assert after[:len(before)] == before
+    new = [json.loads(line) for line in after[len(before):]]
+    train_recs = [r for r in new if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [14, 16]
+    lo = tc.lr * tc.min_lr_ratio
+    for r in train_recs:  # the cosine over 16 steps, written out
+        frac = (r["step"] - 1 - tc.warmup) / (tc.steps - tc.warmup)
+        assert r["lr"] == pytest.approx(lo + (tc.lr - lo) * 0.5 * (1 + np.cos(np.pi * frac)))
+    assert new[-1]["kind"] == "eval" and new[-1]["full"] and new[-1]["step"] == 16
+    run = json.loads((out / "training" / "run.json").read_text())
+    assert run["settings"]["steps"] == 16 and run["extensions"] == [{"from": 12, "to": 16}]
+    assert json.loads((out / "config.json").read_text())["extra"]["step"] == 16
+    assert sorted(int(p.name) for p in (out / "training" / "checkpoints").iterdir()) == [12, 16]
+    with pytest.raises(loop.TrainError, match="may only be extended"):
+        loop.train(_mini_config(mini_corpus, steps=14), out, resume=True, cache_dir=cache_dir,
+                   progress=False)
+
+
 def _cli(capsys, *argv) -> tuple[int, str]:
     code = cli.main([str(a) for a in argv])
     err = capsys.readouterr().err

@@ -9,7 +9,8 @@ checkpoint that does not match, ...), 2 a usage error; each error is one line on
 When resuming, options that are not given are taken from the run being resumed; options
 that are given must agree with it, except the ones that do not change the result
 (--grad-accum, --fsdp, --log-every, --eval-every, --eval-tokens, --save-every, --keep,
---cache-dir, --progress).
+--cache-dir, --progress), and --steps, which may grow: that extends a run, the cosine
+schedule being recomputed over the new total from the resumed step on.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="run directory: training state, metrics, and the trained model as a "
                         "checkpoint (spark_model.load(DIR))")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint")
+                   help="continue the run in --out from its latest checkpoint; with a larger "
+                        "--steps, extend it (the cosine decays over the new total)")
     g.add_argument("--preset", default=None, help=f"model preset (default: {d.preset})")
     g.add_argument("--set", dest="overrides", action="append", default=None,
                    metavar="FIELD=VALUE",

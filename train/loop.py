@@ -436,13 +436,35 @@ def _check_out(out: Path, resume: bool) -> dict | None:
 
 
 def check_resume_settings(stored: TrainConfig, tc: TrainConfig, out: Path) -> None:
+    """A resumed run keeps every RUN_FIELDS setting, except that --steps may grow (an
+    extension: the cosine schedule is then recomputed over the new total)."""
+    if tc.steps < stored.steps:
+        raise TrainError(f"{out} holds a run of {stored.steps} steps; --steps {tc.steps} would "
+                         "shorten it (a resumed run may only be extended)")
     for f in RUN_FIELDS:
         old, new = getattr(stored, f), getattr(tc, f)
+        if f == "steps":
+            continue
         if old != new:
             show = (lambda v: dict(v)) if f == "overrides" else (lambda v: v)
             raise TrainError(f"{out} holds a run with {f}={show(old)!r}, but this command asks "
                              f"for {f}={show(new)!r}; resume with the same settings or "
                              "choose another --out")
+
+
+def _record_extension(out: Path, stored: dict, steps: int, lead: bool, say) -> dict:
+    """Rewrite run.json for a run extended to `steps`, keeping the history of its lengths."""
+    before = stored["settings"]["steps"]
+    say(f"extending the run from {before} to {steps} steps: the learning rate now follows "
+        f"the cosine over {steps} steps from the resumed step on")
+    stored = {**stored, "settings": {**stored["settings"], "steps": steps},
+              "extensions": [*stored.get("extensions", []), {"from": before, "to": steps}]}
+    if lead:
+        tmp = out / RUN_DIR / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(stored, indent=2))
+        os.replace(tmp, out / RUN_DIR / RUN_FILE)
+    _sync("spark-train-extended")
+    return stored
 
 
 def _export(out: Path, host_params: dict[str, np.ndarray], cfg: ModelConfig, tokenizer,
@@ -614,6 +636,8 @@ def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
                                  f"({k.split('_')[0]} documents differ); cannot resume exactly")
     cfg = tc.model_config(tokenizer.vocab_size)
     trainer = Trainer(cfg, tc, mesh)
+    if stored is not None and tc.steps != stored["settings"]["steps"]:
+        stored = _record_extension(out, stored, tc.steps, lead, say)
 
     manager_dir = out / RUN_DIR / STATE_DIR
     if stored is None and lead:
