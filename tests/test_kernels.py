@@ -32,8 +32,8 @@ def _direct(q_btnh, k_rksh, v_rksh, pos_bt):
     return out
 
 
-# Rows at chunk edges (255/256/257 for the kernel's 256-position units), a lone first
-# position and a long one; the cache has a spare row past the queries.
+# Rows at chunk edges (1023/1024/1025 for the kernel's 1024-position units), a lone first
+# position, a short one and a long one (split over threads); the cache has a spare row past the queries.
 @pytest.mark.parametrize("h", [64, 16])  # a compiled-in head dim and the generic path
 @pytest.mark.parametrize("path", ["native", "xla"])
 def test_decode_step_matches_direct_softmax(path, h):
@@ -41,7 +41,7 @@ def test_decode_step_matches_direct_softmax(path, h):
                                                 jnp.zeros((), jnp.float32)):
         pytest.skip(kernels.status())
     k_heads, g = 2, 2
-    pos = [0, 255, 256, 257, 9_000]
+    pos = [0, 255, 1023, 1024, 1025, 9_000]
     rows, s = len(pos) + 1, cache_length(12_000)
     rng = np.random.default_rng(0)
     k = rng.normal(size=(rows, k_heads, s, h)).astype(np.float32)
