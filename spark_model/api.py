@@ -49,7 +49,8 @@ class SparkModel:
         self.tokenizer = tokenizer
         self.path = path
         self.capacity = capacity
-        self._graphdef, self._params = nnx.split(model)
+        graphdef, self._params = nnx.split(model)
+        self._graphdef = engine.StaticGraph(graphdef)
         self._cache: KVCache | None = None  # the preallocated cache, for one batch size
         self._token_table = stops.token_byte_table(
             [tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)])
@@ -62,7 +63,8 @@ class SparkModel:
 
     @property
     def graphdef(self):
-        """The model's static structure (the engine's only static jit argument)."""
+        """The model's static structure: an NNX GraphDef, hashed once (`.graphdef` is the
+        GraphDef itself); the engine's compiled calls take it as their static argument."""
         return self._graphdef
 
     @property

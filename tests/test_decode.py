@@ -188,6 +188,19 @@ def test_new_prompt_lengths_do_not_recompile(lm):
     assert engine.generate_jit._cache_size() <= before + 1
 
 
+def test_a_second_model_of_the_same_structure_reuses_the_programs(lm):
+    """The static graph is hashed once, and equal structures hit the same compiled programs."""
+    other = spark_model.SparkModel(lm.model, lm.tokenizer, capacity=lm.capacity)
+    assert other.graphdef is not lm.graphdef
+    assert other.graphdef == lm.graphdef and hash(other.graphdef) == hash(lm.graphdef)
+    assert lm.graphdef != lm.graphdef.graphdef  # only another StaticGraph is equal
+    lm.generate("def g(x):", max_new_tokens=9)
+    before = engine.generate_jit._cache_size()
+    assert other.generate("def g(x):", max_new_tokens=9) == lm.generate("def g(x):",
+                                                                        max_new_tokens=9)
+    assert engine.generate_jit._cache_size() == before
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=float("nan")), "temperature"),

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
-from flax import nnx, struct
+from flax import struct
 
 from spark_model import engine, stops
 from spark_model.engine import Constants, DecodeState
@@ -130,7 +130,7 @@ def admit_jit(graphdef, params, slots: Slots, slot_n: jax.Array, prompt_np: jax.
     clearing: prefill writes every position it reads. (A caller that pads a group by
     repeating a request is safe: a repeated row writes the same values into the same slot.)
     """
-    model = nnx.merge(graphdef, params)
+    model = engine.merge(graphdef, params)
     n, p = prompt_np.shape
     c = rows.to_constants(slots.consts)
     first = engine.prefill(model, slots.scratch, prompt_np, prompt_len_n, c,
@@ -157,7 +157,7 @@ def admit_packed_jit(graphdef, params, slots: Slots, slot_n: jax.Array, tokens_p
     positions from its start, of which those past its end are padding that the request
     overwrites before it ever reads them. Needs start_n[i] + P <= 2P, always true.
     """
-    model = nnx.merge(graphdef, params)
+    model = engine.merge(graphdef, params)
     p = tokens_p.shape[0]
     c = rows.to_constants(slots.consts)
     seg_p = jnp.sum(jnp.arange(p)[:, None] >= start_n[None, :], axis=1)  # prompt of each token
@@ -220,7 +220,7 @@ def decode_jit(graphdef, params, slots: Slots, keep_b: jax.Array, n_steps: int, 
     `width` are neither read nor written). keep_b False retires a slot now (its request
     was cancelled or its client left); the loop exits early once every slot is done.
     """
-    model = nnx.merge(graphdef, params)
+    model = engine.merge(graphdef, params)
     full = slots.state
     c = _rows(slots.consts, lambda x: x[:width])
     s0 = full.replace(**{f: getattr(full, f)[:width] for f in _ROW_FIELDS})
