@@ -33,7 +33,8 @@ def _direct(q_btnh, k_rksh, v_rksh, pos_bt):
 
 
 # Rows at chunk edges (1023/1024/1025 for the kernel's 1024-position units), a lone first
-# position, a short one and a long one (split over threads); the cache has a spare row past the queries.
+# position, a short one and a long one (split over threads); the cache has a spare row past
+# the queries.
 @pytest.mark.parametrize("h", [64, 16])  # a compiled-in head dim and the generic path
 @pytest.mark.parametrize("path", ["native", "xla"])
 def test_decode_step_matches_direct_softmax(path, h):

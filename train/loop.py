@@ -129,9 +129,9 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# Settings a resumed run must share with the run it continues.
+# Settings a resumed run must share with the run it continues (--steps may only grow).
 RUN_FIELDS = ("preset", "overrides", "vocab_size", "data", "val_permille", "seq_len",
-              "batch_size", "steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "b1",
+              "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "b1",
               "b2", "clip", "seed", "bf16")
 
 
@@ -436,15 +436,13 @@ def _check_out(out: Path, resume: bool) -> dict | None:
 
 
 def check_resume_settings(stored: TrainConfig, tc: TrainConfig, out: Path) -> None:
-    """A resumed run keeps every RUN_FIELDS setting, except that --steps may grow (an
-    extension: the cosine schedule is then recomputed over the new total)."""
+    """A resumed run keeps every RUN_FIELDS setting; its --steps may grow (an extension:
+    the cosine schedule is then recomputed over the new total)."""
     if tc.steps < stored.steps:
         raise TrainError(f"{out} holds a run of {stored.steps} steps; --steps {tc.steps} would "
                          "shorten it (a resumed run may only be extended)")
     for f in RUN_FIELDS:
         old, new = getattr(stored, f), getattr(tc, f)
-        if f == "steps":
-            continue
         if old != new:
             show = (lambda v: dict(v)) if f == "overrides" else (lambda v: v)
             raise TrainError(f"{out} holds a run with {f}={show(old)!r}, but this command asks "
