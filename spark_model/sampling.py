@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from spark_model import kernels
+
 
 @struct.dataclass
 class SamplingParams:
@@ -34,11 +36,17 @@ class SamplingParams:
 def argmax(logits_bv: jax.Array) -> jax.Array:
     """jnp.argmax over the last axis (first maximum; first NaN if any), as int32.
 
-    Written as a max and a min: XLA:CPU runs jnp.argmax's (value, index) reduction at
-    about 25 us over 8K logits, these two plain reductions at about 5.
+    The native kernel on CPU for 2-D f32 logits. Otherwise a max and a min: XLA:CPU runs
+    jnp.argmax's (value, index) reduction at about 25 us over 8K logits, these two plain
+    reductions at about 5 (and about 100 us over 8 rows, which the kernel does in a few).
     """
-    top = jnp.max(logits_bv, axis=-1, keepdims=True)  # NaN if any logit is NaN
-    hit = (logits_bv == top) | jnp.isnan(logits_bv)
+    if logits_bv.ndim == 2 and kernels.usable(logits_bv):
+        return kernels.argmax(logits_bv)
+    # A NaN is looked for on its own: XLA's max need not return one it has seen (it did
+    # not for a NaN with the sign bit set).
+    nan = jnp.isnan(logits_bv)
+    top = jnp.max(jnp.where(nan, -jnp.inf, logits_bv), axis=-1, keepdims=True)
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, logits_bv == top)
     iota = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, logits_bv.ndim - 1)
     return jnp.min(jnp.where(hit, iota, logits_bv.shape[-1]), axis=-1)
 

@@ -1,5 +1,6 @@
 """The native decode kernels against float64 references, and their XLA fallbacks likewise."""
 
+import contextlib
 import math
 import jax
 import jax.numpy as jnp
@@ -129,7 +130,22 @@ def test_argmax_matches_numpy_on_ties_infinities_and_nans():
         [1.0, np.inf, 2.0, np.inf],
         [1.0, np.nan, 5.0, np.nan],      # NaN: the first NaN, as numpy and jnp.argmax
         [0.5, -1.0, 7.0, 6.9],
+        [-0.0, 0.0, -1.0, -2.0],         # -0 == +0: the first of them
+        [-3.0, -2.0, -2.0, -5.0],
+        [np.nan, 1.0, np.inf, -np.inf],
     ], np.float32)
-    assert np.asarray(sampling.argmax(jnp.asarray(rows))).tolist() == np.argmax(rows, -1).tolist()
-    big = np.random.default_rng(0).normal(size=(3, 8192)).astype(np.float32)
-    assert np.asarray(jax.jit(sampling.argmax)(big)).tolist() == np.argmax(big, -1).tolist()
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(8, 8192)).astype(np.float32)
+    big[1, [77, 5000]] = 9.0       # a tie far apart
+    big[2, 8191] = 9.0             # the last element
+    big[3, [100, 6000]] = np.nan   # NaNs past the first span
+    big[4, 4000] = -np.nan         # a NaN with the sign bit set
+    big[5] = -np.inf
+    paths = [("native" if kernels.usable(jnp.asarray(big)) else "xla", contextlib.nullcontext)]
+    paths.append(("xla", kernels.disabled))
+    for name, ctx in paths:
+        with ctx():
+            fn = jax.jit(lambda x: sampling.argmax(x))  # traced here, inside the context
+            assert ("spark_argmax" in str(jax.make_jaxpr(fn)(big))) == (name == "native")
+            for x in (rows, big, big[:1]):
+                assert np.asarray(fn(x)).tolist() == np.argmax(x, -1).tolist(), name

@@ -1,10 +1,11 @@
 """Native CPU kernels called from inside the compiled programs (XLA FFI custom calls).
 
-Two kernels, each with a comment at the top of its source that says why it exists:
+Three kernels, each with a comment at the top of its source that says why it exists:
 
 - `decode_attention` (decode_attention.cc): single-query attention over the KV cache;
 - `linear` (matvec.cc): the layer products of a decode step, (M <= 8, K) x (K, N) on all
-  intra-op threads; larger products (prefill, training) stay XLA dots.
+  intra-op threads; larger products (prefill, training) stay XLA dots;
+- `argmax` (argmax.cc): the greedy token of each row of logits.
 
 They are built from source with the machine's C++ compiler on first use, into one library
 under ``$SPARK_CACHE_DIR/kernels`` (default ``~/.cache/spark``), keyed by the sources, the
@@ -35,10 +36,10 @@ import jax
 import jax.numpy as jnp
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc")
+SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc")
 HEADERS = (HERE / "parallel.h",)
 TARGETS = {"spark_decode_attention": "SparkDecodeAttention", "spark_matvec": "SparkMatVec",
-           "spark_matvec_t": "SparkMatVecT"}  # XLA target name -> exported symbol
+           "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax"}  # XLA target name -> exported symbol
 MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
 # -ffast-math lets the compiler vectorise the exp and the dot-product reductions; the kernel
 # never forms an infinity or a NaN from finite inputs, which that flag assumes.
@@ -157,6 +158,13 @@ def decode_attention(q_bkgh: jax.Array, k_rksh: jax.Array, v_rksh: jax.Array,
     out = jax.ShapeDtypeStruct(q_bkgh.shape, jnp.float32)
     return jax.ffi.ffi_call("spark_decode_attention", out, vmap_method="sequential")(
         q_bkgh, k_rksh, v_rksh, pos_b.astype(jnp.int32))
+
+
+def argmax(x_bv: jax.Array) -> jax.Array:
+    """(B,) int32: the first index of each row's maximum, or of its first NaN (the kernel
+    behind `sampling.argmax`; callers check `usable` first)."""
+    out = jax.ShapeDtypeStruct(x_bv.shape[:1], jnp.int32)
+    return jax.ffi.ffi_call("spark_argmax", out, vmap_method="sequential")(x_bv)
 
 
 def linear(x_mk: jax.Array, w: jax.Array, *, transposed: bool = False,

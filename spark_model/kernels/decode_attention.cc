@@ -34,7 +34,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t CHUNK = 1024;         // positions per unit of work
-constexpr int64_t SERIAL_BELOW = 8192;  // fewer (positions x kv heads) than this: one thread
+constexpr int64_t SERIAL_BELOW = 512;  // fewer (rows x positions x kv heads) than this: one thread
 constexpr int64_t MAX_G = 16;           // query heads per kv head (scores live on the stack)
 
 struct Partial {
