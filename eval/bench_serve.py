@@ -6,7 +6,9 @@ share an interpreter) and measures, from the client side:
   1. per-request overhead outside the model: the same short greedy request (1 new token)
      over a new HTTP connection each time, over one kept-alive HTTP connection, and over
      one persistent WebSocket. Overhead = round trip minus the server's own time for the
-     request in the engine (submit to final token, reported with each response);
+     request in the engine (submit to final token, reported with each response). The same
+     three are then timed against `eval.serve_floor`, an app on the same stack that does
+     no work: the floor the transport layers set on this machine;
   2. time to first token (send -> first text frame) at 1, 8 and 32 concurrent clients,
      each on its own WebSocket, each sending 64-token greedy requests back to back;
   3. total generated tokens per second at those concurrencies.
@@ -15,6 +17,7 @@ share an interpreter) and measures, from the client side:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -44,11 +47,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(checkpoint, port: int, max_batch: int) -> subprocess.Popen:
+def _serve_cmd(checkpoint, port: int, max_batch: int) -> list[str]:
     cmd = [sys.executable, "-m", "spark_model.cli", "serve", "--port", str(port),
            "--max-batch", str(max_batch), "--max-queue", "256", "--log-level", "warning"]
-    if checkpoint:
-        cmd += ["--checkpoint", str(checkpoint)]
+    return cmd + (["--checkpoint", str(checkpoint)] if checkpoint else [])
+
+
+def _start_server(cmd: list[str], port: int) -> subprocess.Popen:
     log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would stall the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=log,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -87,28 +92,27 @@ def overhead(port: int, runs: int = OVERHEAD_RUNS) -> dict:
         finally:
             conn.close()
 
-    kept = http.client.HTTPConnection("127.0.0.1", port)
-    ws = ws_connect(f"ws://127.0.0.1:{port}/v1/ws", compression=None)
     frame = json.dumps({"type": "request", "id": 0, **SHORT})
+    samples = {k: [] for k in ("new_http_connection", "kept_alive_http",
+                               "persistent_websocket")}
+    with contextlib.closing(http.client.HTTPConnection("127.0.0.1", port)) as kept, \
+            ws_connect(f"ws://127.0.0.1:{port}/v1/ws", compression=None) as ws:
 
-    def websocket():
-        ws.send(frame)
-        while (reply := json.loads(ws.recv()))["type"] != "done":
-            assert reply["type"] == "delta", reply
-        return reply["engine_ms"] / 1e3
+        def websocket():
+            ws.send(frame)
+            while (reply := json.loads(ws.recv()))["type"] != "done":
+                assert reply["type"] == "delta", reply
+            return reply["engine_ms"] / 1e3
 
-    ways = {"new_http_connection": new_connection, "kept_alive_http": lambda: _post(kept, body),
-            "persistent_websocket": websocket}
-    samples = {k: [] for k in ways}
-    for i in range(runs + 20):  # interleaved, so drift hits all three alike
-        for name, fn in ways.items():
-            t0 = time.perf_counter()
-            engine_s = fn()
-            total = time.perf_counter() - t0
-            if i >= 20:  # the first rounds warm connections and caches
-                samples[name].append((total, total - engine_s))
-    ws.close()
-    kept.close()
+        ways = {"new_http_connection": new_connection,
+                "kept_alive_http": lambda: _post(kept, body), "persistent_websocket": websocket}
+        for i in range(runs + 20):  # interleaved, so drift hits all three alike
+            for name, fn in ways.items():
+                t0 = time.perf_counter()
+                engine_s = fn()
+                total = time.perf_counter() - t0
+                if i >= 20:  # the first rounds warm connections and caches
+                    samples[name].append((total, total - engine_s))
     out = {}
     for name, pairs in samples.items():
         total, over = zip(*pairs)
@@ -155,28 +159,47 @@ def load(port: int, clients: int, per_client: int) -> dict:
             "seconds": wall, "tokens_per_s": sum(tokens) / wall}
 
 
+def _stopped(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def _print_overhead(over: dict) -> None:
+    for name in ("new_http_connection", "kept_alive_http", "persistent_websocket"):
+        o = over[name]
+        print(f"   {name:22s} overhead {o['overhead_ms']:7.3f} ms   "
+              f"(round trip {o['round_trip_ms']:7.3f} ms)")
+
+
 def main(checkpoint=None, json_path=None, max_batch: int = 8) -> int:
     port = _free_port()
     t0 = time.perf_counter()
-    proc = _start_server(checkpoint, port, max_batch)
+    proc = _start_server(_serve_cmd(checkpoint, port, max_batch), port)
     print(f"server up on 127.0.0.1:{port} in {time.perf_counter() - t0:.1f} s "
           f"(max batch {max_batch})", flush=True)
     try:
         over = overhead(port)
         loads = {c: load(port, c, n) for c, n in LOAD.items()}
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        _stopped(proc)
+    port = _free_port()
+    proc = _start_server([sys.executable, "-m", "eval.serve_floor", "--port", str(port)], port)
+    try:
+        floor = overhead(port)
+    finally:
+        _stopped(proc)
 
     print(f"\n1. Overhead outside the model, {SHORT['max_tokens']}-token greedy request, "
           f"median of {OVERHEAD_RUNS} (round trip minus the engine's own time):")
-    for name in ("new_http_connection", "kept_alive_http", "persistent_websocket"):
-        o = over[name]
-        print(f"   {name:22s} overhead {o['overhead_ms']:7.3f} ms   "
-              f"(round trip {o['round_trip_ms']:7.3f} ms)")
+    _print_overhead(over)
     ratio = over["websocket_overhead_vs_new_connection"]
     print(f"   WebSocket overhead = {ratio:.1%} of a new connection's "
           f"(a {1 - ratio:.0%} reduction; target <= 20%: {'met' if ratio <= 0.2 else 'MISSED'})")
+    print("   The same requests against an app on the same stack that does no work "
+          "(eval.serve_floor):")
+    _print_overhead(floor)
+    print(f"   WebSocket = {floor['websocket_overhead_vs_new_connection']:.1%} of a new "
+          f"connection there: the lowest ratio this transport stack allows on this machine")
     print(f"\n2-3. {LOAD_TOKENS}-token greedy requests, one WebSocket per client:")
     print("   clients  requests  TTFT median   TTFT p99   tokens/s")
     for c, r in loads.items():
@@ -193,7 +216,7 @@ def main(checkpoint=None, json_path=None, max_batch: int = 8) -> int:
 
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({
-            "max_batch": max_batch, "overhead": over,
+            "max_batch": max_batch, "overhead": over, "stack_floor": floor,
             "load": {str(c): r for c, r in loads.items()},
             "ttft_8_vs_1": ttft_x, "tokens_per_s_8_vs_1": tps_x}, indent=2))
     return 0

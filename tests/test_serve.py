@@ -3,6 +3,7 @@
 
 import asyncio
 import json
+import sys
 import time
 
 import httpx
@@ -371,3 +372,21 @@ def test_64_concurrent_clients_all_complete(server, reference):
     for texts in results:
         for prompt, text in texts:
             assert text == expect[prompt]
+
+
+def test_bench_overhead_clients_read_the_stack_floor_app():
+    """`spark bench serve` times the same three request paths against `eval.serve_floor`;
+    its clients must read that app's answers as they read the real server's."""
+    from eval import bench_serve
+
+    port = bench_serve._free_port()
+    proc = bench_serve._start_server(
+        [sys.executable, "-m", "eval.serve_floor", "--port", str(port)], port)
+    try:
+        over = bench_serve.overhead(port, runs=5)
+    finally:
+        bench_serve._stopped(proc)
+    for way in ("new_http_connection", "kept_alive_http", "persistent_websocket"):
+        # No engine time: the whole round trip is overhead.
+        assert over[way]["overhead_ms"] == over[way]["round_trip_ms"] > 0
+    assert over["websocket_overhead_vs_new_connection"] > 0
