@@ -199,7 +199,7 @@ def main(checkpoint=None, json_path=None, max_batch: int = 8) -> int:
           "(eval.serve_floor):")
     _print_overhead(floor)
     print(f"   WebSocket = {floor['websocket_overhead_vs_new_connection']:.1%} of a new "
-          f"connection there: the lowest ratio this transport stack allows on this machine")
+          f"connection there: the floor this stack and these clients set on this machine")
     print(f"\n2-3. {LOAD_TOKENS}-token greedy requests, one WebSocket per client:")
     print("   clients  requests  TTFT median   TTFT p99   tokens/s")
     for c, r in loads.items():
