@@ -38,8 +38,9 @@ import jax.numpy as jnp
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc")
 HEADERS = (HERE / "parallel.h",)
-TARGETS = {"spark_decode_attention": "SparkDecodeAttention", "spark_matvec": "SparkMatVec",
-           "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax"}  # XLA target name -> exported symbol
+TARGETS = {  # XLA target name -> exported symbol
+    "spark_decode_attention": "SparkDecodeAttention", "spark_matvec": "SparkMatVec",
+    "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax"}
 MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
 # -ffast-math lets the compiler vectorise the exp and the dot-product reductions; the kernel
 # never forms an infinity or a NaN from finite inputs, which that flag assumes.
