@@ -24,6 +24,7 @@ from jax.extend import core as jcore
 
 from compiler.ir import CompilerError, Graph, Op, ParamInfo, check_graph
 from spark_model import kernels
+from spark_model.checkpoint import param_name
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import ATTENTION_OP, KVCache, cache_length
 from spark_model.transformer import abstract_model
@@ -45,18 +46,11 @@ ROLE_OF = {"rsqrt": "norm", "sin": "rotary", "cos": "rotary", "logistic": "activ
            "tanh": "activation", "erf": "activation"}
 
 
-def _key_name(key: Any) -> str | None:
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return None  # nnx.Variable's '.value': not part of the parameter's path
-    return str(getattr(key, "key", getattr(key, "idx", key)))
-
-
 def param_tree(cfg: ModelConfig):
     """(names, abstract leaves, graphdef, treedef) of the model's parameters."""
     graphdef, state = nnx.split(abstract_model(cfg))
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(state)
-    names = [".".join(n for n in map(_key_name, path) if n is not None)
-             for path, _ in leaves_with_path]
+    names = [param_name(path) for path, _ in leaves_with_path]
     return names, [leaf for _, leaf in leaves_with_path], graphdef, treedef
 
 

@@ -42,14 +42,20 @@ class CheckpointError(RuntimeError):
 
 # ---- parameter naming ------------------------------------------------------------------
 
-def _path_name(path: tuple[Any, ...]) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def param_name(path: tuple[Any, ...]) -> str:
+    """A pytree path as the dotted parameter name every tool uses ('blocks.0.attn.q').
+
+    Dict keys and sequence indices become parts; attribute steps (nnx.Variable's
+    '.value') are not part of a parameter's name and are dropped.
+    """
+    parts = (getattr(k, "key", getattr(k, "idx", None)) for k in path)
+    return ".".join(str(p) for p in parts if p is not None)
 
 
 def flat_params(model: Transformer) -> dict[str, jax.Array]:
     """Parameters by dotted path, e.g. 'blocks.0.attn.q' -> array (D, N, H)."""
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(pure)}
+    return {param_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(pure)}
 
 
 def model_from_flat(cfg: ModelConfig, flat: dict[str, Any]) -> Transformer:
@@ -68,7 +74,7 @@ def model_from_flat(cfg: ModelConfig, flat: dict[str, Any]) -> Transformer:
                                   f"the config needs {tuple(spec.shape)}")
     pure = nnx.to_pure_dict(state)
     pure = jax.tree_util.tree_map_with_path(
-        lambda p, spec: jax.numpy.asarray(flat[_path_name(p)], spec.dtype), pure)
+        lambda p, spec: jax.numpy.asarray(flat[param_name(p)], spec.dtype), pure)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 

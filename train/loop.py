@@ -171,11 +171,6 @@ def validate(tc: TrainConfig) -> None:
 
 # ---- parameters as a flat dict --------------------------------------------------------
 
-def _name(path: tuple[Any, ...]) -> str:
-    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-    return ".".join(str(k) for k in keys if k is not None)
-
-
 class ParamTree:
     """Converts between the model and a flat {dotted name: array} dict of its parameters.
 
@@ -186,7 +181,7 @@ class ParamTree:
     def __init__(self, cfg: ModelConfig):
         self.graphdef, state = nnx.split(abstract_model(cfg))
         leaves_with_path, self.treedef = jax.tree_util.tree_flatten_with_path(state)
-        self.names = [_name(p) for p, _ in leaves_with_path]
+        self.names = [checkpoint.param_name(p) for p, _ in leaves_with_path]
         self.shapes = {n: (tuple(x.shape), x.dtype) for n, (_, x)
                        in zip(self.names, leaves_with_path)}
 
@@ -197,7 +192,8 @@ class ParamTree:
     @staticmethod
     def flat(model: Transformer) -> dict[str, jax.Array]:
         _, state = nnx.split(model)
-        return {_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+        leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+        return {checkpoint.param_name(p): x for p, x in leaves}
 
 
 def decay_mask(names: Sequence[str], shapes: dict[str, tuple]) -> dict[str, bool]:
