@@ -149,3 +149,47 @@ def test_argmax_matches_numpy_on_ties_infinities_and_nans():
             assert ("spark_argmax" in str(jax.make_jaxpr(fn)(big))) == (name == "native")
             for x in (rows, big, big[:1]):
                 assert np.asarray(fn(x)).tolist() == np.argmax(x, -1).tolist(), name
+
+
+_SUBNORMALS = r"""
+import sys, threading
+import numpy as np
+import jax, jax.numpy as jnp
+from spark_model import kernels
+
+if not kernels.available():
+    print("unavailable:", kernels.status()); sys.exit(3)
+x = jnp.ones((1, 64), jnp.float32)
+w = jnp.ones((64, 32), jnp.float32)
+q = jnp.ones((1, 1, 1, 64), jnp.float32)
+kv = jnp.ones((1, 1, 8, 64), jnp.float32)
+jax.block_until_ready([kernels.linear(x, w), kernels.argmax(x),
+                       kernels.decode_attention(q, kv, kv, jnp.array([3]))])
+
+
+def survive():
+    tiny32 = np.float32(1e-39)  # subnormal in float32
+    # (XLA's own computations flush subnormals whatever the process mode: not checked.)
+    return [float(tiny32 * np.float32(1)) != 0.0,  # NumPy
+            5e-324 * 1.0 == 5e-324]  # Python float (the smallest subnormal double)
+
+
+out = []
+t = threading.Thread(target=lambda: out.append(survive()))  # a thread started after loading
+t.start(); t.join()
+print(survive(), out[0])
+sys.exit(0 if all(survive()) and all(out[0]) else 1)
+"""
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """A library must not change the importing program's floating-point mode: loading a
+    library linked with -ffast-math sets flush-to-zero for the whole process (GCC bug
+    55522). Run in a fresh process, after the kernels are loaded and used once each."""
+    if jax.default_backend() != "cpu" or kernels._compiler() is None:
+        pytest.skip("no CPU backend or no C++ compiler: nothing native is loaded")
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _SUBNORMALS], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr[-2000:]

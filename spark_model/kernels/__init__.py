@@ -42,9 +42,15 @@ TARGETS = {  # XLA target name -> exported symbol
     "spark_decode_attention": "SparkDecodeAttention", "spark_matvec": "SparkMatVec",
     "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax"}
 MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
-# -ffast-math lets the compiler vectorise the exp and the dot-product reductions; the kernel
-# never forms an infinity or a NaN from finite inputs, which that flag assumes.
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+# Compile flags. -ffast-math lets the compiler vectorise the exp and the dot-product
+# reductions; the kernels never form an infinity or a NaN from finite inputs, which that flag
+# assumes. -march=native is safe because the cache key includes the CPU's feature flags.
+CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-std=c++17",
+          "-fPIC")
+# Link flags: no -ffast-math here. Linking a shared library with it pulls in crtfastmath.o,
+# whose initialiser sets flush-to-zero / denormals-are-zero in MXCSR when the library loads,
+# and so changes floating point for the whole importing process (GCC bug 55522).
+LDFLAGS = ("-shared",)
 
 _state: dict = {}  # "ok": bool, "why": str, "path": Path
 _disabled = 0  # > 0 inside `disabled()`
@@ -78,24 +84,29 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     key = hashlib.sha256(b"\0".join([
-        *(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(), cxx.encode(),
+        *(f.read_bytes() for f in SOURCES + HEADERS), " ".join(CFLAGS + LDFLAGS).encode(),
+        cxx.encode(),
         jax.__version__.encode(), _cpu_tag().encode()])).hexdigest()[:16]
     out = _cache_dir() / f"spark_kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        objects = []
+        for src in SOURCES:  # compile each source with the kernels' flags ...
+            obj = os.path.join(work, src.stem + ".o")
+            _run([cxx, *CFLAGS, "-I", jax.ffi.include_dir(), "-c", str(src), "-o", obj])
+            objects.append(obj)
+        tmp = os.path.join(work, out.name)
+        _run([cxx, *LDFLAGS, *objects, "-o", tmp])  # ... and link without them
         os.replace(tmp, out)  # atomic: a concurrent build never sees half a library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
+
+
+def _run(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
 
 
 def _load() -> None:
