@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from spark_model.cli import Command
 from spark_model.config import PRESETS
 
 
@@ -90,3 +91,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  verified        {summary['verified_positions']} positions: max |logit "
               f"difference| {summary['max_abs_logit_diff']:.3g} against the model's decode step")
     return 0
+
+
+command = Command("map a model onto a wafer-scale core grid", add_arguments, run)

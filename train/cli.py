@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from spark_model.cli import Command
+
 PROG = "spark train"
 
 # option -> (TrainConfig field, type); every option defaults to None so that a resumed run
@@ -214,6 +216,9 @@ def _fail(e: BaseException, code: int) -> int:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return code
+
+
+command = Command("train a model on a code corpus (default: the stdlib)", add_arguments, run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,45 @@
+"""`spark bench decode|serve|compile`: the speed benchmarks, one subcommand.
+
+decode: the engine against its roofline and the peer (`eval.bench_decode`); serve: the
+server's overhead, TTFT and throughput under load (`eval.bench_serve`); compile: compile
+times of tiny, llama3-8b and llama3-70b (`eval.bench_compile`). Each is imported only when
+it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from spark_model.cli import Command
+
+
+def add_arguments(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument("what", choices=["decode", "compile", "serve"],
+                       help="decode: the engine against its roofline and the peer; "
+                            "serve: the server's overhead, TTFT and throughput under load; "
+                            "compile: compile times of tiny, llama3-8b and llama3-70b")
+    bench.add_argument("--checkpoint", metavar="DIR", default=None,
+                       help="checkpoint directory (default: the shipped one)")
+    bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    bench.add_argument("--runs", type=int, default=5, help="timed runs per figure (best kept)")
+    bench.add_argument("--no-peer", action="store_true",
+                       help="skip the Hugging Face transformers comparison")
+    bench.add_argument("--max-batch", type=int, default=8, metavar="N",
+                       help="serve: the server's batch slots (default 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what == "decode":
+        from eval import bench_decode
+
+        return bench_decode.main(args.checkpoint, args.json, args.runs, not args.no_peer)
+    if args.what == "serve":
+        from eval import bench_serve
+
+        return bench_serve.main(args.checkpoint, args.json, args.max_batch)
+    from eval import bench_compile
+
+    return bench_compile.main(args.json)
+
+
+command = Command("run a speed benchmark (decode, serve or compile)", add_arguments, run)

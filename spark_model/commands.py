@@ -1,0 +1,129 @@
+"""The model package's own `spark` subcommands: `info`, `generate` and `serve`.
+
+Registered in pyproject.toml under the entry-point group `spark.commands` (see
+`spark_model/cli.py`). Importing this module imports no JAX; each command imports what it
+needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from spark_model.cli import Command
+from spark_model.config import PRESETS, ModelConfig
+
+
+def _info(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from spark_model import checkpoint
+    from spark_model.transformer import param_count
+
+    if args.checkpoint:
+        cfg, source = checkpoint.load_config(args.checkpoint), str(args.checkpoint)
+    else:
+        cfg, source = ModelConfig.preset(args.preset), f"preset {args.preset}"
+    n = param_count(cfg)  # from shapes alone: nothing is allocated
+    itemsize = jnp.dtype(cfg.param_dtype).itemsize
+    # K and V, per token, over all layers, stored in the compute dtype.
+    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    derived = {
+        "params": n,
+        "param_bytes": n * itemsize,
+        "kv_cache_bytes_per_token": kv_per_token,
+        "kv_cache_bytes_at_max_context": kv_per_token * cfg.max_seq_len,
+    }
+    if args.json:
+        print(json.dumps({"source": source, "config": cfg.to_dict(), **derived}, indent=2))
+        return 0
+    print(f"{source}")
+    for key, value in cfg.to_dict().items():
+        print(f"  {key:16s} {value}")
+    print(f"  {'parameters':16s} {n:,} ({n / 1e6:,.2f}M, {n * itemsize / 2**20:,.1f} MiB "
+          f"in {cfg.param_dtype})")
+    print(f"  {'KV cache':16s} {kv_per_token:,} bytes/token, "
+          f"{kv_per_token * cfg.max_seq_len / 2**30:,.2f} GiB at {cfg.max_seq_len:,} tokens")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    import spark_model
+
+    t0 = time.perf_counter()
+    model = spark_model.load(args.checkpoint, capacity=args.capacity)
+    load_s = time.perf_counter() - t0
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None)
+    if args.warmup:  # compile first, so the figures below are steady-state latency
+        for _ in model.stream(args.prompt, **kw):
+            pass
+    print(args.prompt, end="", flush=True)
+    for piece in model.stream(args.prompt, **kw):
+        print(piece, end="", flush=True)
+    s = model.last_stats
+    print(file=sys.stderr)
+    print(f"[{s['new_tokens']} tokens | TTFT {s['ttft_s'] * 1e3:.1f} ms | "
+          f"{s['tokens_per_s']:.0f} tokens/s | load {load_s:.1f} s"
+          f"{'' if args.warmup else ' | first call includes compilation'}]", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import spark_model
+    from spark_model.serve import server
+
+    model = spark_model.load(args.checkpoint, capacity=args.capacity)
+    server.serve(model, host=args.host, port=args.port, max_batch=args.max_batch,
+                 max_queue=args.max_queue, log_level=args.log_level)
+    return 0
+
+
+def _info_arguments(info: argparse.ArgumentParser) -> None:
+    src = info.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                     help="a named preset (default: tiny)")
+    src.add_argument("--checkpoint", metavar="DIR", help="read the config of a checkpoint")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _generate_arguments(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("prompt", help="the text to complete (may be empty)")
+    gen.add_argument("--checkpoint", metavar="DIR", default=None,
+                     help="checkpoint directory (default: the shipped checkpoints/spark-tiny)")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    gen.add_argument("--capacity", type=int, default=None,
+                     help="KV-cache positions per sequence (default: the model's 131072)")
+    gen.add_argument("--warmup", action="store_true",
+                     help="compile with one untimed run first, then time a second")
+
+
+def _serve_arguments(srv: argparse.ArgumentParser) -> None:
+    srv.add_argument("--checkpoint", metavar="DIR", default=None,
+                     help="checkpoint directory (default: the shipped checkpoints/spark-tiny)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=8, metavar="N",
+                     help="batch slots: requests decoded together (default 8)")
+    srv.add_argument("--max-queue", type=int, default=64, metavar="N",
+                     help="requests that may wait for a slot before new ones get 429")
+    srv.add_argument("--capacity", type=int, default=4096,
+                     help="KV-cache positions per slot, prompt plus completion (default 4096)")
+    srv.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"],
+                     help="info logs every HTTP request; warning only problems")
+
+
+info = Command("print a model's config and parameter count", _info_arguments, _info)
+generate = Command("stream a completion of a prompt to the terminal", _generate_arguments,
+                   _generate)
+serve = Command("serve completions over HTTP (OpenAI-compatible) and a persistent WebSocket",
+                _serve_arguments, _serve)
