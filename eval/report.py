@@ -37,6 +37,15 @@ def render_markdown(report: dict) -> str:
         rows.append(("bits per byte", _fmt(report["bpb"])))
         rows.append(("bpb files / bytes", f"{detail.get('files', 'n/a')} / "
                                           f"{detail.get('bytes', 'n/a')}"))
+    fill = report.get("infill")
+    if fill:
+        rows.append((f"single-line infilling pass@1 ({fill['mode']} mode)", _fmt(fill["pass@1"])))
+        rows.append(("infilling exact match", _fmt(fill["exact_match"])))
+        rows.append(("infilling tasks / problems", f"{fill['tasks']} / {fill['problems']}"))
+    line = report.get("line") or {}
+    for name, s in (line.get("sources") or {}).items():
+        rows.append((f"line completion exact match ({name})", _fmt(s["exact_match"])))
+        rows.append((f"line completion edit similarity ({name})", _fmt(s["edit_similarity"])))
     rows.append(("time to first token (s)", _fmt(report.get("ttft_s"))))
     rows.append(("tokens per second", _fmt(report.get("tokens_per_s"), 1)))
     gen = report.get("generation") or {}
