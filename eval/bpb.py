@@ -17,8 +17,11 @@ model has one, else min(2048, config.max_seq_len)) so no position is out of trai
 range. All batches have the fixed shape (batch, seq_len), right-padded with token 0 and
 masked, so a jitted model compiles once; causal attention makes right padding harmless.
 
-The model object is duck-typed: `tokenizer.encode(text, bos=True, eos=True)` and
-`logits(tokens (B, T) int) -> (B, T, V) float` (spark_model.SparkModel has both).
+The model object is duck-typed: `tokenizer.encode(text, bos=True, eos=True)` and either
+`nll(tokens (B, T), targets (B, T)) -> (B, T)` nats (spark_model.SparkModel: blockwise
+attention and chunked logits, so memory grows linearly with the window and any window
+up to max_seq_len fits) or `logits(tokens (B, T) int) -> (B, T, V) float`. A window
+longer than the model's `config.max_seq_len` is refused with a BpbError.
 """
 
 from __future__ import annotations
@@ -66,12 +69,23 @@ def _windows(tokens: Sequence[int], seq_len: int):
         yield chunk[:-1], chunk[1:]
 
 
-def _nll_sum(model_obj: Any, rows: list[tuple[Sequence[int], Sequence[int]]],
-             batch: int, seq_len: int) -> float:
-    """Sum of -log p(target) in nats over the real (unpadded) positions of `rows`."""
+def token_nll(model_obj: Any, inputs_bt: np.ndarray, targets_bt: np.ndarray) -> np.ndarray:
+    """-log p(target) in nats per position, (B, T) float64: the model's memory-lean `nll`
+    when it has one, else log-softmax over its full `logits`."""
+    if callable(getattr(model_obj, "nll", None)):
+        return np.asarray(model_obj.nll(inputs_bt, targets_bt), np.float64)
     import jax
     import jax.numpy as jnp
 
+    logits = jnp.asarray(model_obj.logits(inputs_bt), jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.asarray(targets_bt)[..., None], axis=-1)[..., 0]
+    return np.asarray(logz - picked, np.float64)
+
+
+def _nll_sum(model_obj: Any, rows: list[tuple[Sequence[int], Sequence[int]]],
+             batch: int, seq_len: int) -> float:
+    """Sum of -log p(target) in nats over the real (unpadded) positions of `rows`."""
     inputs = np.zeros((batch, seq_len), np.int32)
     targets = np.zeros((batch, seq_len), np.int32)
     mask = np.zeros((batch, seq_len), np.float32)
@@ -79,11 +93,7 @@ def _nll_sum(model_obj: Any, rows: list[tuple[Sequence[int], Sequence[int]]],
         inputs[r, :len(x)] = x
         targets[r, :len(y)] = y
         mask[r, :len(y)] = 1.0
-    logits = jnp.asarray(model_obj.logits(inputs), jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
-    nll = np.asarray(logz - picked, np.float64)
-    return float(np.sum(nll * mask))
+    return float(np.sum(token_nll(model_obj, inputs, targets) * mask))
 
 
 def bits_per_byte(model_obj: Any, paths: Iterable[str | os.PathLike], *,
@@ -100,6 +110,10 @@ def bits_per_byte(model_obj: Any, paths: Iterable[str | os.PathLike], *,
     seq_len = seq_len if seq_len is not None else _default_seq_len(model_obj)
     if seq_len < 1:
         raise ValueError("seq_len must be >= 1")
+    max_len = getattr(getattr(model_obj, "config", None), "max_seq_len", None)
+    if isinstance(max_len, int) and seq_len > max_len:
+        raise BpbError(f"a scoring window of {seq_len} tokens is longer than the model's "
+                       f"{max_len} positions")
     files = collect_files(paths)
     skipped: list[str] = []
     total_bytes = 0

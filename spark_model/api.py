@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spark_model import checkpoint, engine, generation, stops
+from spark_model import checkpoint, engine, generation, scoring, stops
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import KVCache, cache_length, init_cache
 from spark_model.tokenizer import Tokenizer
@@ -26,6 +27,16 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "s
 def default_checkpoint() -> Path:
     """$SPARK_CHECKPOINT if set, else the shipped checkpoints/spark-tiny."""
     return Path(os.environ.get("SPARK_CHECKPOINT") or DEFAULT_CHECKPOINT)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Text run through the model once (`SparkModel.prefill_context`): a one-row KV cache
+    holding its `length` positions, which `generate_after` continues without recomputing."""
+
+    cache: KVCache
+    length: int  # positions filled: BOS and the text's tokens
+    capacity: int  # positions the cache was allocated for
 
 
 class SparkModel:
@@ -90,17 +101,32 @@ class SparkModel:
         """Full causal forward: token ids (B, T) -> f32 logits (B, T, V)."""
         return full_logits(self.model, jnp.asarray(tokens_bt, jnp.int32))
 
+    def nll(self, tokens_bt, targets_bt) -> jax.Array:
+        """-log p(targets[b, t] | tokens[b, :t+1]) in nats, (B, T) f32, in memory O(T):
+        blockwise attention and chunked logits (`spark_model.scoring`), so sequences up
+        to the model's max_seq_len can be scored."""
+        tokens = jnp.asarray(tokens_bt, jnp.int32)
+        targets = jnp.asarray(targets_bt, jnp.int32)
+        if tokens.ndim != 2 or tokens.shape != targets.shape:
+            raise ValueError(f"tokens and targets must be (B, T) of one shape, got "
+                             f"{tokens.shape} and {targets.shape}")
+        if tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"a sequence of {tokens.shape[1]} tokens is longer than the "
+                             f"model's {self.config.max_seq_len} positions")
+        return scoring.token_nll(self.model, tokens, targets)
+
     # ---- generation ------------------------------------------------------------------
 
-    def _prepare(self, prompts, ids=None, ignore_eos=False, **kw):
+    def _prepare(self, prompts, ids=None, ignore_eos=False, room=None, **kw):
         req = generation.check_request(prompts, **kw)
         if ids is None:
             ids = [self.tokenizer.encode(p, bos=True) for p in req.prompts]
         longest = max(len(x) for x in ids)
-        if longest + req.max_new_tokens > self.capacity:
+        room = self.capacity if room is None else room
+        if longest + req.max_new_tokens > room:
             raise ValueError(
                 f"prompt of {longest} tokens plus max_new_tokens={req.max_new_tokens} exceeds "
-                f"the KV-cache capacity of {self.capacity} tokens")
+                f"the KV-cache capacity of {room} tokens")
         prompt_bp, len_b = generation.pad_prompts(ids, self.tokenizer.pad_id)
         eos = -1 if ignore_eos else self.tokenizer.eos_id  # -1 matches no token
         consts = generation.constants(req, len(ids), self._token_table, eos)
@@ -168,6 +194,72 @@ class SparkModel:
         dt = time.perf_counter() - t0
         self.last_stats = {"seconds": dt, "new_tokens": n, "tokens_per_s": n / dt}
         return state
+
+    def prefill_context(self, text: str, *, room: int = 256) -> Context:
+        """Run BOS + `text` through the model once, for many `generate_after` calls.
+
+        room: positions kept free after the text for each continuation (its prompt plus
+        its new tokens). The cache holds one row: about 2 * n_layers * n_kv_heads *
+        head_dim * 4 bytes per position (0.5 GB for `tiny` at 128K).
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"prefill_context takes a string, got {type(text).__name__}")
+        ids = self.tokenizer.encode(text, bos=True)
+        if isinstance(room, bool) or not isinstance(room, int) or room < 2:
+            raise ValueError(f"room must be an integer >= 2, got {room!r}")
+        capacity = len(ids) + room
+        if capacity > self.config.max_seq_len:
+            raise ValueError(f"a context of {len(ids)} tokens plus room={room} exceeds the "
+                             f"model's {self.config.max_seq_len} positions")
+        req, prompt_bp, len_b, consts = self._prepare(
+            "", ids=[ids], room=capacity, max_new_tokens=1, temperature=0.0, top_k=0,
+            top_p=1.0, seed=0, stop=None)
+        t0 = time.perf_counter()
+        state = engine.prefill_jit(self._graphdef, self._params,
+                                   init_cache(self.config, 1, capacity), prompt_bp, len_b,
+                                   consts, engine.bucket(1))
+        jax.block_until_ready(state.cache)
+        self.last_stats = {"seconds": time.perf_counter() - t0, "prefill_tokens": len(ids)}
+        return Context(state.cache, len(ids), capacity)
+
+    def generate_after(self, context: Context, prompts: str | Sequence[str],
+                       max_new_tokens: int = 256, *, temperature: float = 0.0, top_k: int = 0,
+                       top_p: float = 1.0, seed: int = 0,
+                       stop: str | Sequence[str] | None = None) -> str | list[str]:
+        """Continue a prefilled context with each prompt, as one batch.
+
+        The same as generating from the context's tokens followed by each prompt's tokens
+        (the prompt is tokenized on its own, without BOS), but the context is not run
+        again: its cache is copied into every row and left unchanged for later calls.
+        """
+        if not isinstance(context, Context):
+            raise TypeError(f"context must come from prefill_context, got {type(context).__name__}")
+        one = isinstance(prompts, str)
+        texts = [prompts] if one else list(prompts)
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in texts]
+        if any(isinstance(p, str) and not x for p, x in zip(texts, ids)):
+            raise ValueError("every prompt continuing a context needs at least one token")
+        req, prompt_bp, len_b, consts = self._prepare(
+            texts, ids=ids, room=context.capacity - context.length,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop=stop)
+        chunk = min(prompt_bp.shape[1], engine.PREFILL_CHUNK)
+        written = -(-int(max(len_b)) // chunk) * chunk  # the prefill writes whole chunks
+        if context.length + written > context.cache.length:
+            raise ValueError(f"prompts of {int(max(len_b))} tokens need more room after the "
+                             f"context; prefill it with a larger room")
+        b = len(texts)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, b, axis=0) if b > 1 else jnp.copy(x),
+                             context.cache)  # the engine donates (overwrites) its cache
+        t0 = time.perf_counter()
+        state = engine.continue_jit(self._graphdef, self._params, cache, prompt_bp, len_b,
+                                    jnp.full((b,), context.length, jnp.int32), consts,
+                                    engine.bucket(req.max_new_tokens))
+        out = self._texts(state, req)
+        n = int(np.sum(jax.device_get(state.count_b)))
+        dt = time.perf_counter() - t0
+        self.last_stats = {"seconds": dt, "new_tokens": n, "tokens_per_s": n / dt}
+        return out[0] if one else out
 
     def stream(self, prompt: str, max_new_tokens: int = 256, *, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0,

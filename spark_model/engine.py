@@ -79,14 +79,19 @@ def _emit(state: DecodeState, token_b: jax.Array, c: Constants) -> DecodeState:
 
 
 def prefill(model: Transformer, cache: KVCache, prompt_bp: jax.Array, prompt_len_b: jax.Array,
-            c: Constants, n_out: int) -> DecodeState:
+            c: Constants, n_out: int, start_b: jax.Array | None = None) -> DecodeState:
     """Run the prompts through the cache in chunks and sample the first token.
 
     prompt_bp is right-padded to a bucket P; only ceil(max(len) / chunk) chunks run, so
     padding costs nothing beyond the last chunk. Positions past a prompt's end receive
     padding keys, which that sequence overwrites before it ever attends to them.
+    start_b is the position of each prompt's first token: 0 (the default) starts fresh
+    sequences; a later position continues sequences whose earlier positions the cache
+    already holds (a shared context prefilled once).
     """
     batch, p = prompt_bp.shape
+    if start_b is None:
+        start_b = jnp.zeros((batch,), jnp.int32)
     chunk = min(p, PREFILL_CHUNK)
     n_chunks = (jnp.max(prompt_len_b) + chunk - 1) // chunk
     rows = jnp.arange(batch)
@@ -94,7 +99,7 @@ def prefill(model: Transformer, cache: KVCache, prompt_bp: jax.Array, prompt_len
     def body(j, carry):
         cache, last_bd = carry
         toks = jax.lax.dynamic_slice_in_dim(prompt_bp, j * chunk, chunk, axis=1)
-        pos = jnp.broadcast_to(j * chunk + jnp.arange(chunk), (batch, chunk))
+        pos = start_b[:, None] + j * chunk + jnp.arange(chunk)[None, :]
         x_btd, cache = model.cached(toks, pos, cache)
         idx = prompt_len_b - 1 - j * chunk  # where the prompt's last token sits in this chunk
         inside = (idx >= 0) & (idx < chunk)
@@ -103,12 +108,14 @@ def prefill(model: Transformer, cache: KVCache, prompt_bp: jax.Array, prompt_len
 
     last = jnp.zeros((batch, model.cfg.d_model), jnp.dtype(model.cfg.dtype))
     cache, last = jax.lax.fori_loop(0, n_chunks, body, (cache, last))
-    return first_token(cache, model.logits(last[:, None, :])[:, 0], prompt_len_b, c, n_out)
+    return first_token(cache, model.logits(last[:, None, :])[:, 0], start_b + prompt_len_b, c,
+                       n_out)
 
 
 def first_token(cache: KVCache | None, logits_bv: jax.Array, prompt_len_b: jax.Array,
                 c: Constants, n_out: int) -> DecodeState:
-    """The state after a prefill: the first token sampled from the prompts' last logits."""
+    """The state after a prefill: the first token sampled from the prompts' last logits
+    (prompt_len_b: positions each sequence now holds, its prompt's last at len - 1)."""
     batch = logits_bv.shape[0]
     state = DecodeState(
         cache=cache, tokens_bn=jnp.zeros((batch, n_out), jnp.int32),
@@ -170,6 +177,16 @@ def generate_jit(graphdef, params, cache, prompt_bp, prompt_len_b, c: Constants,
                  ) -> DecodeState:
     model = merge(graphdef, params)
     state = prefill(model, cache, prompt_bp, prompt_len_b, c, n_out)
+    return decode(model, state, c, c.max_new)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(2,))
+def continue_jit(graphdef, params, cache, prompt_bp, prompt_len_b, start_b, c: Constants,
+                 n_out: int) -> DecodeState:
+    """generate_jit for prompts that continue at start_b over a cache that holds the
+    positions before it."""
+    model = merge(graphdef, params)
+    state = prefill(model, cache, prompt_bp, prompt_len_b, c, n_out, start_b)
     return decode(model, state, c, c.max_new)
 
 
