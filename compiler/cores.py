@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 
 import numpy as np
 
@@ -101,11 +102,20 @@ def core(plan: Plan, row: int, col: int, wafer: int = 0) -> CoreInfo:
 
 
 def core_bytes(plan: Plan) -> np.ndarray:
-    """Bytes in use on every core, (wafers, rows, cols)."""
+    """Bytes in use on every core, (wafers, rows, cols): each rectangle's tilings (and
+    hosted parameters) added up in one matrix product of their byte terms."""
     out = np.zeros((plan.wafers, plan.target.rows, plan.target.cols), np.int64)
     hosted = _hosted(plan)
+    terms: dict[tuple, list] = defaultdict(list)  # rectangle -> [(row, column factor)]
     for name, r in plan.regions.items():
+        rect = terms[(r.wafer, r.row, r.col, r.rows, r.cols)]
+        rect += r.tiling.byte_terms()
         extra = _hosted_bytes(plan, name, hosted.get(name, []))
-        out[r.wafer, r.row:r.row + r.rows, r.col:r.col + r.cols] += (
-            r.tiling.core_bytes() + extra)
+        if extra:
+            rect.append((np.ones(r.rows, np.int64), np.full(r.cols, extra, np.int64)))
+    for (w, r0, c0, nr, nc), rect in terms.items():
+        rows = np.stack([a for a, _ in rect], 1).astype(np.float64)
+        cols = np.stack([b for _, b in rect]).astype(np.float64)
+        # Exact: every product and sum is an integer far below 2**53.
+        out[w, r0:r0 + nr, c0:c0 + nc] += np.rint(rows @ cols).astype(np.int64)
     return out
