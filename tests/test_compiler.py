@@ -253,6 +253,17 @@ def test_greedy_through_the_plan_equals_generate(tiny, tiny_plan):
     assert ours == list(ref)
 
 
+def test_a_plan_runs_one_token_of_one_sequence(tiny, tiny_plan):
+    from compiler.execute import execute
+    from spark_model.kv_cache import init_cache
+
+    cache = init_cache(tiny_plan.cfg, 2, 64)
+    with pytest.raises(ValueError, match="one token of one sequence"):
+        execute(tiny_plan, tiny, [[1, 2]], [[0, 1]], cache)
+    with pytest.raises(ValueError, match="at least one token"):
+        compiler.generate_greedy(tiny_plan, tiny, [], 4)
+
+
 def test_untied_model_on_another_grid():
     cfg = ModelConfig(vocab_size=300, d_model=48, n_layers=2, n_heads=6, n_kv_heads=3,
                       head_dim=8, d_ff=80, tie_embeddings=False)
