@@ -1,4 +1,8 @@
-"""`compile`: model (preset, config, checkpoint or loaded model) + target -> Plan."""
+"""`compile`: model (preset, config, checkpoint or loaded model) + target -> Plan.
+
+The passes in order: frontend (trace), planner (partition, place and price each mapping),
+place.refine, route, cost (predictions), check (the plan's invariants).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compiler import frontend, planner
+from compiler import cost, frontend, planner
+from compiler.check import check_plan
 from compiler.ir import CompilerError, Graph
 from compiler.partition import tile_op
 from compiler.place import NoFit, flows, hosts, overlay_max_context, pack, pack_overlay, refine
 from compiler.plan import Plan
+from compiler.route import route_plan
 from compiler.target import Target, get_target
 from spark_model.config import PRESETS, ModelConfig
 
@@ -89,7 +95,7 @@ def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 1
             wafers: int | None = None, seed: int = 0, refine_moves: int = 100,
             layers_per_region: int | None = None) -> Plan:
     """Trace the decode step of `model`, plan its partition, place it on `target`, refine
-    the placement, route it and predict its latency.
+    the placement, route it, predict its latency and check the plan (check_plan).
 
     context: KV cache positions to reserve (default 128K). wafers: how many wafers may be
     used (default: the target's count, 1 for the presets); a model that needs more is an
@@ -137,6 +143,8 @@ def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 1
                 band=best.band, wafer_layers=best.packing.wafer_layers,
                 placement_cost=(before, after), max_context=max_ctx, source=source,
                 share=best.share, alternatives=[c.describe() for c in cands[:8]])
-    plan.predictions()  # route and cost now, so compile_s covers every pass
+    plan.routing = route_plan(plan)
+    plan.predictions = cost.predictions(plan)
+    check_plan(plan)
     plan.compile_s = time.perf_counter() - t0
     return plan

@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     except (compiler.CompilerError, compiler.TargetError) as e:
         print(f"spark compile: error: {e}", file=sys.stderr)
         return 1
-    summary = plan.summary()
+    from compiler.summary import explain, format_summary, summary as summarize
+
+    summary = summarize(plan)
     if args.verify:
         import spark_model
         from compiler.verify import DEFAULT_PROMPT, logit_diffs
@@ -71,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
         summary["verified_positions"] = len(diffs)
         summary["max_abs_logit_diff"] = max(diffs)
     if args.report:
-        summary["report"] = str(plan.report(args.report))
+        from compiler.report import write_report
+
+        summary["report"] = str(write_report(plan, args.report))
     if args.json:
         if args.print_ir:
             summary["ir"] = [{"name": o.name, "kind": o.kind, "layer": o.layer,
@@ -81,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_ir:
         print(compiler.format_graph(plan.graph))
         print()
-    print(plan.format_summary())
+    print(format_summary(plan))
     if args.explain:
-        print(plan.explain())
+        print(explain(plan))
     if args.report:
         print(f"  report          {summary['report']}/report.md (plan.json, sram.png, "
               "regions.png, links.png, trace.json)")

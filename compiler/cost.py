@@ -23,17 +23,24 @@ column's partial sums (MeshGEMV). Attention over a head's cores: broadcast the q
 score and weight the local positions, allreduce the softmax max and sum and reduce the
 weighted values. Prefill of n tokens keeps the weights stationary and streams n-row blocks
 through the same collectives (a MeshGEMM-style estimate).
+
+`step` prices a placement given directly (graph, hosts, regions, target), routed or not, so
+the planner prices candidates with it; `plan_step` and `predictions` price a
+compiler.plan.Plan over its routing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
-from compiler.ir import Op
+from compiler.ir import Graph, Op
 from compiler.partition import Tiling
+from compiler.place import Region, anchor, handoff_pairs
+from compiler.route import Routing, lanes, routing_of
 from compiler.target import Target
 
 COMPONENTS = ("compute", "hops", "stages", "transfer", "wafer")
@@ -153,23 +160,22 @@ def handoff(hops: int, relays: int, nbytes: float, wafers: int, t: Target,
 
 # ---- a whole step ----------------------------------------------------------------------
 
-def op_cost(plan, op: Op, context: int, tokens: int = 1) -> Cost:
-    from compiler.place import anchor
-
-    act = np.dtype(plan.cfg.dtype).itemsize
-    t = plan.target
+def op_cost(op: Op, regions: dict[str, Region], host: dict[str, str], target: Target,
+            act: int, context: int, tokens: int = 1) -> Cost:
+    """One op's own cost on the region that runs it (activations of `act` bytes)."""
+    t = target
     if op.kind == "matvec":
         # An input made on the same cores is already replicated along the rows (the
         # producer's allreduce broadcast it back); one from elsewhere is multicast in.
-        here = anchor(plan.regions, op.name)
+        here = anchor(regions, op.name)
         replicated = bool(op.inputs) and all(
-            anchor(plan.regions, plan.host[i]) == here for i in op.inputs)
-        return matvec(plan.regions[op.name].tiling, act, t, tokens, replicated)
+            anchor(regions, host[i]) == here for i in op.inputs)
+        return matvec(regions[op.name].tiling, act, t, tokens, replicated)
     if op.kind == "attention":
-        return attention(op, plan.regions[op.name].tiling, context, act, t, tokens)
+        return attention(op, regions[op.name].tiling, context, act, t, tokens)
     if op.kind == "lookup":
-        return lookup(op, plan.regions[plan.host[op.name]].tiling, act, t, tokens)
-    return vector(op, plan.regions[plan.host[op.name]].tiling, act, t, tokens)
+        return lookup(op, regions[host[op.name]].tiling, act, t, tokens)
+    return vector(op, regions[host[op.name]].tiling, act, t, tokens)
 
 
 @dataclasses.dataclass
@@ -186,61 +192,102 @@ class StepCost:
         return max(self.total.total, self.link_bound_cycles) / t.clock_hz
 
 
-def step(plan, routing, context: int, tokens: int = 1) -> StepCost:
+def step(g: Graph, host: dict[str, str], regions: dict[str, Region], target: Target,
+         act: int, context: int, routing: Routing | None = None, tokens: int = 1
+         ) -> StepCost:
     """Earliest start of every op given its inputs' finish plus their hand-offs; the
-    step's latency is the finish of the last op."""
-    from compiler.place import anchor
-
-    t = plan.target
+    step's latency is the finish of the last op. Without `routing` (while planning), the
+    hand-offs go straight between region centres with no relays and no link bound."""
+    t = target
     by_pair: dict[tuple[str, str], dict] = {}
-    for h in (routing.handoffs if routing is not None else _direct_handoffs(plan)):
+    handoffs = (routing.handoffs if routing is not None
+                else _direct_handoffs(g, host, regions, target))
+    for h in handoffs:
         by_pair.setdefault((h["src"], h["dst"]), h)
 
     path: dict[str, Cost] = {}
     own: dict[str, Cost] = {}
     start: dict[str, float] = {}
     finish: dict[str, float] = {}
-    by_name = {o.name: o for o in plan.graph.ops}
-    for o in plan.graph.ops:
-        own[o.name] = op_cost(plan, o, context, tokens)
+    by_name = {o.name: o for o in g.ops}
+    for o in g.ops:
+        own[o.name] = op_cost(o, regions, host, t, act, context, tokens)
         best = Cost()
         for i in o.inputs:
-            sa = anchor(plan.regions, plan.host[i])
-            da = anchor(plan.regions, plan.host[o.name])
+            sa = anchor(regions, host[i])
+            da = anchor(regions, host[o.name])
             h = by_pair.get((sa, da))
             move = Cost() if h is None else handoff(
                 h["hops"], h["relays"], tokens * by_name[i].out_bytes, h["wafers"], t,
-                min(lanes(plan, by_name[i], "out"), lanes(plan, o, "in")))
+                min(lanes(regions, host, by_name[i], "out"), lanes(regions, host, o, "in")))
             cand = path[i] + move
             if cand.total > best.total:
                 best = cand
         start[o.name] = best.total
         path[o.name] = best + own[o.name]
         finish[o.name] = path[o.name].total
-    last = plan.graph.ops[-1].name
+    last = g.ops[-1].name
     load = routing.max_link[0] if routing is not None else 0.0
     return StepCost(path[last], own, start, finish,
                     tokens * max(load, 0.0) / t.link_bytes_per_cycle)
 
 
-def lanes(plan, op: Op, side: str) -> int:
-    """Parallel routes an op's data enters ("in") or leaves ("out") its region by: a
-    matvec's input enters along its rows, every output leaves along its region's columns."""
-    tl = plan.regions[plan.host[op.name]].tiling
-    return tl.pr if side == "in" and op.kind == "matvec" else tl.pc
-
-
-def _direct_handoffs(plan) -> list[dict]:
+def _direct_handoffs(g: Graph, host: dict[str, str], regions: dict[str, Region],
+                     target: Target) -> list[dict]:
     """Hand-offs between region centres without routing (no relays): for quick estimates
     while planning."""
-    from compiler.place import handoff_pairs
-
     out = []
-    for _, _, sa, da in handoff_pairs(plan.graph, plan.host, plan.regions):
-        a, b = plan.regions[sa], plan.regions[da]
+    for _, _, sa, da in handoff_pairs(g, host, regions):
+        a, b = regions[sa], regions[da]
         (ra, ca), (rb, cb) = a.center, b.center
         hops = (abs(ra - rb) + abs(ca - cb) if a.wafer == b.wafer
-                else plan.target.cols - 1 - ca + cb)
+                else target.cols - 1 - ca + cb)
         out.append({"src": sa, "dst": da, "hops": hops, "relays": 0,
                     "wafers": b.wafer - a.wafer})
     return out
+
+
+# ---- a plan's predictions ------------------------------------------------------------------
+
+def plan_step(plan, context: int | None = None, tokens: int = 1) -> StepCost:
+    """The critical path of one decode step of a compiler.plan.Plan with `context`
+    positions filled (default: its capacity; tokens > 1: a prefill of that many tokens),
+    over the plan's routing (routed here if the plan has none)."""
+    return step(plan.graph, plan.host, plan.regions, plan.target,
+                np.dtype(plan.cfg.dtype).itemsize, context or plan.context, routing_of(plan),
+                tokens)
+
+
+def breakdown(sc: StepCost, t: Target) -> dict[str, float]:
+    """Seconds per token on the critical path: compute, hops, routing stages, link
+    transfer and the inter-wafer link; a link-bound step adds the rest as 'link_bound'."""
+    sec = sc.total.seconds(t)
+    out = {"compute": sec["compute"], "hops": sec["hops"], "routing_stages": sec["stages"],
+           "transfer": sec["transfer"], "inter_wafer": sec["wafer"]}
+    extra = sc.seconds(t) - sc.total.total / t.clock_hz
+    if extra > 0:
+        out["link_bound"] = extra
+    return out
+
+
+def predictions(plan, prompt_tokens: int = 1000) -> dict[str, Any]:
+    """Predicted decode speed at 1K, 32K and 128K (those within the plan's context),
+    time to first token for a `prompt_tokens` prompt, and where the time goes."""
+    t = plan.target
+    routing = routing_of(plan)
+    act = np.dtype(plan.cfg.dtype).itemsize
+
+    def at(context, tokens=1):
+        return step(plan.graph, plan.host, plan.regions, t, act, context, routing, tokens)
+
+    contexts = [c for c in (1024, 32_768, 131_072) if c <= plan.context] or [plan.context]
+    speed, by_context = {}, {}
+    for c in contexts:
+        sc = at(c)
+        speed[str(c)] = 1.0 / sc.seconds(t)
+        by_context[str(c)] = breakdown(sc, t)
+    n = min(prompt_tokens, plan.context)
+    prefill = at(n, tokens=n)
+    return {"decode_tokens_per_s": speed, "ttft_s": prefill.seconds(t),
+            "ttft_prompt_tokens": n, "breakdown": by_context[str(contexts[-1])],
+            "breakdown_by_context": by_context, "routing": routing.summary()}

@@ -15,12 +15,15 @@ in JAX's own `eval_jaxpr`) that replaces each placed op by what its cores comput
 
 Everything is vectorised over cores (einsum over the tile axes), and the whole step is one
 `jax.jit`, so executing a plan for `tiny` takes milliseconds per token.
+
+Over a compiler.plan.Plan: `leaves` (its parameters in argument order), `Runner` (runs its
+decode step, tracing once per cache length), `execute` (one step) and `generate_greedy`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ import numpy as np
 from einops import rearrange
 from jax.extend import core as jcore
 
+from compiler import frontend
 from compiler.ir import CompilerError, Op
 from compiler.partition import Tiling, split_index, tile_weight
 
@@ -207,3 +211,87 @@ def make_step(graph, tilings, host):
         return logits, jax.tree.unflatten(jax.tree.structure(cache), cache_leaves)
 
     return step
+
+
+# ---- running a plan ----------------------------------------------------------------------
+
+def leaves(plan, params: Any) -> list[jax.Array]:
+    """A plan's parameters in the traced step's argument order, from a flat dict
+    {name: array}, a Transformer or a loaded SparkModel."""
+    from spark_model.checkpoint import flat_params
+
+    if hasattr(params, "tokenizer") and hasattr(params, "model"):  # a SparkModel
+        params = params.model
+    if not isinstance(params, dict):
+        params = flat_params(params)
+    missing = [n for n in plan.graph.param_order if n not in params]
+    if missing:
+        raise ValueError(f"parameters missing for this plan: {missing[:5]}")
+    out = []
+    for n in plan.graph.param_order:
+        info = plan.graph.params[n]
+        a = jnp.asarray(params[n])
+        if tuple(a.shape) != info.shape:
+            raise ValueError(f"parameter {n} has shape {tuple(a.shape)}, the plan was "
+                             f"compiled for {info.shape}")
+        out.append(a.astype(info.dtype))
+    return out
+
+
+class Runner:
+    """Runs a compiler.plan.Plan's decode step, one token at a time; keeps the jitted step
+    of each cache length it has seen, so a loop of calls traces once."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self._steps: dict[int, Any] = {}
+
+    def _step(self, cache_len: int):
+        if cache_len not in self._steps:
+            g = frontend.build_graph(self.plan.cfg, cache_len)
+            tilings = {name: r.tiling for name, r in self.plan.regions.items()}
+            self._steps[cache_len] = make_step(g, tilings, self.plan.host)
+        return self._steps[cache_len]
+
+    def __call__(self, params: Any, tokens_bt, positions_bt, cache):
+        """One decode step through the placed program: (logits (B, 1, V), new cache).
+
+        `params` as for `leaves` (or the list it returns); `cache` is a spark_model KVCache
+        of any capacity, which the attention op spreads over the cores of its region.
+        """
+        params = params if isinstance(params, list) else leaves(self.plan, params)
+        tokens = jnp.asarray(tokens_bt, jnp.int32)
+        positions = jnp.asarray(positions_bt, jnp.int32)
+        if tokens.shape != (1, 1) or positions.shape != (1, 1):
+            raise ValueError("a plan runs one token of one sequence: tokens and positions "
+                             f"must be (1, 1), got {tokens.shape} and {positions.shape}")
+        return self._step(cache.length)(params, tokens, positions, cache)
+
+
+def execute(plan, params: Any, tokens_bt, positions_bt, cache):
+    """One decode step of `plan` (see Runner.__call__; a Runner reuses its traced step
+    across calls, this traces afresh)."""
+    return Runner(plan)(params, tokens_bt, positions_bt, cache)
+
+
+def generate_greedy(plan, params: Any, prompt_ids: Sequence[int], max_new_tokens: int,
+                    capacity: int = 2048) -> list[int]:
+    """Greedy decoding through the executed plan, one token per step."""
+    from spark_model.kv_cache import init_cache
+
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise ValueError("the prompt must hold at least one token")
+    if len(ids) + max_new_tokens > capacity:
+        raise ValueError(f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the capacity {capacity}")
+    run = Runner(plan)
+    weights = leaves(plan, params)
+    cache = init_cache(plan.cfg, 1, capacity)
+    out: list[int] = []
+    for pos in range(len(ids) + max_new_tokens - 1):
+        tok = ids[pos] if pos < len(ids) else out[-1]
+        logits, cache = run(weights, [[tok]], [[pos]], cache)
+        if pos >= len(ids) - 1:
+            out.append(int(jnp.argmax(logits[0, -1])))
+    return out

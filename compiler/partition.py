@@ -120,6 +120,20 @@ class Tiling:
         return (self.positions * self.kv_bytes * dims[None, :]
                 + -(-self.buffers // self.share)).repeat(self.pr, axis=0)
 
+    def byte_terms(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """core_bytes() as a sum of outer products (row factor, column factor), so the
+        bytes of many tilings over the same cores add up in one matrix product. Parts
+        differ by at most one, so the buffers' rounded share takes at most four values."""
+        ones_r, ones_c = np.ones(self.pr, np.int64), np.ones(self.pc, np.int64)
+        if self.k:
+            lk, ln = np.diff(self.k_bounds()), np.diff(self.n_bounds())
+            ia, ib = lk - lk.min(), ln - ln.min()  # 1 where a part is the larger one
+            f00, f10, f01, f11 = (int(self._buffers(lk.min() + x, ln.min() + y))
+                                  for x, y in ((0, 0), (1, 0), (0, 1), (1, 1)))
+            return [(lk * self.wbytes, ln), (ones_r, ones_c * f00), (ia * (f10 - f00), ones_c),
+                    (ones_r, ib * (f01 - f00)), (ia, ib * (f11 - f10 - f01 + f00))]
+        return [(ones_r, self.core_bytes()[0])]  # every row of cores holds the same
+
     @property
     def cols_per_head(self) -> int:
         """attention: columns of one kv head (its dimensions are split over them)."""

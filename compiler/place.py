@@ -283,6 +283,13 @@ def overlay_max_context(p: Packing, target: Target) -> int:
     return max(best or 0, 0) * target.rows
 
 
+def mapping_name(share: int) -> str:
+    """How a plan with `share` layers per set of regions maps the model."""
+    if share == 0:
+        return "every op over the whole wafer"
+    return f"{share} layer(s) per set of regions"
+
+
 def share_candidates(n_layers: int) -> list[int]:
     """Layers per shared region set to try: 1, 2, 4, ... and all layers."""
     out = {1, n_layers}
@@ -291,24 +298,6 @@ def share_candidates(n_layers: int) -> list[int]:
         out.add(m)
         m *= 2
     return sorted(out)
-
-
-def band_candidates(rows: int, limit: int = 128) -> list[int]:
-    """Band heights to try: every height on small grids, rows // m on large ones."""
-    if rows <= limit:
-        return list(range(rows, 0, -1))
-    return sorted({rows // m for m in range(1, limit + 1)}, reverse=True)
-
-
-def best_packing(g: Graph, target: Target, context: int, share: int = 1
-                 ) -> tuple[Packing, int] | None:
-    """The band height whose packing needs the fewest wafers, then the fewest cores."""
-    best = None
-    for h in band_candidates(target.rows):
-        p = pack(g, target, h, context, share)
-        if p is not None and (best is None or p.span < best[0].span):
-            best = (p, h)
-    return best
 
 
 # ---- refinement -------------------------------------------------------------------------

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from compiler import cost
 from compiler.ir import Graph
-from compiler.place import Packing, hosts, pack, pack_overlay, share_candidates
+from compiler.place import Packing, hosts, mapping_name, pack, pack_overlay, share_candidates
 from compiler.target import Target
 
 
@@ -46,12 +48,6 @@ class Candidate:
                 "decode_tokens_per_s": 1.0 / self.seconds if self.seconds else 0.0}
 
 
-def mapping_name(share: int) -> str:
-    if share == 0:
-        return "every op over the whole wafer"
-    return f"{share} layer(s) per set of regions"
-
-
 def band_choices(rows: int) -> list[int]:
     """Region heights to try: rows // m for m = 1..16, then a few shorter ones."""
     out = {max(1, rows // m) for m in range(1, 17)}
@@ -63,9 +59,8 @@ def candidates(g: Graph, target: Target, context: int, max_wafers: int, cfg,
                only_share: int | None = None) -> list[Candidate]:
     """Every (share, band) mapping that fits `max_wafers`, fastest first (only those with
     `only_share` layers per region when given)."""
-    from compiler.plan import Plan
-
     host = hosts(g)
+    act = np.dtype(cfg.dtype).itemsize
     layers = max(len(g.layers), 1)
     out: list[Candidate] = []
     shares = share_candidates(layers) if only_share is None else [only_share]
@@ -76,10 +71,8 @@ def candidates(g: Graph, target: Target, context: int, max_wafers: int, cfg,
              else pack(g, target, band, context, share))
         if p is None or len(p.wafer_layers) > max_wafers:
             continue
-        probe = Plan(cfg=cfg, target=target, context=context, graph=g, regions=p.regions,
-                     host=host, band=band, wafer_layers=p.wafer_layers,
-                     placement_cost=(0.0, 0.0), max_context=context, share=share)
-        out.append(Candidate(share, band, p, cost.step(probe, None, context).seconds(target)))
+        seconds = cost.step(g, host, p.regions, target, act, context).seconds(target)
+        out.append(Candidate(share, band, p, seconds))
     out.sort(key=lambda c: (c.seconds, c.wafers, c.packing.span))
     return out
 

@@ -1,7 +1,7 @@
 """Inspection reports: pictures of the grid, a trace of one decode step, a Markdown summary.
 
 `write_report(plan, dir)` writes
-  plan.json        the plan (schema in serialize.py), loadable with Plan.from_json
+  plan.json        the plan (schema in serialize.py), loadable with serialize.load_json
   sram.png         SRAM in use per core, as a fraction of the core's SRAM (heat map)
   regions.png      which layer (or op kind) owns each core
   links.png        bytes per token through each core's links (heat map)
@@ -23,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.place import anchor
+from compiler.cores import core_bytes
+from compiler.cost import plan_step
+from compiler.place import anchor, mapping_name
+from compiler.route import routing_of
+from compiler.serialize import save_json
+from compiler.summary import summary
 
 MAX_PIXELS = 1200
 
@@ -76,7 +81,7 @@ def _figure(img: np.ndarray, title: str, path: Path, cmap: str, label: str,
 
 
 def sram_png(plan, path: Path) -> None:
-    used = plan.core_bytes() / plan.target.sram_bytes
+    used = core_bytes(plan) / plan.target.sram_bytes
     img = _side_by_side([_blocks(w) for w in used])
     _figure(img, f"SRAM in use per core: {plan.source} on {plan.target.name} "
             f"(context {plan.context:,})", path, "viridis", "fraction of the core's SRAM",
@@ -117,14 +122,14 @@ def region_png(plan, path: Path) -> None:
     if len(legend) > 24:  # too many to list: the colour bar tells the layer
         legend = None
     _figure(img, f"Regions by layer: {plan.source} on {plan.target.name} "
-            f"({plan.summary()['mapping']})", path, "tab20" if legend else "turbo",
+            f"({mapping_name(plan.share)})", path, "tab20" if legend else "turbo",
             "layer", legend=[(n, k) for k, n in legend] if legend else None)
 
 
 def link_png(plan, path: Path) -> None:
     """Bytes per token through each core's links (the sum over its east and south links
     plus those arriving from west and north, halved: each link counts once overall)."""
-    rt = plan.routing()
+    rt = routing_of(plan)
     w, r, c = rt.paths.shape
     load = np.zeros((w, r, c))
     load[:, :, :-1] += rt.h_load
@@ -139,7 +144,7 @@ def link_png(plan, path: Path) -> None:
 
 def trace_events(plan, context: int | None = None) -> dict:
     """One decode step as Chrome trace events: a process per wafer, a thread per region."""
-    sc = plan.step_cost(context)
+    sc = plan_step(plan, context)
     clock = plan.target.clock_hz
     us = 1e6 / clock  # microseconds per cycle
     events = []
@@ -178,7 +183,7 @@ def trace_events(plan, context: int | None = None) -> dict:
 
 def layer_rows(plan) -> list[dict]:
     """Per layer: cores, tile shapes, bytes and predicted time in one decode step."""
-    sc = plan.step_cost()
+    sc = plan_step(plan)
     clock = plan.target.clock_hz
     by_layer: dict = defaultdict(list)
     for o in plan.graph.ops:
@@ -210,7 +215,7 @@ def layer_rows(plan) -> list[dict]:
 
 
 def markdown(plan) -> str:
-    s = plan.summary()
+    s = summary(plan)
     lines = [f"# {s['model']} on {s['target']}", "",
              f"Context {s['context']:,} positions; mapping: {s['mapping']}; "
              f"{s['wafers']} wafer(s); compiled in {s['compile_s']:.2f} s.", "",
@@ -241,9 +246,10 @@ def markdown(plan) -> str:
 
 
 def write_report(plan, directory) -> Path:
+    """Write plan.json, the pictures, a decode-step trace and report.md into `directory`."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    plan.to_json(d / "plan.json")
+    save_json(plan, d / "plan.json")
     sram_png(plan, d / "sram.png")
     region_png(plan, d / "regions.png")
     link_png(plan, d / "links.png")

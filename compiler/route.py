@@ -16,6 +16,9 @@ matvec region (its row and its column), 2 per attention core, 1 per hand-off rou
 lies on. Layers that share regions reuse the same routes. Where a core holds more routes
 than the target allows, routes through it are relayed in software there: each such core
 on a hand-off's path adds a routing stage to it (WaferLLM's PLMR "R").
+
+`route` takes the placement itself (graph, hosts, regions, target), so it serves plans
+and candidates alike; `route_plan` routes a compiler.plan.Plan.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import dataclasses
 
 import numpy as np
 
-from compiler.cost import lanes
-from compiler.place import handoff_pairs
+from compiler.ir import Graph, Op
+from compiler.place import Region, handoff_pairs
+from compiler.target import Target
 
 
 @dataclasses.dataclass
@@ -33,7 +37,7 @@ class Routing:
     h_load: np.ndarray  # (W, R, C-1) bytes per token on the link (r, c) <-> (r, c+1)
     v_load: np.ndarray  # (W, R-1, C) bytes per token on the link (r, c) <-> (r+1, c)
     paths: np.ndarray  # (W, R, C) routes each core's router holds
-    handoffs: list[dict]  # per hand-off: src, dst, bytes, hops, relays, wafers
+    handoffs: list[dict]  # per hand-off: src, dst, bytes, lanes, hops, relays, wafers, path
     limit: int  # routes a router can hold
 
     @property
@@ -88,16 +92,28 @@ def _centre(r) -> tuple[int, int]:
     return r.row + r.rows // 2, r.col + r.cols // 2
 
 
-def route(plan) -> Routing:
-    t = plan.target
-    W, R, C = plan.wafers, t.rows, t.cols
-    act = np.dtype(plan.cfg.dtype).itemsize
+def lanes(regions: dict[str, Region], host: dict[str, str], op: Op, side: str) -> int:
+    """Parallel routes an op's data enters ("in") or leaves ("out") its region by: a
+    matvec's input enters along its rows, every output leaves along its region's columns."""
+    tl = regions[host[op.name]].tiling
+    return tl.pr if side == "in" and op.kind == "matvec" else tl.pc
+
+
+def route(g: Graph, host: dict[str, str], regions: dict[str, Region], target: Target,
+          wafers: int, act: int) -> Routing:
+    """Route every flow of the placement over `wafers` wafers of `target` (activations of
+    `act` bytes). Each hand-off's `path` lists its corners as (wafer, row, col): from the
+    source region's centre along the row, then the column, to the destination's centre;
+    between wafers, along the row to the east edge, over the wafer link, and from the west
+    edge along the destination's row."""
+    t = target
+    W, R, C = wafers, t.rows, t.cols
     h = _Rect(W, R, max(C - 1, 0))
     v = _Rect(W, max(R - 1, 0), C)
     paths = _Rect(W, R, C)
     seen_rects = set()
-    for name, reg in plan.regions.items():
-        op = plan.graph.op(name)
+    for name, reg in regions.items():
+        op = g.op(name)
         tl = reg.tiling
         r0, c0 = reg.row, reg.col
         if op.kind == "attention":
@@ -116,19 +132,22 @@ def route(plan) -> Routing:
     segments = []  # (flow index, wafer, r0, r1, c0, c1) of every hand-off path piece
     handoffs = []
     routes_seen = set()
-    by_name = {o.name: o for o in plan.graph.ops}
-    for o, i, sa, da in handoff_pairs(plan.graph, plan.host, plan.regions):
-        src, dst = plan.regions[sa], plan.regions[da]
-        n_lanes = min(lanes(plan, by_name[i], "out"), lanes(plan, o, "in"))
+    by_name = {o.name: o for o in g.ops}
+    for o, i, sa, da in handoff_pairs(g, host, regions):
+        src, dst = regions[sa], regions[da]
+        n_lanes = min(lanes(regions, host, by_name[i], "out"), lanes(regions, host, o, "in"))
         nbytes = by_name[i].out_bytes / n_lanes  # on each of the parallel routes
         (rs, cs), (rd, cd) = _centre(src), _centre(dst)
         if src.wafer == dst.wafer:
             pieces = [(src.wafer, rs, rs + 1, min(cs, cd), max(cs, cd) + 1),
                       (src.wafer, min(rs, rd), max(rs, rd) + 1, cd, cd + 1)]
             hops = abs(rs - rd) + abs(cs - cd)
+            path = [(src.wafer, rs, cs), (src.wafer, rs, cd), (dst.wafer, rd, cd)]
         else:  # east edge of this wafer, the wafer link, west edge of the next
             pieces = [(src.wafer, rs, rs + 1, cs, C), (dst.wafer, rd, rd + 1, 0, cd + 1)]
             hops = (C - 1 - cs) + cd
+            path = [(src.wafer, rs, cs), (src.wafer, rs, C - 1), (dst.wafer, rd, 0),
+                    (dst.wafer, rd, cd)]
         for w, a, b, c, d in pieces:
             if b - a == 1:
                 h.add(w, a, b, c, d - 1, nbytes)
@@ -143,10 +162,22 @@ def route(plan) -> Routing:
         segments += [(idx, *p) for p in pieces]
         handoffs.append({"src": sa, "dst": da, "bytes": int(by_name[i].out_bytes),
                          "lanes": int(n_lanes), "hops": int(hops),
-                         "relays": 0, "wafers": int(dst.wafer - src.wafer)})
+                         "relays": 0, "wafers": int(dst.wafer - src.wafer),
+                         "path": [tuple(int(x) for x in p) for p in path]})
     path_counts = np.rint(paths.result()).astype(np.int64)
     over = path_counts > t.routing_paths
     if over.any():
         for idx, w, a, b, c, d in segments:
             handoffs[idx]["relays"] += int(over[w, a:b, c:d].sum())
     return Routing(h.result(), v.result(), path_counts, handoffs, t.routing_paths)
+
+
+def route_plan(plan) -> Routing:
+    """Every flow of a compiler.plan.Plan routed."""
+    return route(plan.graph, plan.host, plan.regions, plan.target, plan.wafers,
+                 np.dtype(plan.cfg.dtype).itemsize)
+
+
+def routing_of(plan) -> Routing:
+    """A plan's routing: the one it holds, or routed now if it holds none."""
+    return plan.routing if plan.routing is not None else route_plan(plan)

@@ -1,4 +1,5 @@
-"""Plans as JSON: `plan_to_dict` / `plan_from_dict`, used by Plan.to_json / Plan.from_json.
+"""Plans as JSON: `save_json(plan, path)` and `load_json(path)` (over `plan_to_dict` and
+`plan_from_dict`).
 
 Schema (version 1), one JSON object:
 
@@ -22,10 +23,11 @@ Schema (version 1), one JSON object:
                  kv_bytes, buffers, share, rk, rn}}: the rectangle at (row, col) of pr x pc
                  cores (group: the op whose cores it shares), with the tiling fields of
                  compiler.partition.Tiling
-  summary      Plan.summary() at save time (for readers; ignored on load)
+  summary      compiler.summary.summary(plan) at save time (for readers; ignored on load)
 
 Loading rebuilds the operator graph from `model` (tracing is deterministic) and checks
-that it matches the saved ops, so a loaded plan can `execute` again.
+that it matches the saved ops, then routes and costs the plan again, so a loaded plan can
+be executed, checked and summarised like a compiled one.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from compiler import cost, frontend
 from compiler.ir import CompilerError, Op
 from compiler.partition import Tiling
 from compiler.place import Region
+from compiler.plan import Plan
+from compiler.route import route_plan
+from compiler.summary import summary
 from compiler.target import Target
 from spark_model.config import ModelConfig
 
@@ -46,7 +52,7 @@ _OP_FIELDS = [f.name for f in dataclasses.fields(Op) if f.name != "eqns"]
 _TILING_FIELDS = [f.name for f in dataclasses.fields(Tiling)]
 
 
-def plan_to_dict(plan) -> dict[str, Any]:
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
     ops = []
     for o in plan.graph.ops:
         d = {k: getattr(o, k) for k in _OP_FIELDS}
@@ -63,14 +69,11 @@ def plan_to_dict(plan) -> dict[str, Any]:
         "max_context": plan.max_context, "compile_s": plan.compile_s,
         "placement_cost": list(plan.placement_cost), "wafer_layers": plan.wafer_layers,
         "share": plan.share, "alternatives": plan.alternatives,
-        "ops": ops, "regions": regions, "summary": plan.summary(),
+        "ops": ops, "regions": regions, "summary": summary(plan),
     }
 
 
-def plan_from_dict(data: dict[str, Any]):
-    from compiler import frontend
-    from compiler.plan import Plan
-
+def plan_from_dict(data: dict[str, Any]) -> Plan:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise CompilerError(f"not a plan of schema {SCHEMA!r} (found {found!r})")
@@ -88,21 +91,25 @@ def plan_from_dict(data: dict[str, Any]):
             regions[name] = Region(name, int(r["wafer"]), int(r["row"]), int(r["col"]), tiling,
                                    group=r.get("group"))
         host = {o["name"]: o["host"] for o in data["ops"]}
-        return Plan(cfg=cfg, target=target, context=int(data["context"]), graph=graph,
+        plan = Plan(cfg=cfg, target=target, context=int(data["context"]), graph=graph,
                     regions=regions, host=host, band=int(data["band"]),
                     wafer_layers=[list(map(int, w)) for w in data["wafer_layers"]],
                     placement_cost=tuple(map(float, data["placement_cost"])),
                     max_context=int(data["max_context"]), compile_s=float(data["compile_s"]),
                     source=str(data["source"]), share=int(data.get("share", 1)),
                     alternatives=list(data.get("alternatives", [])))
+        plan.routing = route_plan(plan)
+        plan.predictions = cost.predictions(plan)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CompilerError):
             raise
         raise CompilerError(f"malformed plan JSON: {type(e).__name__}: {e}") from None
+    return plan
 
 
-def save_json(plan, path) -> Path:
-    """Write atomically (a temporary file renamed into place)."""
+def save_json(plan: Plan, path) -> Path:
+    """Write the plan as JSON (the schema above), atomically (a temporary file renamed
+    into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -111,7 +118,8 @@ def save_json(plan, path) -> Path:
     return path
 
 
-def load_json(path):
+def load_json(path) -> Plan:
+    """Read a plan written by save_json; it can be executed and costed again."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())

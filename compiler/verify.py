@@ -8,6 +8,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from compiler.execute import Runner, leaves
 from spark_model.kv_cache import init_cache
 
 DEFAULT_PROMPT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
@@ -29,12 +30,13 @@ def logit_diffs(plan, model, prompt_ids: Sequence[int], capacity: int = 2048) ->
     cfg = model.cfg
     if cfg != plan.cfg:
         raise ValueError("the model's config differs from the one the plan was compiled for")
-    leaves = plan.leaves(model)
+    weights = leaves(plan, model)
+    run = Runner(plan)
     cache_plan, cache_model = init_cache(cfg, 1, capacity), init_cache(cfg, 1, capacity)
     out = []
     for pos, tok in enumerate(prompt_ids):
         t, p = jnp.array([[tok]], jnp.int32), jnp.array([[pos]], jnp.int32)
-        ours, cache_plan = plan.execute(leaves, t, p, cache_plan)
+        ours, cache_plan = run(weights, t, p, cache_plan)
         ref, cache_model = model_step(model, t, p, cache_model)
         out.append(float(jnp.abs(ours - ref).max()))
     return out

@@ -3,8 +3,8 @@
 Compiles tiny (the shipped checkpoint's shapes) onto a 64 x 64 grid, llama3-8b onto one
 wse3, and llama3-70b onto as many wse3 wafers as it needs, each in a fresh process so its
 peak memory (max resident set) is its own. Every pass runs: trace, plan, place, refine,
-route and cost (the latency predictions). Targets: 8B in <= 10 s, 70B in <= 60 s, under
-4 GB of memory.
+route, cost (the latency predictions) and check. Targets: 8B in <= 10 s, 70B in <= 60 s,
+under 4 GB of memory.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ def _child(model: str, target: str, wafers: int, context: int) -> None:
     import time
 
     import compiler
+    from compiler.summary import summary
 
     t0 = time.perf_counter()
     plan = compiler.compile(model, target, context, wafers=wafers)
     wall = time.perf_counter() - t0
-    s = plan.summary()
+    s = summary(plan)
     print(json.dumps({
         "model": model, "target": target, "context": context, "compile_s": wall,
         "tiles": s["tiles"], "cores_used": s["cores_used"], "wafers": s["wafers"],

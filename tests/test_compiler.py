@@ -12,6 +12,7 @@ import spark_model
 from compiler import frontend
 from compiler.partition import tile_weight
 from compiler.place import pack, pack_overlay
+from compiler.summary import summary
 from compiler.verify import DEFAULT_PROMPT, logit_diffs
 from spark_model import ModelConfig, init_model
 from spark_model.checkpoint import flat_params
@@ -139,9 +140,9 @@ def test_cores_respect_budget_and_regions_do_not_overlap(tiny_plan):
         else:  # ops sharing cores are on their anchor's wafer
             assert r.wafer == tiny_plan.regions[r.group].wafer
     assert owner.max() == 1
-    used = tiny_plan.core_bytes()
+    used = compiler.core_bytes(tiny_plan)
     assert used.max() <= t.core_budget
-    assert (used > 0).sum() == tiny_plan.summary()["cores_used"]
+    assert (used > 0).sum() == summary(tiny_plan)["cores_used"]
 
 
 def test_kv_cache_spread_and_largest_context(tiny_plan):
@@ -166,17 +167,17 @@ def test_kv_cache_spread_and_largest_context(tiny_plan):
 
 
 def test_core_and_op_queries(tiny_plan):
-    q = tiny_plan.op("blocks.0.attn.q")
+    q = compiler.op_placement(tiny_plan, "blocks.0.attn.q")
     r = q.region
-    core = tiny_plan.core(r.row, r.col, r.wafer)
+    core = compiler.core(tiny_plan, r.row, r.col, r.wafer)
     assert core.op == "blocks.0.attn.q"
     tile = core.tiles[0]
     assert tile.index == (0, 0) and tile.k_range[0] == 0 and tile.bytes <= core.bytes
-    assert tiny_plan.op("blocks.0.attn.rotary").host in tiny_plan.regions
+    assert compiler.op_placement(tiny_plan, "blocks.0.attn.rotary").host in tiny_plan.regions
     with pytest.raises(IndexError):
-        tiny_plan.core(10_000, 0)
+        compiler.core(tiny_plan, 10_000, 0)
     with pytest.raises(KeyError):
-        tiny_plan.op("no.such.op")
+        compiler.op_placement(tiny_plan, "no.such.op")
 
 
 # ---- placement -------------------------------------------------------------------------
@@ -193,11 +194,13 @@ def test_placement_is_deterministic_and_refinement_lowers_the_cost():
     assert flow_cost(a.regions, flows(a.graph, a.host, a.regions)) == pytest.approx(after)
 
 
-def test_consecutive_ops_are_adjacent_before_refinement():
-    from compiler.place import best_packing, placed_ops
+@pytest.mark.parametrize("band", [64, 16, 7])
+def test_consecutive_ops_are_adjacent_before_refinement(band):
+    from compiler.place import placed_ops
 
     g = frontend.build_graph(ModelConfig.preset("tiny"))
-    packing, band = best_packing(g, compiler.get_target(GRID), 2048)
+    packing = pack(g, compiler.get_target(GRID), band, 2048)
+    assert len(packing.wafer_layers) == 1
     ops = [o.name for o in placed_ops(g)]
     for a, b in zip(ops, ops[1:]):
         ra, rb = packing.regions[a], packing.regions[b]
@@ -209,7 +212,7 @@ def test_consecutive_ops_are_adjacent_before_refinement():
 
 def test_llama3_8b_fits_one_wse3_at_128k_from_shapes():
     plan = compiler.compile("llama3-8b", "wse3")
-    s = plan.summary()
+    s = summary(plan)
     assert s["wafers"] == 1 and s["params"] == 8_030_261_248
     assert s["max_context"] >= 131_072
     assert s["sram_max_fraction"] <= 1 - plan.target.reserve_fraction
@@ -245,9 +248,20 @@ def test_placed_program_computes_the_models_logits(tiny, tiny_plan):
 
 def test_greedy_through_the_plan_equals_generate(tiny, tiny_plan):
     ids = tiny.tokenizer.encode("class Stack:\n    def __init__(self):\n")
-    ours = tiny_plan.generate_greedy(tiny, ids, 32)
+    ours = compiler.generate_greedy(tiny_plan, tiny, ids, 32)
     ref = tiny.generate_tokens([ids], 32, ignore_eos=True)[0]
     assert ours == list(ref)
+
+
+def test_a_plan_runs_one_token_of_one_sequence(tiny, tiny_plan):
+    from compiler.execute import execute
+    from spark_model.kv_cache import init_cache
+
+    cache = init_cache(tiny_plan.cfg, 2, 64)
+    with pytest.raises(ValueError, match="one token of one sequence"):
+        execute(tiny_plan, tiny, [[1, 2]], [[0, 1]], cache)
+    with pytest.raises(ValueError, match="at least one token"):
+        compiler.generate_greedy(tiny_plan, tiny, [], 4)
 
 
 def test_untied_model_on_another_grid():

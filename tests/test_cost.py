@@ -11,6 +11,7 @@ import compiler
 import spark_model
 from compiler import calibrate, cost
 from compiler.partition import Tiling
+from compiler.summary import summary
 from compiler.verify import DEFAULT_PROMPT, logit_diffs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +58,7 @@ def test_collective_costs_follow_the_formulas():
 
 
 def test_longer_context_and_prefill_cost_more(plan8b):
-    s = plan8b.summary()
+    s = summary(plan8b)
     tps = s["decode_tokens_per_s"]
     assert set(tps) == {"1024", "32768", "131072"}
     assert tps["1024"] > tps["32768"] > tps["131072"] > 0
@@ -73,10 +74,10 @@ def test_relays_appear_when_routes_exceed_the_limit():
     loose = compiler.compile("tiny", grid, context=2048, layers_per_region=1)
     tight = compiler.compile("tiny", grid.replace(routing_paths=2), context=2048,
                              layers_per_region=1)
-    assert loose.routing().relay_stages == 0
-    assert tight.routing().cores_over_limit > 0 and tight.routing().relay_stages > 0
-    assert tight.summary()["breakdown"]["routing_stages"] > \
-        loose.summary()["breakdown"]["routing_stages"]
+    assert loose.routing.relay_stages == 0
+    assert tight.routing.cores_over_limit > 0 and tight.routing.relay_stages > 0
+    assert summary(tight)["breakdown"]["routing_stages"] > \
+        summary(loose)["breakdown"]["routing_stages"]
 
 
 def test_forced_mapping_and_bad_value():
@@ -88,7 +89,7 @@ def test_forced_mapping_and_bad_value():
 
 def test_link_loads_account_for_a_handoff():
     plan = compiler.compile("tiny", "grid:64x64:48KB", context=2048)
-    rt = plan.routing()
+    rt = plan.routing
     assert rt.h_load.min() >= 0 and rt.v_load.min() >= 0
     load, where = rt.max_link
     assert load > 0 and where[3] in ("h", "v")
@@ -121,11 +122,11 @@ def test_explain_lists_alternatives(capsys):
 def test_plan_json_round_trip_and_execution(tmp_path):
     model = spark_model.load(CKPT, capacity=2048)
     plan = compiler.compile(CKPT, "grid:48x40:32KB", context=2048)
-    path = plan.to_json(tmp_path / "plan.json")
+    path = compiler.save_json(plan, tmp_path / "plan.json")
     data = json.loads(path.read_text())
     assert data["schema"] == "spark-plan/1" and len(data["ops"]) == len(plan.graph.ops)
-    again = compiler.Plan.from_json(path)
-    assert again.summary() == plan.summary()
+    again = compiler.load_json(path)
+    assert summary(again) == summary(plan)
     ids = model.tokenizer.encode(DEFAULT_PROMPT)[:6]
     assert max(logit_diffs(again, model, ids)) < 1e-4
 
@@ -134,17 +135,17 @@ def test_bad_plan_json(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text("{not json")
     with pytest.raises(compiler.CompilerError):
-        compiler.Plan.from_json(p)
+        compiler.load_json(p)
     p.write_text(json.dumps({"schema": "something-else"}))
     with pytest.raises(compiler.CompilerError, match="schema"):
-        compiler.Plan.from_json(p)
+        compiler.load_json(p)
 
 
 def test_report_writes_pictures_trace_and_summary(tmp_path):
     import matplotlib.image as mpimg
 
     plan = compiler.compile("tiny", "grid:64x64:48KB", context=2048)
-    out = plan.report(tmp_path / "r")
+    out = compiler.write_report(plan, tmp_path / "r")
     for name in ("plan.json", "sram.png", "regions.png", "links.png", "trace.json", "report.md"):
         assert (out / name).stat().st_size > 0, name
     assert mpimg.imread(out / "sram.png").ndim == 3
