@@ -26,8 +26,9 @@ Modules:
                 optional FSDP), train(config, out, resume=...) with orbax checkpoints,
                 metrics.jsonl, loss.png and the exported model. See its docstring for the
                 run-directory layout and multi-host use.
-  forward.py    the model's forward pass with 2-D matmuls (same function, ~2x faster
-                train step on CPU); attention.py: block-causal attention kernel.
+  loss.py       token_nll: per-token cross-entropy of the model's own forward pass
+                (Transformer.hidden + logits); attention.py: the block-causal attention
+                kernel it trains with.
   cli.py        add_arguments(parser), run(args) -> exit code, main(argv), and
                 `command`, the `spark train` entry.
 

@@ -55,9 +55,8 @@ from spark_model import checkpoint
 from spark_model.config import ModelConfig
 from spark_model.transformer import Transformer, abstract_model
 from train import corpus as corpus_mod
-from train import forward
-from train.attention import block_causal_attention
 from train import data as data_mod
+from train.loss import token_nll
 
 RUN_DIR = "training"
 RUN_FILE = "run.json"
@@ -231,20 +230,6 @@ def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
                 spec[dim] = "data"
                 return P(*spec)
     return P()
-
-
-# ---- the model's loss -----------------------------------------------------------------
-
-# The training attention kernel: the same function as the model's causal attention,
-# computed block by block (see train/attention.py).
-attention = block_causal_attention
-
-
-def token_nll(model: Transformer, inputs_bt: jax.Array, targets_bt: jax.Array) -> jax.Array:
-    """Per-token negative log-likelihood in nats, (B, T) f32: the model's own function
-    (train/forward.py computes it with CPU-friendly matmuls, train/attention.py block by
-    block)."""
-    return forward.token_nll(model, inputs_bt, targets_bt, attention)
 
 
 _INIT_FNS: dict[Any, Callable] = {}
