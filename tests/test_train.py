@@ -232,7 +232,9 @@ SHARDED_SCRIPT = r"""
 import json, os, sys
 import jax, numpy as np
 from spark_model import ModelConfig
-from train.loop import Trainer, TrainConfig, make_mesh
+from train.config import TrainConfig
+from train.sharding import make_mesh
+from train.trainer import Trainer
 assert len(jax.devices()) == 4, jax.devices()
 cfg = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                   head_dim=8, d_ff=64)
