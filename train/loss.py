@@ -32,7 +32,8 @@ def token_nll(model: Transformer, inputs_bt: jax.Array, targets_bt: jax.Array,
 
     The output projection and softmax run over `chunk_rows` tokens at a time under
     `jax.checkpoint`: the (B*T, V) f32 logits are never held whole (the backward pass
-    recomputes each chunk's).
+    recomputes each chunk's). That bounds memory, not time: on the tiny preset (batch 8,
+    seq_len 512, 2 CPU cores) whole logits made the step about 5% faster.
     """
     b, t = inputs_bt.shape
     positions = jnp.broadcast_to(jnp.arange(t), inputs_bt.shape)
