@@ -18,16 +18,26 @@ Modules:
                 the held-out files for evaluation (eval.bpb.bits_per_byte(model, files)).
   data.py       train_or_load_tokenizer (trained on the training split only, cached),
                 build_token_cache (BOS text EOS streams in ~/.cache/spark/tokens-<key>/,
-                memory-mapped uint16; rebuilt only when documents, tokenizer or seq_len
-                change), BatchIterator (seeded per-epoch permutation of packed sequences,
-                state = one integer position), eval_set (bits-per-byte windows).
-  loop.py       TrainConfig, Trainer (one jitted train step: AdamW + warmup/cosine +
-                clipping + optional gradient accumulation, sharded over a "data" mesh axis,
-                optional FSDP), train(config, out, resume=...) with orbax checkpoints,
-                metrics.jsonl, loss.png and the exported model. See its docstring for the
-                run-directory layout and multi-host use.
-  forward.py    the model's forward pass with 2-D matmuls (same function, ~2x faster
-                train step on CPU); attention.py: block-causal attention kernel.
+                memory-mapped, uint16 when the vocabulary fits; rebuilt only when
+                documents, tokenizer or seq_len change), BatchIterator (seeded per-epoch
+                permutation of packed sequences, state = one integer position), eval_set
+                (bits-per-byte windows).
+  config.py     TrainConfig (every setting of a run), RUN_FIELDS (those a resumed run
+                keeps), validate, TrainError and SettingsError; imports no JAX.
+  loss.py       token_nll: per-token cross-entropy of the model's own forward pass
+                (Transformer.hidden, then logits over chunks of tokens).
+  attention.py  block_causal_attention: the model's causal attention computed block by
+                block, the attention kernel training plugs into Transformer.hidden.
+  params.py     ParamTree: the model <-> a flat {dotted name: array} dict.
+  optim.py      AdamW with warmup/cosine and clipping; the weight-decay mask.
+  sharding.py   make_mesh (1-D "data" mesh) and fsdp_spec (optional FSDP).
+  trainer.py    Trainer: one jitted train step (optional gradient accumulation, sharded
+                over the mesh), the eval step, fresh parameters, the orbax restore target.
+  rundir.py     the run directory: layout, --out/--resume checks, run.json, the export of
+                the model as a spark checkpoint.
+  metrics.py    metrics.jsonl lines and the loss.png plot.
+  loop.py       train(config, out, resume=...): the run, with orbax checkpoints, evals and
+                exports. See its docstring for multi-host use.
   cli.py        add_arguments(parser), run(args) -> exit code, main(argv), and
                 `command`, the `spark train` entry.
 

@@ -6,8 +6,9 @@ meets the keys it can see (keys [0, end of block)), so about half of the score m
 softmax and their gradients are never computed; the kv-head grouping is folded into the
 rows of one 4-D matmul per block. The result is the same function (masked entries carry
 exactly zero probability either way); only float rounding differs (~1e-6, see
-tests/test_train.py). On the tiny preset at seq_len 512 it makes the whole train step about
-twice as fast on CPU.
+tests/test_train.py). On the tiny preset (batch 8, seq_len 512, 2 CPU cores) the whole
+train step takes about 1/6 less time than with `causal_attention` (best of 12 steps:
+1.37-1.38 s against 1.62-1.65 s, in two runs).
 
 It plugs into the model through its attention-kernel argument:
 ``model.hidden(tokens, positions, [block_causal_attention] * n_layers)``.

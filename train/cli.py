@@ -40,7 +40,7 @@ class UsageError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from train.loop import TrainConfig
+    from train.config import TrainConfig
 
     d = TrainConfig()
     g = parser.add_argument_group("run")
@@ -137,7 +137,7 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
     settings (if any) over the defaults."""
     import dataclasses
 
-    from train.loop import TrainConfig
+    from train.config import TrainConfig
 
     base = TrainConfig.from_json_dict(stored) if stored else TrainConfig()
     given: dict = {}
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     from spark_model.config import ConfigError
     from train.corpus import CorpusError
     from train.data import DataError
-    from train.loop import SettingsError
+    from train.config import SettingsError, TrainError
 
     try:
         if args.cpu_devices is not None:
@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         elif (args.coordinator, args.num_processes, args.process_id) != (None, None, None):
             raise UsageError("--coordinator, --num-processes and --process-id need "
                              "--distributed")
-        from train.loop import RUN_DIR, RUN_FILE, TrainError, train
+        from train.loop import train
+        from train.rundir import RUN_DIR, RUN_FILE
 
         out = Path(args.out).expanduser()
         stored = None

@@ -1,0 +1,113 @@
+"""What defines a training run: TrainConfig, the settings a resumed run must keep, their
+validation, and the two errors training reports. Imports no JAX (``spark train --help``
+reads the defaults from here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from spark_model.config import ModelConfig
+from train.corpus import DEFAULT_VAL_PERMILLE
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or continue; the message says why, in one line."""
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work (a usage error)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run. Fields in RUN_FIELDS are fixed once a run starts."""
+
+    preset: str = "tiny"
+    overrides: tuple[tuple[str, Any], ...] = ()  # ModelConfig fields, e.g. (("d_model", 32),)
+    vocab_size: int | None = None  # None: the preset's
+    data: tuple[str, ...] = ()  # sources (directories, .jsonl, files); () = the stdlib
+    val_permille: int = DEFAULT_VAL_PERMILLE
+    seq_len: int = 512
+    batch_size: int = 8  # sequences per optimizer step (all devices, all micro-batches)
+    steps: int = 2000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup: int = 100
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip: float = 1.0
+    seed: int = 0
+    bf16: bool = False  # bf16 compute, f32 master weights
+    # Free to change when resuming:
+    grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum sequences each)
+    fsdp: bool = False
+    log_every: int = 10
+    eval_every: int = 250  # 0: only at the end
+    eval_tokens: int = 65_536  # validation tokens scored at each interval (whole files)
+    save_every: int = 250  # 0: only at the end
+    keep: int = 3
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The model trained and exported: the preset with the overrides and the vocabulary
+        (`vocab_size`, else the setting, else the preset's). With `bf16` the Trainer
+        computes in a copy of it with dtype bfloat16; the parameters keep its param_dtype."""
+        vocab = vocab_size or self.vocab_size
+        extra = {"vocab_size": vocab} if vocab else {}
+        return ModelConfig.preset(self.preset, **dict(self.overrides), **extra)
+
+    def to_json_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["overrides"] = {k: v for k, v in self.overrides}
+        d["data"] = list(self.data)
+        return d
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["overrides"] = tuple(sorted(d.get("overrides", {}).items()))
+        d["data"] = tuple(d.get("data", ()))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Settings a resumed run must share with the run it continues (--steps may only grow).
+RUN_FIELDS = ("preset", "overrides", "vocab_size", "data", "val_permille", "seq_len",
+              "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "b1",
+              "b2", "clip", "seed", "bf16")
+
+
+def validate(tc: TrainConfig) -> None:
+    """Raise SettingsError (a usage error) for settings that cannot work."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise SettingsError(msg)
+    need(tc.steps >= 1, f"--steps must be at least 1, got {tc.steps}")
+    need(tc.batch_size >= 1, f"--batch-size must be at least 1, got {tc.batch_size}")
+    need(tc.seq_len >= 2, f"--seq-len must be at least 2, got {tc.seq_len}")
+    need(tc.grad_accum >= 1, f"--grad-accum must be at least 1, got {tc.grad_accum}")
+    need(tc.batch_size % tc.grad_accum == 0,
+         f"--batch-size ({tc.batch_size}) must be a multiple of --grad-accum ({tc.grad_accum})")
+    need(math.isfinite(tc.lr) and tc.lr > 0, f"--lr must be positive, got {tc.lr}")
+    need(0 <= tc.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {tc.min_lr_ratio}")
+    need(0 <= tc.warmup < tc.steps,
+         f"--warmup must be in [0, --steps) = [0, {tc.steps}), got {tc.warmup}")
+    need(tc.weight_decay >= 0, f"--weight-decay must be >= 0, got {tc.weight_decay}")
+    need(tc.clip > 0, f"--clip must be positive, got {tc.clip}")
+    need(tc.log_every >= 1, f"--log-every must be at least 1, got {tc.log_every}")
+    need(tc.eval_every >= 0, f"--eval-every must be >= 0, got {tc.eval_every}")
+    need(tc.eval_tokens >= 1, f"--eval-tokens must be at least 1, got {tc.eval_tokens}")
+    need(tc.save_every >= 0, f"--save-every must be >= 0, got {tc.save_every}")
+    need(tc.keep >= 1, f"--keep must be at least 1, got {tc.keep}")
+    need(0 <= tc.val_permille < 1000,
+         f"--val-permille must be in [0, 1000), got {tc.val_permille}")
+    if tc.vocab_size is not None:
+        from spark_model.tokenizer import MIN_VOCAB_SIZE
+        need(tc.vocab_size >= MIN_VOCAB_SIZE,
+             f"--vocab-size must be at least {MIN_VOCAB_SIZE}, got {tc.vocab_size}")
+        need(tc.vocab_size <= 65536 * 4, f"--vocab-size {tc.vocab_size} is implausibly large")
+    cfg = tc.model_config()  # ConfigError (a ValueError) for bad presets/overrides
+    need(tc.seq_len <= cfg.max_seq_len,
+         f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
