@@ -311,6 +311,9 @@ def _evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
                 "seed": args.seed, "limit": args.limit, "batch_size": args.batch_size,
                 "timeout_s": args.timeout, "workers": args.workers}
     report["settings"] = dict(settings)
+    if "humaneval" not in tasks:  # sampling settings apply to HumanEval only
+        for key in ("n", "temperature", "top_p", "max_new_tokens"):
+            del report["settings"][key]
     if "infill" in tasks:
         report["settings"]["infill_mode"] = args.infill_mode
     if "line" in tasks:

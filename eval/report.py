@@ -46,8 +46,9 @@ def render_markdown(report: dict) -> str:
     for name, s in (line.get("sources") or {}).items():
         rows.append((f"line completion exact match ({name})", _fmt(s["exact_match"])))
         rows.append((f"line completion edit similarity ({name})", _fmt(s["edit_similarity"])))
-    rows.append(("time to first token (s)", _fmt(report.get("ttft_s"))))
-    rows.append(("tokens per second", _fmt(report.get("tokens_per_s"), 1)))
+    if report.get("ttft_s") is not None or he:
+        rows.append(("time to first token (s)", _fmt(report.get("ttft_s"))))
+        rows.append(("tokens per second", _fmt(report.get("tokens_per_s"), 1)))
     gen = report.get("generation") or {}
     if gen.get("chars_per_s") is not None:
         rows.append(("generated characters per second", _fmt(gen["chars_per_s"], 1)))
