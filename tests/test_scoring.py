@@ -10,20 +10,31 @@ import pytest
 from eval.bpb import BpbError, bits_per_byte
 from spark_model import SparkModel
 from spark_model.modules import causal_attention
-from spark_model.scoring import blockwise_causal_attention, token_nll
+from spark_model.flash_attention import flash_attention
+from spark_model.scoring import token_nll
 from spark_model.transformer import full_logits
 
 
 @pytest.mark.parametrize("t,block,n,kv", [(1, 4, 2, 2), (7, 4, 4, 2), (64, 16, 4, 1),
                                           (100, 32, 6, 3), (33, 128, 2, 1)])
-def test_blockwise_attention_equals_the_masked_softmax(t, block, n, kv):
+def test_flash_attention_and_its_gradient_equal_the_masked_softmax(t, block, n, kv):
     rng = np.random.default_rng(t)
     q = jnp.asarray(rng.standard_normal((2, t, n, 8)) * 2, jnp.float32)
     k = jnp.asarray(rng.standard_normal((2, t, kv, 8)) * 2, jnp.float32)
     v = jnp.asarray(rng.standard_normal((2, t, kv, 8)), jnp.float32)
-    want, _ = causal_attention(q, k, v)
-    got, _ = blockwise_causal_attention(q, k, v, block=block)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    w = jnp.asarray(rng.standard_normal((2, t, n, 8)), jnp.float32)
+
+    def value_and_grads(kernel):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(kernel(q, k, v) * w),
+                                          argnums=(0, 1, 2)))(q, k, v)
+
+    want, want_g = value_and_grads(lambda q, k, v: causal_attention(q, k, v)[0])
+    got, got_g = value_and_grads(lambda q, k, v: flash_attention(q, k, v, block))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-4)
+    for a, b in zip(got_g, want_g):  # dq, dk, dv through the custom backward
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+    np.testing.assert_allclose(flash_attention(q, k, v, block),
+                               causal_attention(q, k, v)[0], atol=2e-5, rtol=2e-5)
 
 
 def _reference_nll(model, tokens, targets):

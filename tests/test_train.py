@@ -20,9 +20,7 @@ import pytest
 
 from spark_model import ModelConfig
 from spark_model.checkpoint import load_params
-from spark_model.modules import causal_attention
 from train import cli, corpus, data, loop
-from train.attention import block_causal_attention
 
 REPO = Path(__file__).resolve().parent.parent
 MINI = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
@@ -166,28 +164,6 @@ def test_iterator_resume_and_epochs(mini_corpus, cache_dir):
 
 
 # ---- the train step -------------------------------------------------------------------
-
-@pytest.mark.parametrize("t,s,block", [(100, 100, 32), (64, 64, 64), (40, 70, 16)])
-def test_block_causal_attention_matches_model(t, s, block):
-    ks = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(ks[0], (2, t, 4, 16))
-    k = jax.random.normal(ks[1], (2, s, 2, 16))
-    v = jax.random.normal(ks[2], (2, s, 2, 16))
-    w = jax.random.normal(ks[3], (2, t, 4, 16))
-
-    def f(kernel):
-        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(kernel(q, k, v)[0] * w),
-                                          argnums=(0, 1, 2)))(q, k, v)
-
-    (ref, ref_g), (got, got_g) = f(causal_attention), f(
-        lambda q, k, v: block_causal_attention(q, k, v, block=block))
-    np.testing.assert_allclose(got, ref, rtol=1e-5)
-    for a, b in zip(got_g, ref_g):
-        np.testing.assert_allclose(a, b, atol=2e-5)
-    np.testing.assert_allclose(
-        jax.jit(lambda q, k, v: block_causal_attention(q, k, v, block)[0])(q, k, v),
-        jax.jit(lambda q, k, v: causal_attention(q, k, v)[0])(q, k, v), atol=1e-5)
-
 
 def test_training_loss_and_its_gradient_equal_the_full_forward(small_model):
     """train.loss.token_nll (block-causal kernel, chunked logits under checkpoint) against

@@ -25,9 +25,8 @@ Modules:
   config.py     TrainConfig (every setting of a run), RUN_FIELDS (those a resumed run
                 keeps), validate, TrainError and SettingsError; imports no JAX.
   loss.py       token_nll: per-token cross-entropy of the model's own forward pass
-                (Transformer.hidden, then logits over chunks of tokens).
-  attention.py  block_causal_attention: the model's causal attention computed block by
-                block, the attention kernel training plugs into Transformer.hidden.
+                (Transformer.hidden with spark_model.flash_attention, memory linear in
+                the sequence, then logits over chunks of tokens).
   params.py     ParamTree: the model <-> a flat {dotted name: array} dict.
   optim.py      AdamW with warmup/cosine and clipping; the weight-decay mask.
   sharding.py   make_mesh (1-D "data" mesh) and fsdp_spec (optional FSDP).
