@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval import cli
+from eval import cli, runner
 from eval.bpb import BpbError, bits_per_byte
 from eval.generation import (STOP_SEQUENCES, GenerationError, generate_samples,
                              truncate_at_stop)
@@ -489,7 +489,7 @@ def test_cli_model_path_with_a_fake_model(tmp_path, monkeypatch, capsys):
             FakeModel.__init__(self, {"HumanEval/0"})
             UniformModel.__init__(self)
 
-    monkeypatch.setattr(cli, "_load_model", lambda checkpoint, capacity=None: Model())
+    monkeypatch.setattr(runner, "load_model", lambda checkpoint, capacity=None: Model())
     code_dir = tmp_path / "code"
     code_dir.mkdir()
     (code_dir / "m.py").write_text("print('hello')\n")
@@ -533,7 +533,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, code, mess
     def no_model(checkpoint, capacity=None):
         raise AssertionError("argument errors must be caught before loading a model")
 
-    monkeypatch.setattr(cli, "_load_model", no_model)
+    monkeypatch.setattr(runner, "load_model", no_model)
     good = json.dumps({"task_id": "HumanEval/0", "completion": "    pass\n"})
     files = {"SAMPLES": _write_samples(tmp_path / "ok.jsonl", {"HumanEval/0": [WRONG_PASS]}),
              "MISSING": tmp_path / "missing",
