@@ -14,8 +14,9 @@ Tokens after the first window see less than a full context, so this is a slight 
 bound on what a sliding window would give; the window is the model's training length
 (`seq_len` argument, else `model.train_seq_len` / `model.config.train_seq_len` if the
 model has one, else min(2048, config.max_seq_len)) so no position is out of training
-range. All batches have the fixed shape (batch, seq_len), right-padded with token 0 and
-masked, so a jitted model compiles once; causal attention makes right padding harmless.
+range. A batch is right-padded with token 0 and masked to the power of two at or above its
+longest row (at most seq_len), so a jitted model compiles for a few shapes only and short
+files do not pay for a long window; causal attention makes right padding harmless.
 
 The model object is duck-typed: `tokenizer.encode(text, bos=True, eos=True)` and either
 `nll(tokens (B, T), targets (B, T)) -> (B, T)` nats (spark_model.SparkModel: blockwise
@@ -86,9 +87,11 @@ def token_nll(model_obj: Any, inputs_bt: np.ndarray, targets_bt: np.ndarray) -> 
 def _nll_sum(model_obj: Any, rows: list[tuple[Sequence[int], Sequence[int]]],
              batch: int, seq_len: int) -> float:
     """Sum of -log p(target) in nats over the real (unpadded) positions of `rows`."""
-    inputs = np.zeros((batch, seq_len), np.int32)
-    targets = np.zeros((batch, seq_len), np.int32)
-    mask = np.zeros((batch, seq_len), np.float32)
+    longest = max(len(x) for x, _ in rows)
+    width = min(seq_len, max(16, 1 << (longest - 1).bit_length()))
+    inputs = np.zeros((batch, width), np.int32)
+    targets = np.zeros((batch, width), np.int32)
+    mask = np.zeros((batch, width), np.float32)
     for r, (x, y) in enumerate(rows):
         inputs[r, :len(x)] = x
         targets[r, :len(y)] = y
