@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from eval.bpb import token_nll
+from eval.sources import default_code
 
 RESULTS_FILE = "context_results.jsonl"
 DEFAULT_LENGTHS = (512, 2048, 8192, 32768, 131072)
@@ -48,21 +49,9 @@ def sequence_text(files: Sequence[str | Path], root: str | Path) -> str:
 
 
 def default_sources() -> dict[str, str]:
-    """The held-out stdlib files of the training split, and optax's source (not trained on)."""
-    import sysconfig
-
-    from train.corpus import validation_files
-
-    sources = {"stdlib-heldout": sequence_text(validation_files(),
-                                               sysconfig.get_paths()["stdlib"])}
-    try:
-        import optax
-    except ImportError:
-        return sources
-    root = Path(optax.__file__).parent
-    sources["optax"] = sequence_text([p for p in root.rglob("*.py")
-                                      if "_test" not in p.name], root.parent)
-    return sources
+    """One sequence per source of the default code (`eval.sources`): held-out stdlib files,
+    and optax's source."""
+    return {name: sequence_text(files, root) for name, (files, root) in default_code().items()}
 
 
 def split_target(text: str, target_bytes: int) -> tuple[str, str]:

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 from rapidfuzz.distance import Levenshtein
 
+from eval.sources import default_code
+
 RESULTS_FILE = "line_results.jsonl"
 
 
@@ -72,17 +74,8 @@ def sample_lines(source: str, files: Sequence[str | Path], n: int, seed: int = 0
 
 
 def default_sources() -> dict[str, list[Path]]:
-    """The held-out stdlib files of the training split, and optax's source (not trained on)."""
-    from train.corpus import validation_files
-
-    sources = {"stdlib-heldout": validation_files()}
-    try:
-        import optax
-    except ImportError:
-        return sources
-    root = Path(optax.__file__).parent
-    sources["optax"] = sorted(p for p in root.rglob("*.py") if "_test" not in p.name)
-    return sources
+    """The default code (`eval.sources`): held-out stdlib files, and optax's source."""
+    return {name: files for name, (files, _) in default_code().items()}
 
 
 def _prompt(model: Any, before: str, context: int) -> tuple[str, int]:
