@@ -7,7 +7,10 @@ Presets:
   llama3-70b Published Llama 3.1 70B shapes; only ever built abstractly.
 
 All presets use Llama 3.1 rotary frequency scaling, so every position below
-`max_seq_len` (131,072 = 128K) is a valid position.
+`max_seq_len` (131,072 = 128K) is a valid position. Rotary settings have no defaults:
+every config states its `rope_theta` and `rope_scaling` (None for plain RoPE), because
+a wrong guess still runs and silently changes the model (imported models come with
+their own, see spark_model/formats).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 MAX_CONTEXT = 131_072  # 128K: the context every preset supports.
 
 _DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALING_KINDS = ("llama3", "linear")
 
 
 class ConfigError(ValueError):
@@ -27,15 +31,25 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RopeScaling:
-    """Llama 3.1 frequency scaling of the rotary embedding (the published defaults)."""
+    """Frequency scaling of the rotary embedding.
+
+    kind "llama3" (Llama 3.1, the published defaults below): wavelengths shorter than
+    original/high_freq_factor are kept, longer than original/low_freq_factor divided by
+    `factor`, and the band between interpolated. kind "linear" (position interpolation,
+    e.g. deepseek-coder): every frequency is divided by `factor`; the band fields are unused.
+    """
 
     factor: float = 8.0  # Low frequencies are divided by this.
     low_freq_factor: float = 1.0  # Wavelengths above original/low are fully scaled.
     high_freq_factor: float = 4.0  # Wavelengths below original/high are kept.
     original_max_position: int = 8192  # Context the unscaled frequencies were made for.
+    kind: str = "llama3"  # "llama3" or "linear"
 
     def __post_init__(self) -> None:
-        if self.factor < 1.0:
+        if self.kind not in ROPE_SCALING_KINDS:
+            raise ConfigError(f"rope_scaling.kind must be one of {ROPE_SCALING_KINDS}, "
+                              f"got {self.kind!r}")
+        if not self.factor >= 1.0:
             raise ConfigError(f"rope_scaling.factor must be >= 1, got {self.factor}")
         if not 0 < self.low_freq_factor < self.high_freq_factor:
             raise ConfigError(
@@ -62,11 +76,12 @@ class ModelConfig:
     n_kv_heads: int  # K: key/value heads (grouped-query attention); divides N.
     head_dim: int  # H: width of one head.
     d_ff: int  # F: SwiGLU hidden width.
-    rope_theta: float = 500_000.0  # Base of the rotary frequencies.
-    rope_scaling: RopeScaling | None = RopeScaling()  # None: plain RoPE.
+    rope_theta: float  # Base of the rotary frequencies.
+    rope_scaling: RopeScaling | None  # None: plain RoPE.
     max_seq_len: int = MAX_CONTEXT  # Largest position the model accepts.
     norm_eps: float = 1e-5  # RMSNorm epsilon.
     tie_embeddings: bool = True  # Output projection reuses the token embedding.
+    attn_bias: bool = False  # q, k and v projections carry biases (Qwen2).
     param_dtype: str = "float32"  # Storage dtype of the parameters.
     dtype: str = "float32"  # Compute dtype of activations (bf16 for mixed precision).
     init_std: float = 0.02  # Std of the normal weight initialiser.
@@ -86,6 +101,12 @@ class ModelConfig:
             raise ConfigError("vocab_size must hold at least the 4 special ids")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be a RopeScaling or None, "
+                              f"got {type(self.rope_scaling).__name__}")
+        for name in ("tie_embeddings", "attn_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         for name in ("param_dtype", "dtype"):
@@ -161,9 +182,10 @@ PRESETS: dict[str, ModelConfig] = {
     # Sized for latency on a 2-core CPU: ~5.2M parameters, 21 MB in f32, which a
     # matrix-vector chain reads fast enough for >1,000 tokens/s at batch 1.
     "tiny": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
-                        head_dim=64, d_ff=768),
+                        head_dim=64, d_ff=768, rope_theta=500_000.0, rope_scaling=RopeScaling()),
     "small": ModelConfig(vocab_size=16_384, d_model=768, n_layers=12, n_heads=12,
-                         n_kv_heads=4, head_dim=64, d_ff=2048),
+                         n_kv_heads=4, head_dim=64, d_ff=2048, rope_theta=500_000.0,
+                         rope_scaling=RopeScaling()),
     "llama3-8b": _llama31(d_model=4096, n_layers=32, n_heads=32, d_ff=14_336),
     "llama3-70b": _llama31(d_model=8192, n_layers=80, n_heads=64, d_ff=28_672),
 }

@@ -45,13 +45,15 @@ class RMSNorm(nnx.Module):
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
     """Angular frequency of each rotary pair, shape (H/2,), float64.
 
-    With `scaling`, frequencies follow Llama 3.1: wavelengths shorter than
+    With llama3 `scaling`, frequencies follow Llama 3.1: wavelengths shorter than
     original/high_freq_factor are kept, longer than original/low_freq_factor are
-    divided by `factor`, and the band between is interpolated smoothly. Computed in
-    NumPy at trace time: they are constants of the model, not traced values.
+    divided by `factor`, and the band between is interpolated smoothly; linear scaling
+    divides them all by `factor`. Computed in NumPy at trace time: they are constants
+    of the model, not traced values.
     """
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if scaling is None:
+    if scaling is None or scaling.kind == "linear":
+        freqs = freqs if scaling is None else freqs / scaling.factor
         freqs.flags.writeable = False
         return freqs
     wavelen = 2 * math.pi / freqs

@@ -53,7 +53,8 @@ def masked_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention projections: q (D,N,H), k and v (D,K,H), o (N,H,D)."""
+    """Grouped-query attention projections: q (D,N,H), k and v (D,K,H), o (N,H,D); with
+    cfg.attn_bias also q_bias (N,H), k_bias and v_bias (K,H) (Qwen2)."""
 
     def __init__(self, cfg: ModelConfig, *, key: jax.Array):
         pd = jnp.dtype(cfg.param_dtype)
@@ -63,6 +64,11 @@ class Attention(nnx.Module):
         self.k = _param(kk, (cfg.d_model, cfg.n_kv_heads, cfg.head_dim), cfg.init_std, pd)
         self.v = _param(kv, (cfg.d_model, cfg.n_kv_heads, cfg.head_dim), cfg.init_std, pd)
         self.o = _param(ko, (cfg.n_heads, cfg.head_dim, cfg.d_model), out_std, pd)
+        if cfg.attn_bias:
+            self.q_bias = nnx.Param(jnp.zeros((cfg.n_heads, cfg.head_dim), pd))
+            self.k_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads, cfg.head_dim), pd))
+            self.v_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads, cfg.head_dim), pd))
+        self.bias = cfg.attn_bias
         # Rotary frequencies are constants of the config, rebuilt at trace time.
         self.rope = (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.dtype = jnp.dtype(cfg.dtype)
@@ -78,6 +84,9 @@ class Attention(nnx.Module):
         ys = kernels.linear_many(x, [rearrange(w.astype(dt), "d n h -> d (n h)") for w in ws])
         q, k, v = (rearrange(y, "(b t) (n h) -> b t n h", b=x_btd.shape[0], h=w.shape[2])
                    for y, w in zip(ys, ws))
+        if self.bias:
+            q, k, v = (y + b[...].astype(dt) for y, b in
+                       zip((q, k, v), (self.q_bias, self.k_bias, self.v_bias)))
         freqs = rope_frequencies(*self.rope)
         return apply_rope(q, positions_bt, freqs), apply_rope(k, positions_bt, freqs), v
 

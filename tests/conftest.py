@@ -2,7 +2,7 @@
 
 import pytest
 
-from spark_model import ModelConfig, init_model
+from spark_model import ModelConfig, RopeScaling, init_model
 from spark_model.tokenizer import stdlib_python_files, train_tokenizer
 
 
@@ -18,5 +18,6 @@ def small_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_model(small_tokenizer):
     cfg = ModelConfig(vocab_size=small_tokenizer.vocab_size, d_model=32, n_layers=2,
-                      n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
+                      n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                      rope_theta=500_000.0, rope_scaling=RopeScaling())
     return init_model(cfg, seed=0)

@@ -46,8 +46,9 @@ def forward(params: dict, cfg, tokens: np.ndarray) -> np.ndarray:
     """tokens (T,) -> logits (T, V), float64."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     sc = cfg.rope_scaling
-    if sc is None:
+    if sc is None or sc.kind == "linear":
         inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+        inv_freq = inv_freq if sc is None else inv_freq / sc.factor
     else:
         inv_freq = llama31_inv_freq(cfg.head_dim, cfg.rope_theta, sc.factor,
                                     sc.low_freq_factor, sc.high_freq_factor,
@@ -63,9 +64,11 @@ def forward(params: dict, cfg, tokens: np.ndarray) -> np.ndarray:
         heads = []
         for n in range(cfg.n_heads):
             kv = n // g
-            q = _rope(h @ p[pre + "attn.q"][:, n, :], pos, inv_freq)
-            k = _rope(h @ p[pre + "attn.k"][:, kv, :], pos, inv_freq)
-            v = h @ p[pre + "attn.v"][:, kv, :]
+            bq, bk, bv = ((p[pre + "attn.q_bias"][n], p[pre + "attn.k_bias"][kv],
+                           p[pre + "attn.v_bias"][kv]) if cfg.attn_bias else (0.0, 0.0, 0.0))
+            q = _rope(h @ p[pre + "attn.q"][:, n, :] + bq, pos, inv_freq)
+            k = _rope(h @ p[pre + "attn.k"][:, kv, :] + bk, pos, inv_freq)
+            v = h @ p[pre + "attn.v"][:, kv, :] + bv
             s = q @ k.T / math.sqrt(cfg.head_dim)
             s = np.where(causal, s, -np.inf)
             s = np.exp(s - s.max(-1, keepdims=True))

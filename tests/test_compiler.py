@@ -14,7 +14,7 @@ from compiler.partition import tile_weight
 from compiler.place import pack, pack_overlay
 from compiler.summary import summary
 from compiler.verify import DEFAULT_PROMPT, logit_diffs
-from spark_model import ModelConfig, init_model
+from spark_model import ModelConfig, RopeScaling, init_model
 from spark_model.checkpoint import flat_params
 from spark_model.cli import main as spark_main
 from spark_model.transformer import abstract_model
@@ -91,7 +91,8 @@ def test_ir_lists_every_parameter_once_in_execution_order():
 
 def test_a_changed_model_needs_no_compiler_change():
     cfg = ModelConfig(vocab_size=300, d_model=48, n_layers=3, n_heads=6, n_kv_heads=3,
-                      head_dim=8, d_ff=80, tie_embeddings=False)
+                      head_dim=8, d_ff=80, tie_embeddings=False,
+                      rope_theta=500_000.0, rope_scaling=RopeScaling())
     g = frontend.build_graph(cfg)
     compiler.check_graph(g)
     assert g.op("embed.lookup").shares is None  # owns its table now
@@ -266,7 +267,8 @@ def test_a_plan_runs_one_token_of_one_sequence(tiny, tiny_plan):
 
 def test_untied_model_on_another_grid():
     cfg = ModelConfig(vocab_size=300, d_model=48, n_layers=2, n_heads=6, n_kv_heads=3,
-                      head_dim=8, d_ff=80, tie_embeddings=False)
+                      head_dim=8, d_ff=80, tie_embeddings=False,
+                      rope_theta=500_000.0, rope_scaling=RopeScaling())
     model = init_model(cfg, seed=1)
     plan = compiler.compile(cfg, "grid:12x10:8KB", context=512)
     assert plan.regions["lm_head"].tiling.pr > 1  # K really is split and reduced

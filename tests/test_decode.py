@@ -9,13 +9,13 @@ import pytest
 from flax import nnx
 
 import spark_model
-from spark_model import ModelConfig, engine, init_model
+from spark_model import ModelConfig, RopeScaling, engine, init_model
 from spark_model.checkpoint import flat_params, model_from_flat
 from spark_model.kv_cache import cache_length, cached_attention, init_cache
 from spark_model.transformer import full_logits
 
 CFG = ModelConfig(vocab_size=101, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                  head_dim=8, d_ff=48)
+                  head_dim=8, d_ff=48, rope_theta=500_000.0, rope_scaling=RopeScaling())
 
 
 @nnx.jit

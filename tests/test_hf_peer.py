@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spark_model import ModelConfig, init_model
+from spark_model import ModelConfig, RopeScaling, init_model
 from spark_model.checkpoint import flat_params, model_from_flat
 from spark_model.transformer import full_logits
 
@@ -15,7 +15,8 @@ if hf_peer.available():
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_match_transformers_llama(tie):
     cfg = ModelConfig(vocab_size=211, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      head_dim=16, d_ff=96, tie_embeddings=tie)
+                      head_dim=16, d_ff=96, tie_embeddings=tie,
+                      rope_theta=500_000.0, rope_scaling=RopeScaling())
     base = init_model(cfg, seed=7)
     model = model_from_flat(cfg, {k: np.asarray(v) * (3.0 if v.ndim > 1 else 1.0)
                                   for k, v in flat_params(base).items()})

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spark_model import ConfigError, ModelConfig, init_model, param_count
+from spark_model import ConfigError, ModelConfig, RopeScaling, init_model, param_count
 from spark_model.transformer import full_logits
 from spark_model.checkpoint import flat_params
 from spark_model.layers import apply_rope, rope_frequencies
@@ -16,15 +16,21 @@ from reference import llama31_inv_freq
 # A model small enough to check in float64 loops, with every feature switched on
 # (GQA with G=2, Llama 3.1 scaling, untied and tied heads).
 SMALL = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                    head_dim=8, d_ff=48)
+                    head_dim=8, d_ff=48, rope_theta=500_000.0, rope_scaling=RopeScaling())
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_forward_matches_numpy_reference(tie):
-    cfg = SMALL.replace(tie_embeddings=tie)
+@pytest.mark.parametrize("tie, bias, scaling", [
+    (True, False, RopeScaling()), (False, False, None), (True, True, None),
+    (True, False, RopeScaling(factor=4.0, kind="linear"))])
+def test_forward_matches_numpy_reference(tie, bias, scaling):
+    cfg = SMALL.replace(tie_embeddings=tie, attn_bias=bias, rope_scaling=scaling,
+                        rope_theta=10_000.0)
     model = init_model(cfg, seed=1)
-    # Larger weights than the init so attention is far from uniform.
-    params = {k: np.asarray(v) * (5.0 if v.ndim > 1 else 1.0)
+    # Larger weights than the init so attention is far from uniform; biases are zero at
+    # init, so they get random values of their own.
+    rng = np.random.default_rng(3)
+    params = {k: (rng.normal(0, 0.5, v.shape).astype(np.float32) if k.endswith("_bias")
+                  else np.asarray(v) * (5.0 if v.ndim > 1 else 1.0))
               for k, v in flat_params(model).items()}
     from spark_model.checkpoint import model_from_flat
     model = model_from_flat(cfg, params)
@@ -110,6 +116,13 @@ def test_config_rejects_bad_values():
         SMALL.replace(head_dim=7)
     with pytest.raises(ConfigError, match="dtype"):
         SMALL.replace(dtype="float8")
+    with pytest.raises(ConfigError, match="rope_scaling.kind"):
+        RopeScaling(kind="yarn")
+    with pytest.raises(ConfigError, match="attn_bias"):
+        SMALL.replace(attn_bias=1)
+    with pytest.raises(TypeError, match="rope_theta"):  # no silent default
+        ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=8, d_ff=48)
     assert ModelConfig.from_json(SMALL.to_json()) == SMALL
 
 

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spark_model import ModelConfig
+from spark_model import ModelConfig, RopeScaling
 from spark_model.checkpoint import load_params
 from train import cli, corpus, data, loop
 
 REPO = Path(__file__).resolve().parent.parent
 MINI = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
         "d_ff": 64}
+ROPE = {"rope_theta": 500_000.0, "rope_scaling": RopeScaling()}
 MINI_ARGS = [a for k, v in MINI.items() for a in ("--set", f"{k}={v}")]
 # A few stdlib modules that exist in every CPython 3.10+.
 MINI_FILES = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py",
@@ -191,7 +192,7 @@ def test_training_loss_and_its_gradient_equal_the_full_forward(small_model):
 
 
 def test_grad_accumulation_and_decay_mask():
-    cfg = ModelConfig(vocab_size=384, **MINI)
+    cfg = ModelConfig(vocab_size=384, **MINI, **ROPE)
     batch = np.random.default_rng(0).integers(0, 384, (8, 33)).astype(np.int32)
     out = []
     for accum in (1, 4):
@@ -216,7 +217,7 @@ def test_grad_accumulation_and_decay_mask():
 
 
 def test_bf16_compute_keeps_f32_master_weights():
-    cfg = ModelConfig(vocab_size=384, **MINI)
+    cfg = ModelConfig(vocab_size=384, **MINI, **ROPE)
     batch = np.random.default_rng(0).integers(0, 384, (8, 33)).astype(np.int32)
     losses = {}
     for bf16 in (False, True):
@@ -232,13 +233,13 @@ def test_bf16_compute_keeps_f32_master_weights():
 SHARDED_SCRIPT = r"""
 import json, os, sys
 import jax, numpy as np
-from spark_model import ModelConfig
+from spark_model import ModelConfig, RopeScaling
 from train.config import TrainConfig
 from train.sharding import make_mesh
 from train.trainer import Trainer
 assert len(jax.devices()) == 4, jax.devices()
 cfg = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                  head_dim=8, d_ff=64)
+                  head_dim=8, d_ff=64, rope_theta=500_000.0, rope_scaling=RopeScaling())
 rng = np.random.default_rng(0)
 batches = [rng.integers(0, 384, (8, 33)).astype(np.int32) for _ in range(2)]
 res = {}
