@@ -98,6 +98,8 @@ class Tokenizer:
         if len(byte_ids) != 256:
             raise TokenizerError(f"{source}: model was not trained with byte_fallback")
         self._table = table
+        # A Jinja2 chat template, as Hugging Face tokenizers carry; trained models have none.
+        self.chat_template: str | None = None
         self._meta_ids = [byte_ids[b] for b in META.encode("utf-8")]
         self._threads = _cpu_count()
         if self.decode(self.encode(_PROBE)) != _PROBE:
@@ -135,6 +137,8 @@ class Tokenizer:
     unk_id = property(lambda self: UNK_ID)
     bos_id = property(lambda self: BOS_ID)
     eos_id = property(lambda self: EOS_ID)
+    end_ids = property(lambda self: (EOS_ID,))  # every id that ends generation
+    add_bos = property(lambda self: True)  # encode(bos=True) prepends BOS_ID
 
     @property
     def vocab_size(self) -> int:
@@ -160,13 +164,16 @@ class Tokenizer:
             ids.append(EOS_ID)
         return ids
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False,
+               special: bool = False) -> list[int]:
+        """Text -> ids. `special` is accepted for the common interface: this model's
+        control ids (pad, unk, bos, eos) have no text form, so text never produces them."""
         segments = self._segments(text)
         parts = [self._sp.encode(segments[0])] if len(segments) == 1 else self._sp.encode(segments)
         return self._join(parts, bos, eos)
 
     def encode_batch(self, texts: Iterable[str], *, bos: bool = False,
-                     eos: bool = False) -> list[list[int]]:
+                     eos: bool = False, special: bool = False) -> list[list[int]]:
         if isinstance(texts, (str, bytes)):
             raise TypeError("encode_batch() expects an iterable of str, not a single string")
         per_text = [self._segments(t) for t in texts]
