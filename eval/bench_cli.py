@@ -14,12 +14,15 @@ from spark_model.cli import Command
 
 
 def add_arguments(bench: argparse.ArgumentParser) -> None:
-    bench.add_argument("what", choices=["decode", "compile", "serve"],
+    bench.add_argument("what", choices=["decode", "compile", "serve", "import"],
                        help="decode: the engine against its roofline and the peer; "
+                            "import: an imported model against llama.cpp and transformers "
+                            "on the same float32 weights; "
                             "serve: the server's overhead, TTFT and throughput under load; "
                             "compile: compile times of tiny, llama3-8b and llama3-70b")
-    bench.add_argument("--checkpoint", metavar="DIR", default=None,
-                       help="checkpoint directory (default: the shipped one)")
+    bench.add_argument("--checkpoint", "--model", metavar="MODEL", default=None,
+                       help="checkpoint directory, GGUF file, Hugging Face directory or "
+                            "fetched model name (default: the shipped checkpoint)")
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bench.add_argument("--runs", type=int, default=5, help="timed runs per figure (best kept)")
     bench.add_argument("--no-peer", action="store_true",
@@ -33,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
         from eval import bench_decode
 
         return bench_decode.main(args.checkpoint, args.json, args.runs, not args.no_peer)
+    if args.what == "import":
+        from eval import bench_import
+
+        if args.checkpoint is None:
+            raise SystemExit("spark bench import needs --model (a GGUF file, a Hugging Face "
+                             "directory or a fetched model name)")
+        return bench_import.main(args.checkpoint, args.json)
     if args.what == "serve":
         from eval import bench_serve
 
