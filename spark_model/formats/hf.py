@@ -215,7 +215,7 @@ def config_from_hf(data: Mapping[str, Any], source: str = CONFIG_FILE) -> ModelC
         raise FormatError(f"{source}: mlp_bias true is not supported (Spark's MLP has no biases)")
     vocab, d, f, layers, heads = (_field(data, k, int, source) for k in _REQUIRED)
     kv = data.get("num_key_value_heads", defaults["num_key_value_heads"])
-    kv = heads if kv is None else _field(data, "num_key_value_heads", int, source)
+    kv = heads if kv is None else _field(data, "num_key_value_heads", int, source, kv)
     head_dim = data.get("head_dim")
     if head_dim is None:
         if heads <= 0 or d % heads:
@@ -302,8 +302,15 @@ def _check_memory(numels: list[int], source: str) -> None:
     need = 4 * (sum(numels) + max(numels, default=0))
     have = available_memory()
     if have is not None and need > have:
-        raise FormatError(f"{source}: the float32 parameters need {need / 2**30:.2f} GiB but "
-                          f"only {have / 2**30:.2f} GiB of memory is available")
+        raise FormatError(f"{source}: the float32 parameters need {_size(need)} but only "
+                          f"{_size(have)} of memory is available (MemAvailable)")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 class _Tensors(Mapping[str, np.ndarray]):
