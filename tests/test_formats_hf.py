@@ -424,6 +424,16 @@ def test_bad_weights_files(good, no_reads):
     write_dir(root, cfg_json, tensors, shards=2)
     (root / "model-00002-of-00002.safetensors").unlink()
     raises(root, r"shard model-00002-of-00002\.safetensors is missing")
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    first, second = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == first)
+    save_file({n: tensors[n] for n, f in index["weight_map"].items() if f == second}
+              | {name: tensors[name]}, str(root / second))  # Also in the second shard.
+    raises(root, rf"tensor {name} is in both {first} and {second}")
+    write_dir(root, cfg_json, tensors, shards=2)
+    index["weight_map"][name] = second
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    raises(root, rf"index\.json: tensor {name} is not in shard {second}")
     (root / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     raises(root, r"needs a non-empty 'weight_map'")
     (root / "model.safetensors.index.json").write_text(
