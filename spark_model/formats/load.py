@@ -1,0 +1,44 @@
+"""An imported model in Spark's terms: the model, its tokenizer and where it came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from spark_model.formats.mapping import FormatError
+
+
+def read(path: Path, kind: str):
+    """Read a GGUF file ('gguf') or a Hugging Face directory ('hf'): an `Imported`."""
+    if kind == "gguf":
+        from spark_model.formats.gguf import read_gguf
+
+        return read_gguf(path)
+    if kind == "hf":
+        from spark_model.formats.hf import read_hf
+
+        return read_hf(path)
+    raise FormatError(f"cannot import a {kind!r} model")
+
+
+def tokenizer_of(imported) -> Any:
+    """The byte-level BPE tokenizer an imported model carries."""
+    from spark_model.bpe import BPETokenizer
+
+    kind, source = imported.tokenizer_source
+    if kind == "gguf":
+        return BPETokenizer.from_gguf_metadata(source)
+    return BPETokenizer.from_hf_dir(source)
+
+
+def load_imported(path: Path, kind: str):
+    """(Transformer, tokenizer, info) for a GGUF file or Hugging Face directory."""
+    from spark_model.checkpoint import model_from_flat
+
+    imported = read(path, kind)
+    tokenizer = tokenizer_of(imported)  # before the model: a tokenizer error costs nothing
+    if tokenizer.vocab_size != imported.cfg.vocab_size:
+        raise FormatError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the "
+                          f"model's vocabulary is {imported.cfg.vocab_size}")
+    model = model_from_flat(imported.cfg, imported.params)
+    return model, tokenizer, {"source": str(path), "kind": kind, **imported.info}
