@@ -3,6 +3,8 @@ head, plain and linear-scaled RoPE, and SmolLM2's non-power-of-two head counts (
 heads over 3 kv heads), scaled down. The placed program must reproduce the model's logits
 and an independent float64 forward (tests/reference.py)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +109,18 @@ def test_placed_program_reproduces_imported_shapes(cfg):
         assert np.abs(ours - reference.forward(unbiased, cfg, np.array(PROMPT))).max() \
             > 100 * 1e-4 * max(1.0, scale)
 
+
+def test_cli_verifies_a_biased_checkpoint_at_its_own_context(tmp_path, small_tokenizer, capsys):
+    """`spark compile --checkpoint DIR --verify` with no --context: the model's own
+    max_seq_len is reserved (imported models have far fewer positions than 128K)."""
+    import spark_model
+    from spark_model.cli import main as spark_main
+
+    cfg = BIASED.replace(vocab_size=small_tokenizer.vocab_size, max_seq_len=256)
+    model, _ = _random_model(cfg)
+    path = spark_model.SparkModel(model, small_tokenizer).save(tmp_path / "ckpt")
+    assert spark_main(["compile", "--checkpoint", str(path), "--target", GRID,
+                       "--verify", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["verified_positions"] >= 10 and s["max_abs_logit_diff"] < 1e-4
+    assert compiler.compile(cfg, GRID).context == 256
