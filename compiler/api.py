@@ -21,6 +21,7 @@ from compiler.route import route_plan
 from compiler.target import Target, get_target
 from spark_model.config import PRESETS, ModelConfig
 
+DEFAULT_CONTEXT = 131_072  # 128K, or the model's own max_seq_len when that is shorter
 MAX_CONTEXT_SEARCH = 1 << 26  # stop the largest-context search here (64M positions)
 
 
@@ -91,13 +92,14 @@ def _largest_context(g: Graph, target: Target, band: int, wafers: int, lo: int,
     return lo
 
 
-def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 131_072, *,
+def compile(model: Any = "tiny", target: str | Target = "wse3", context: int | None = None, *,
             wafers: int | None = None, seed: int = 0, refine_moves: int = 100,
             layers_per_region: int | None = None) -> Plan:
     """Trace the decode step of `model`, plan its partition, place it on `target`, refine
     the placement, route it, predict its latency and check the plan (check_plan).
 
-    context: KV cache positions to reserve (default 128K). wafers: how many wafers may be
+    context: KV cache positions to reserve (default: the model's max_seq_len, at most
+    DEFAULT_CONTEXT = 128K; SmolLM2's is 8,192). wafers: how many wafers may be
     used (default: the target's count, 1 for the presets); a model that needs more is an
     error that gives the bytes needed and available. layers_per_region: keep only the
     planner's mappings with that many layers per set of regions (0: every op over the
@@ -106,6 +108,8 @@ def compile(model: Any = "tiny", target: str | Target = "wse3", context: int = 1
     t0 = time.perf_counter()
     cfg, source = resolve_model(model)
     tgt = get_target(target, wafers=wafers)
+    if context is None:
+        context = min(DEFAULT_CONTEXT, cfg.max_seq_len)
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise CompilerError(f"context must be a positive integer, got {context!r}")
     if context > cfg.max_seq_len:

@@ -24,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--target", default="wse3",
                    help="wse2, wse3 or grid:ROWSxCOLS[:MEM] such as grid:64x64:48KB "
                         "(default: wse3)")
-    p.add_argument("--context", type=int, default=131_072,
-                   help="KV cache positions to reserve (default: 131072)")
+    p.add_argument("--context", type=int, default=None,
+                   help="KV cache positions to reserve (default: the model's max_seq_len, "
+                        "at most 131072)")
     p.add_argument("--wafers", type=int, default=None,
                    help="wafers that may be used (default: the target's, 1 for presets)")
     p.add_argument("--seed", type=int, default=0, help="seed of the placement refinement")
@@ -53,9 +54,14 @@ def run(args: argparse.Namespace) -> int:
     if args.wafers is not None and args.wafers < 1:
         print(f"spark compile: error: --wafers must be >= 1, got {args.wafers}", file=sys.stderr)
         return 2
+    model = None
+    if args.verify:  # load first: the plan is compiled from the very model it is checked on
+        import spark_model
+
+        model = spark_model.load(args.checkpoint)  # its engine's cache is never allocated
     try:
-        plan = compiler.compile(args.checkpoint or args.preset, args.target, args.context,
-                                wafers=args.wafers, seed=args.seed,
+        plan = compiler.compile(model or args.checkpoint or args.preset, args.target,
+                                args.context, wafers=args.wafers, seed=args.seed,
                                 layers_per_region=args.layers_per_region)
     except (compiler.CompilerError, compiler.TargetError) as e:
         print(f"spark compile: error: {e}", file=sys.stderr)
@@ -64,12 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     summary = summarize(plan)
     if args.verify:
-        import spark_model
         from compiler.verify import DEFAULT_PROMPT, logit_diffs
 
-        model = spark_model.load(args.checkpoint, capacity=2048)
         ids = model.tokenizer.encode(DEFAULT_PROMPT)
-        diffs = logit_diffs(plan, model, ids)
+        diffs = logit_diffs(plan, model, ids, capacity=min(2048, model.config.max_seq_len))
         summary["verified_positions"] = len(diffs)
         summary["max_abs_logit_diff"] = max(diffs)
     if args.report:

@@ -41,6 +41,11 @@ VECTOR = {
     "le", "gt", "ge", "and", "or", "not", "stop_gradient", "clamp", "floor", "ceil", "round",
     "cumsum", "rem", "pjit", "jit", "custom_jvp_call", "custom_vjp_call",
 } | LAYOUT
+# Primitives through which vector work may read a parameter of any rank: element by
+# element, after broadcasting it over batch and time (norm scales (D,), q/k/v biases
+# (N, H)). Such a parameter rides along with its vector op; anything else that reads a
+# matrix (a reduction, a gather) has no rule and is refused.
+ELEMENTWISE = {"broadcast_in_dim", "add", "sub", "mul"}
 # What a vector segment is doing, recognised from the primitives it contains.
 ROLE_OF = {"rsqrt": "norm", "sin": "rotary", "cos": "rotary", "logistic": "activation",
            "tanh": "activation", "erf": "activation"}
@@ -196,8 +201,11 @@ class _Builder:
         roles = sorted({ROLE_OF[p] for p in prims if p in ROLE_OF}
                        | ({"activation"} if "silu" in prims or "gelu" in prims else set()))
         roles = (["residual"] if self._has_residual(eqns, produced) else []) + roles
+        roles = (["bias"] if self._has_bias(eqns) else []) + roles
         roles = roles or ["elementwise"]
-        if params:
+        if params and "bias" in roles:  # e.g. blocks.0.attn.bias+rotary
+            name = f"{_prefix(params[0])}.{'+'.join(roles)}"
+        elif params:  # a norm, named by its scale's module: blocks.0.attn_norm
             name = _prefix(params[0])
         else:
             prev = next((o for o in reversed(self.ops) if o.weight), None)
@@ -225,6 +233,17 @@ class _Builder:
 
         return any(e.primitive.name == "add" and all(map(from_other_op, e.invars))
                    for e in eqns)
+
+    def _has_bias(self, eqns) -> bool:
+        """A bias adds a parameter (broadcast over batch and time) to an activation."""
+        from_param = set(self.param_of)
+        for e in eqns:
+            v = e.invars[0]
+            if e.primitive.name == "broadcast_in_dim" and isinstance(v, jcore.Var) \
+                    and v in from_param:
+                from_param.add(e.outvars[0])
+        return any(e.primitive.name == "add" and any(
+            isinstance(v, jcore.Var) and v in from_param for v in e.invars) for e in eqns)
 
     def _consumed_outputs(self, ids, produced):
         """Outputs of equations `ids` that something outside them reads."""
@@ -254,10 +273,12 @@ class _Builder:
                                for v in eqn.invars if isinstance(v, jcore.Var)):
                 self._flush()
                 self._lookup(i, eqn, pvars[0])
-            elif pvars and any(len(self.leaves[self.param_of[v]].shape) > 1 for v in pvars):
+            elif pvars and prim not in ELEMENTWISE and any(
+                    len(self.leaves[self.param_of[v]].shape) > 1 for v in pvars):
                 raise CompilerError(
                     f"parameter {self.param_of[pvars[0]]} is used by {prim!r}, which the "
-                    "compiler cannot tile (only matrix products and lookups read matrices)")
+                    "compiler cannot tile (only matrix products and lookups read matrices; "
+                    "vector work reads parameters element-wise)")
             else:
                 _check_known(eqn)
                 self.segment.append(i)

