@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "context to 8K, retrieval at 2K and 8K with 5 trials (unless "
                           "those options are given)")
     gen = parser.add_argument_group("generation (HumanEval)")
+    gen.add_argument("--chat", action="store_true",
+                     help="ask each problem as a chat message in the model's own chat "
+                          "template and take the code of its reply (eval/chat_mode.py)")
     gen.add_argument("--n", type=int, default=10, help="samples per problem (default: 10)")
     gen.add_argument("--temperature", type=float, default=0.8, help="default: 0.8")
     gen.add_argument("--top-p", type=float, default=0.95, help="default: 0.95")

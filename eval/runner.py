@@ -17,7 +17,7 @@ from typing import Any
 
 from eval import context_curve, infill, line_completion, retrieval
 from eval.bpb import BpbError, bits_per_byte, collect_files
-from eval.generation import generate_samples, measure_latency
+from eval.generation import STOP_SEQUENCES, generate_samples, measure_latency
 from eval.humaneval import DEFAULT_KS, evaluate_samples, load_problems, read_samples
 from eval.sandbox import capabilities
 
@@ -25,7 +25,7 @@ SAMPLES_FILE = "samples.jsonl"
 GENERATION_LOG = "generation.jsonl"
 RUN_FILE = "run.json"
 # Settings that change what a sample is; a resumed run must agree on all of them.
-_GENERATION_KEYS = ("checkpoint", "temperature", "top_p", "max_new_tokens", "seed")
+_GENERATION_KEYS = ("checkpoint", "chat", "temperature", "top_p", "max_new_tokens", "seed")
 
 
 class EvalError(Exception):
@@ -40,6 +40,7 @@ def check_run_settings(out: Path, settings: dict) -> None:
             previous = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             raise EvalError(f"{path} is not valid JSON; remove it or use another --out")
+        previous.setdefault("chat", False)  # runs from before --chat existed
         changed = [k for k in _GENERATION_KEYS if previous.get(k) != settings.get(k)]
         if changed and (out / SAMPLES_FILE).exists():
             k = changed[0]
@@ -128,13 +129,13 @@ def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
     if {"humaneval", "infill"} & set(tasks):
         report["sandbox"] = require_sandbox()
     checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
-    settings = {"checkpoint": checkpoint, "n": args.n, "temperature": args.temperature,
+    settings = {"checkpoint": checkpoint, "chat": args.chat, "n": args.n, "temperature": args.temperature,
                 "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "limit": args.limit, "batch_size": args.batch_size,
                 "timeout_s": args.timeout, "workers": args.workers}
     report["settings"] = dict(settings)
     if "humaneval" not in tasks:  # sampling settings apply to HumanEval only
-        for key in ("n", "temperature", "top_p", "max_new_tokens"):
+        for key in ("chat", "n", "temperature", "top_p", "max_new_tokens"):
             del report["settings"][key]
     if "infill" in tasks:
         report["settings"]["infill_mode"] = args.infill_mode
@@ -157,7 +158,13 @@ def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
                        "description": repr(model)}
     if "humaneval" in tasks:
         chosen = dict(list(problems.items())[:args.limit] if args.limit else problems.items())
-        stats = generate_samples(model, chosen, out / SAMPLES_FILE, n=args.n,
+        if args.chat:
+            from eval.chat_mode import ChatHumanEval
+
+            generator, stop = ChatHumanEval(model), ()  # the reply ends at its end-of-turn id
+        else:
+            generator, stop = model, STOP_SEQUENCES
+        stats = generate_samples(generator, chosen, out / SAMPLES_FILE, n=args.n, stop=stop,
                                  temperature=args.temperature, top_p=args.top_p,
                                  max_new_tokens=args.max_new_tokens, seed=args.seed,
                                  batch_size=args.batch_size, log_path=out / GENERATION_LOG,
