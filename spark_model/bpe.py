@@ -441,6 +441,8 @@ class BPETokenizer:
         """
         if not isinstance(meta, Mapping):
             raise TypeError(f"GGUF metadata must be a dict, got {type(meta).__name__}")
+        # Plain Python values (a reader may hand over numpy arrays and scalars).
+        meta = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in meta.items()}
 
         def need(key: str) -> Any:
             if key not in meta:

@@ -20,17 +20,24 @@ import regex
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2 = LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
 # name -> (regular expressions in order, ignore_merges)
 SPLITS = {
     "gpt2": ([GPT2], False),
     "smollm": ([r"\p{N}", GPT2], False),
+    "starcoder": ([r"\p{N}", GPT2], False),
     "llama-bpe": ([LLAMA3], True),
+    "qwen2": ([QWEN2], False),
+    "deepseek-coder": (["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+",
+                        "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}"], False),
+    "default": ([r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], False),
 }
 
 
 def gpt2_bytes_map() -> dict[int, str]:
     """Byte -> character: printable Latin-1 bytes map to themselves, the rest to U+0100 on."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    printable = (set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD))
+                 | set(range(0xAE, 0x100)))
     table, n = {}, 0
     for b in range(256):
         if b in printable:

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        trainers)
 
 import spark_model
 from spark_model import ModelConfig, checkpoint, init_model
@@ -20,7 +21,7 @@ from spark_model.tokenizer import stdlib_python_files
 from spark_model.tokenizers_io import load_tokenizer
 
 regex = pytest.importorskip("regex")
-from bpe_reference import ReferenceBPE, gpt2_bytes_map  # noqa: E402  (needs regex)
+from bpe_reference import SPLITS, ReferenceBPE, gpt2_bytes_map, split  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
@@ -121,6 +122,22 @@ def test_other_pre_tokenizers_follow_the_reference(trained, pre):
     if pre == "llama-bpe":  # Llama 3 matches whole vocabulary words before merging
         word = next(t for t in meta["tokenizer.ggml.tokens"][300:] if t.isalpha())
         assert tok.encode(word) == [meta["tokenizer.ggml.tokens"].index(word)]
+
+
+@pytest.mark.parametrize("pre", sorted(SPLITS))
+def test_pre_tokenizers_split_like_the_reference(pre):
+    chars = byte_to_unicode()
+    tok = BPETokenizer.from_gguf_metadata({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": [chars[b] for b in range(256)],
+        "tokenizer.ggml.token_type": [1] * 256, "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.eos_token_id": 0})
+    as_bytes = gpt2_bytes_map()
+    extra = "x = 日本語 한국어 ࠀ 1234567 a1b22 $+<=>^~| ¡¿ \r\r\n\n ' 's 'S"
+    for text in [*TRICKY, extra, *_files(97, 9)[:2]]:
+        got = [p for p, _ in tok._lib.pre_tokenizer.pre_tokenize_str(text)]
+        want = ["".join(as_bytes[b] for b in p.encode()) for p in split(text, SPLITS[pre][0])]
+        assert got == want, (pre, text)
 
 
 def test_ignore_merges_takes_whole_words():
