@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers,
-                        trainers)
+                        processors, trainers)
 
 import spark_model
 from spark_model import ModelConfig, checkpoint, init_model
@@ -218,6 +218,14 @@ def test_hf_fallbacks_and_generation_config(trained, tmp_path):
     assert tok.vocab_size == 704 and tok.decode([700, 703]) == ""
     (root / "chat_template.jinja").write_text(TEMPLATE)
     assert BPETokenizer.from_hf_dir(root).chat_template == TEMPLATE
+    # No add_bos_token: BOS is added when tokenizer.json's post-processor starts with it.
+    lib = Tokenizer.from_str(trained.to_str())
+    lib.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    with_bos = BPETokenizer.from_hf_dir(hf_dir(tmp_path / "b", lib, config))
+    assert with_bos.add_bos and with_bos.encode("x", bos=True) == [1, *with_bos.encode("x")]
+    assert not BPETokenizer.from_hf_dir(hf_dir(tmp_path / "c", trained, config)).add_bos
 
 
 def test_user_defined_tokens_match_in_plain_text(trained, tmp_path):
