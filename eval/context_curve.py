@@ -70,11 +70,12 @@ def score_point(model: Any, context_ids: Sequence[int], target_ids: Sequence[int
                 target_bytes: int, length: int) -> tuple[float, int]:
     """(bits per byte of the target given `length` context tokens, tokens actually given)."""
     max_len = model.config.max_seq_len
-    keep = min(length, len(context_ids), max_len - 1 - len(target_ids))
+    prefix = model.tokenizer.encode("", bos=True)  # [BOS], or nothing for a model without one
+    keep = min(length, len(context_ids), max_len - len(prefix) - len(target_ids))
     if keep < 1:
         raise ContextCurveError(f"a target of {len(target_ids)} tokens leaves no room for "
                                 f"context in {max_len} positions")
-    seq = [model.tokenizer.bos_id] + list(context_ids[len(context_ids) - keep:]) + list(target_ids)
+    seq = prefix + list(context_ids[len(context_ids) - keep:]) + list(target_ids)
     ids = np.asarray(seq, np.int32)[None]
     nll = token_nll(model, ids[:, :-1], ids[:, 1:])[0]
     nats = float(np.sum(nll[-len(target_ids):]))

@@ -18,6 +18,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "PRESETS": "config", "ConfigError": "config", "ModelConfig": "config",
     "RopeScaling": "config",
     "Tokenizer": "tokenizer", "TokenizerError": "tokenizer", "train_tokenizer": "tokenizer",
+    "BPETokenizer": "bpe", "load_tokenizer": "tokenizers_io",
     "Transformer": "transformer", "abstract_model": "transformer", "init_model": "transformer",
     "param_count": "transformer",
 }
@@ -40,5 +41,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from spark_model.api import SparkModel, default_checkpoint, load
     from spark_model.checkpoint import CheckpointError
     from spark_model.config import PRESETS, ConfigError, ModelConfig, RopeScaling
+    from spark_model.bpe import BPETokenizer
     from spark_model.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+    from spark_model.tokenizers_io import load_tokenizer
     from spark_model.transformer import Transformer, abstract_model, init_model, param_count

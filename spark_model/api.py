@@ -17,7 +17,9 @@ from flax import nnx
 from spark_model import checkpoint, engine, generation, scoring, stops
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import KVCache, cache_length, init_cache
+from spark_model.bpe import BPETokenizer
 from spark_model.tokenizer import Tokenizer
+from spark_model.tokenizers_io import load_tokenizer
 from spark_model.transformer import Transformer, full_logits
 
 # The checkpoint shipped in the repository, used when no path is given.
@@ -46,7 +48,7 @@ class SparkModel:
     `capacity` positions per sequence, allocated once per batch size and reused.
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | BPETokenizer, path: Path | None = None,
                  *, capacity: int | None = None):
         capacity = model.cfg.max_seq_len if capacity is None else capacity
         if tokenizer.vocab_size != model.cfg.vocab_size:
@@ -121,6 +123,9 @@ class SparkModel:
         req = generation.check_request(prompts, **kw)
         if ids is None:
             ids = [self.tokenizer.encode(p, bos=True) for p in req.prompts]
+            if not all(ids):  # an empty prompt of a model that adds no BOS
+                raise ValueError("an empty prompt gives no tokens for this model (it adds no "
+                                 "BOS); give at least one character")
         longest = max(len(x) for x in ids)
         room = self.capacity if room is None else room
         if longest + req.max_new_tokens > room:
@@ -205,6 +210,8 @@ class SparkModel:
         if not isinstance(text, str):
             raise TypeError(f"prefill_context takes a string, got {type(text).__name__}")
         ids = self.tokenizer.encode(text, bos=True)
+        if not ids:
+            raise ValueError("an empty text gives no tokens for this model (it adds no BOS)")
         if isinstance(room, bool) or not isinstance(room, int) or room < 2:
             raise ValueError(f"room must be an integer >= 2, got {room!r}")
         capacity = len(ids) + room
@@ -329,9 +336,9 @@ def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,
             "(spark_model.load(path)) or set SPARK_CHECKPOINT")
     _, model = checkpoint.load_params(root, verify_hashes=verify)
     try:
-        tokenizer = Tokenizer.load(root / checkpoint.TOKENIZER_FILE)
+        tokenizer = load_tokenizer(root)
     except Exception as e:
-        raise checkpoint.CheckpointError(f"cannot read {root / checkpoint.TOKENIZER_FILE}: {e}")
+        raise checkpoint.CheckpointError(f"cannot read the tokenizer in {root}: {e}") from e
     capacity = model.cfg.max_seq_len if capacity is None else capacity
     out = SparkModel(model, tokenizer, root.absolute(), capacity=capacity)
     meta = json.loads((root / checkpoint.CONFIG_FILE).read_text())

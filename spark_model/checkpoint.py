@@ -1,7 +1,8 @@
 """The checkpoint format: one directory that holds everything a model needs.
 
     <dir>/config.json      {"format": "spark-checkpoint", "version": 1, "model": {...}}
-    <dir>/tokenizer.model  the SentencePiece model proto
+    <dir>/tokenizer.model  the SentencePiece model proto, or
+    <dir>/tokenizer.json + tokenizer_meta.json   an imported model's BPE tokenizer
     <dir>/params/          parameters, saved with orbax-checkpoint (flat names -> arrays)
     <dir>/manifest.json    size and SHA-256 of every file above, written last
 
@@ -25,13 +26,15 @@ import jax
 import numpy as np
 from flax import nnx
 
+from spark_model import tokenizers_io
 from spark_model.config import ConfigError, ModelConfig
 from spark_model.transformer import Transformer, abstract_model
 
 FORMAT = "spark-checkpoint"
 VERSION = 1
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece tokenizer (see spark_model.tokenizers_io)
+TOKENIZER_FILES = tokenizers_io.TOKENIZER_FILES  # every file a tokenizer may own
 PARAMS_DIR = "params"
 MANIFEST_FILE = "manifest.json"
 
@@ -130,7 +133,7 @@ def save(path: str | os.PathLike, model: Transformer, tokenizer, *,
         if extra:
             meta["extra"] = extra
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        tokenizer.save(tmp / TOKENIZER_FILE)
+        tokenizers_io.save_tokenizer(tokenizer, tmp)
         params = {k: np.asarray(v) for k, v in flat_params(model).items()}
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
@@ -161,8 +164,13 @@ def check(path: str | os.PathLike, *, verify_hashes: bool = True) -> dict[str, A
         raise CheckpointError(f"no checkpoint at {root}: the path does not exist")
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a checkpoint: a checkpoint is a directory")
-    missing = [n for n in (CONFIG_FILE, TOKENIZER_FILE, PARAMS_DIR, MANIFEST_FILE)
-               if not (root / n).exists()]
+    try:
+        has_tokenizer = tokenizers_io.tokenizer_kind(root) is not None
+    except ValueError as e:  # two tokenizers
+        raise CheckpointError(str(e)) from None
+    missing = [n for n in (CONFIG_FILE, None, PARAMS_DIR, MANIFEST_FILE)
+               if (n is None and not has_tokenizer) or (n and not (root / n).exists())]
+    missing = [tokenizers_io.DESCRIPTION if n is None else n for n in missing]
     if missing:
         raise CheckpointError(f"{root} is not a complete checkpoint: missing {', '.join(missing)}")
     try:

@@ -132,6 +132,11 @@ class Tokenizer:
     def save(self, path: str | os.PathLike[str]) -> None:
         pathlib.Path(path).write_bytes(self.serialized())
 
+    def save_to_dir(self, path: str | os.PathLike[str]) -> None:
+        """Write the model as `tokenizer.model` into directory `path` (a checkpoint)."""
+        pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+        self.save(pathlib.Path(path) / "tokenizer.model")
+
     # -- properties ---------------------------------------------------------
     pad_id = property(lambda self: PAD_ID)
     unk_id = property(lambda self: UNK_ID)
@@ -139,6 +144,7 @@ class Tokenizer:
     eos_id = property(lambda self: EOS_ID)
     end_ids = property(lambda self: (EOS_ID,))  # every id that ends generation
     add_bos = property(lambda self: True)  # encode(bos=True) prepends BOS_ID
+    prefix_space = property(lambda self: False)  # decode(encode(x)) == x, no dummy prefix
 
     @property
     def vocab_size(self) -> int:

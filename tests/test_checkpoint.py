@@ -67,7 +67,8 @@ def test_missing_directory(tmp_path):
 def test_missing_parts(saved):
     shutil.rmtree(saved / "params")
     (saved / "tokenizer.model").unlink()
-    with pytest.raises(CheckpointError, match="missing tokenizer.model, params"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing tokenizer.model or tokenizer.json \+ tokenizer_meta.json, params"):
         spark_model.load(saved)
 
 

@@ -44,7 +44,8 @@ def test_a_point_equals_the_full_forward(model):
     for n in (16, 200):
         fast, kept = cc.score_point(model, ctx_ids, tgt_ids, nbytes, n)
         plain, _ = cc.score_point(LogitsOnly(model), ctx_ids, tgt_ids, nbytes, n)
-        seq = jnp.asarray([[model.tokenizer.bos_id] + ctx_ids[-n:] + tgt_ids], jnp.int32)
+        seq = jnp.asarray([model.tokenizer.encode("", bos=True) + ctx_ids[-n:] + tgt_ids],
+                          jnp.int32)
         logits = full_logits(model.model, seq[:, :-1])
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, seq[:, 1:, None], -1)[..., 0]
         reference = float(jnp.sum(nll[0, -len(tgt_ids):])) / (nbytes * math.log(2))

@@ -39,7 +39,8 @@ RUN_TOKENIZER = "tokenizer.model"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 RUN_FORMAT = "spark-training-run"
-EXPORT_FILES = (checkpoint.CONFIG_FILE, checkpoint.TOKENIZER_FILE, checkpoint.PARAMS_DIR)
+# Every file an export may hold: the tokenizer's are whichever its kind writes.
+EXPORT_FILES = (checkpoint.CONFIG_FILE, *checkpoint.TOKENIZER_FILES, checkpoint.PARAMS_DIR)
 
 
 def sync(name: str) -> None:
@@ -136,7 +137,8 @@ def export(out: Path, host_params: dict[str, np.ndarray], cfg: ModelConfig, toke
         for name in EXPORT_FILES:
             if (out / name).exists():
                 (out / name).rename(staging / f"old-{name}")
-            (new / name).rename(out / name)
+            if (new / name).exists():
+                (new / name).rename(out / name)
         (new / checkpoint.MANIFEST_FILE).rename(out / checkpoint.MANIFEST_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

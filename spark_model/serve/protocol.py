@@ -145,6 +145,9 @@ def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
         ids = limits.tokenizer.encode(prompt, bos=True)
     except Exception as e:  # e.g. a lone surrogate from a JSON "\ud800" escape
         raise bad(f"cannot tokenize the prompt: {e}", "prompt")
+    if not ids:
+        raise bad("the prompt is empty and this model adds no BOS token: give at least "
+                  "one character", "prompt")
     if len(ids) + max_tokens > limits.capacity:
         raise bad(f"the prompt is {len(ids)} tokens and max_tokens is {max_tokens}: "
                   f"together over the capacity of {limits.capacity} tokens",

@@ -167,7 +167,8 @@ class Engine:
         m = self.model
         for p in prompt_buckets:
             n = min(p, m.capacity - 1)
-            ids = [m.tokenizer.bos_id] + [m.tokenizer.pad_id] * (n - 1)
+            start = m.tokenizer.encode("", bos=True)  # [BOS], or nothing without one
+            ids = start + [m.tokenizer.pad_id] * (n - len(start))
             for w in self.widths:
                 self._admit([(i, Job(ids=ids, max_tokens=1)) for i in range(w)])
         keep = jnp.zeros((self.max_batch,), bool)
