@@ -49,10 +49,11 @@ from spark_model.formats.imported import Imported
 from spark_model.formats.mapping import FormatError, check_tensors, expected_shapes, spark_params
 
 MAGIC = b"GGUF"
-SUPPORTED_VERSIONS = (2, 3)  # Version 1 used 32-bit lengths; 2 and 3 differ only in endianness support.
+SUPPORTED_VERSIONS = (2, 3)  # Version 1 had 32-bit lengths; 3 added big-endian files.
 HEADER_BYTES = 24  # magic u32, version u32, tensor count u64, key/value count u64
 DEFAULT_ALIGNMENT = 32  # Used when general.alignment is absent (the format's default).
 MAX_DIMS = 4  # GGML tensors have at most four dimensions.
+MAX_NAME_BYTES = 65_535  # The format's limit on key lengths (tensor names are far shorter).
 INT64_MAX = 2**63 - 1
 ARCHITECTURES = ("llama", "qwen2")
 T = GGMLQuantizationType
@@ -156,15 +157,18 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.scalar("<Q", 8, what)
 
-    def raw_string(self, what: str) -> bytes:
+    def raw_string(self, what: str, limit: int | None = None) -> bytes:
         n = self.u64(f"the length of {what}")
+        if limit is not None and n > limit:
+            raise self.fail(f"{what} at byte {self.pos - 8} claims {n} bytes, more than "
+                            f"the format's {limit}")
         self.need(n, f"{what} ({n} bytes)")
         out = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return out
 
-    def string(self, what: str) -> str:
-        raw = self.raw_string(what)
+    def string(self, what: str, limit: int | None = None) -> str:
+        raw = self.raw_string(what, limit)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -283,7 +287,7 @@ def _walk_metadata(cur: _Cursor, n_kv: int) -> dict[str, Any]:
     kv: dict[str, Any] = {}
     for i in range(n_kv):
         cur.where = f"metadata (key/value pair {i + 1} of {n_kv})"
-        key = cur.string("a metadata key")
+        key = cur.string("a metadata key", MAX_NAME_BYTES)
         if key in kv:
             raise cur.fail(f"metadata key {_show(key)} appears twice")
         cur.where = f"metadata (key {_show(key)}, pair {i + 1} of {n_kv})"
@@ -296,7 +300,7 @@ def _walk_tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple]:
     infos, seen = [], set()
     for i in range(n_tensors):
         cur.where = f"tensor infos (tensor {i + 1} of {n_tensors})"
-        name = cur.string("a tensor name")
+        name = cur.string("a tensor name", MAX_NAME_BYTES)
         shown = _show(name)
         if name in seen:
             raise cur.fail(f"tensor {shown} appears twice")
@@ -552,9 +556,13 @@ def _config(meta: Mapping[str, Any], arch: str, tensors: Mapping[str, TensorInfo
     if n_tokens > vocab:
         raise FormatError(f"{path}: tokenizer.ggml.tokens has {n_tokens} entries, more than "
                           f"the model's vocabulary {vocab} ({arch}.vocab_size)")
+    n_layers = m.count("block_count")
+    if n_layers > len(tensors):  # a damaged count, refused before per-layer lists are built
+        raise FormatError(f"{path}: {arch}.block_count is {n_layers}, more layers than the "
+                          f"file has tensors ({len(tensors)})")
     try:
         return ModelConfig(
-            vocab_size=vocab, d_model=d_model, n_layers=m.count("block_count"),
+            vocab_size=vocab, d_model=d_model, n_layers=n_layers,
             n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
             d_ff=m.count("feed_forward_length"), rope_theta=theta,
             rope_scaling=_rope_scaling(m, tensors, reader_tensors, head_dim, theta),
