@@ -1,0 +1,828 @@
+"""Reading GGUF files (llama.cpp's single-file model format) into Spark.
+
+    imported = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    model = checkpoint.model_from_flat(imported.cfg, imported.params)
+
+A GGUF file is a header (magic b"GGUF", version, tensor and key/value counts), typed
+key/value metadata, one info record per tensor (name, dimensions, type, data offset) and
+the aligned tensor data. Three steps read it, cheapest first:
+
+1. `inspect_gguf` walks the header with its own bounds-checked parser and never reads
+   tensor data: wrong magic, unsupported versions, truncation anywhere, counts and
+   lengths larger than the file, unknown tensor types, dimension products that overflow
+   and tensors whose data would run past the end of the file are all refused here, by
+   name, before anything is allocated. (The `gguf` package's reader trusts the file: on
+   a cut one it fails with NumPy's "cannot reshape array" and the like.)
+2. The `gguf` package's `GGUFReader` then reads the metadata and maps the tensor data;
+   `read_gguf_metadata` gives the metadata as plain Python values.
+3. `read_gguf` builds the `ModelConfig` from the `{arch}.*` keys, checks every tensor's
+   name, type and shape and the memory the float32 copy needs, then dequantizes tensor
+   by tensor (`dequantize`) into Hugging Face-named arrays that `mapping.spark_params`
+   turns into Spark's layout.
+
+Architectures: `llama` (Llama 1/2/3, TinyLlama, SmolLM2, CodeLlama, deepseek-coder,
+Mistral) and `qwen2` (q/k/v biases). llama.cpp's converter reorders the q and k rows of
+`llama` models for its interleaved-pair RoPE; they are put back in the rotate-half order
+Spark uses. `qwen2` files keep the Hugging Face order (llama.cpp runs them with NEOX,
+i.e. rotate-half, RoPE).
+
+Every problem is a one-line `FormatError` that starts with the file's path.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import mmap
+import os
+import re
+import struct
+from typing import Any, Iterator, Mapping
+
+import gguf as gguflib
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from spark_model.config import ConfigError, ModelConfig, RopeScaling
+from spark_model.formats.imported import Imported
+from spark_model.formats.mapping import FormatError, check_tensors, expected_shapes, spark_params
+
+MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)  # Version 1 had 32-bit lengths; 3 added big-endian files.
+HEADER_BYTES = 24  # magic u32, version u32, tensor count u64, key/value count u64
+DEFAULT_ALIGNMENT = 32  # Used when general.alignment is absent (the format's default).
+MAX_DIMS = 4  # GGML tensors have at most four dimensions.
+MAX_NAME_BYTES = 65_535  # The format's limit on key lengths (tensor names are far shorter).
+INT64_MAX = 2**63 - 1
+ARCHITECTURES = ("llama", "qwen2")
+T = GGMLQuantizationType
+SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+                   T.Q4_K, T.Q5_K, T.Q6_K)
+
+# GGUF value types -> (struct format, size); 8 is a string, 9 an array.
+_STRING, _ARRAY = 8, 9
+_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4),
+            5: ("<i", 4), 6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8),
+            12: ("<d", 8)}
+_UINT32 = 4
+_MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+
+
+def _show(text: str) -> str:
+    """A name from the file, safe to put in a one-line message."""
+    return text if text.isprintable() and text.strip() == text and text else repr(text)
+
+
+def _type_name(ggml_type: int) -> str:
+    try:
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"unknown type id {ggml_type}"
+
+
+# ---- the header ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    """An array value as the header walk records it (elements are not decoded)."""
+
+    elem_type: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's info record, with its absolute data position in the file."""
+
+    name: str
+    ggml_type: int
+    ne: tuple[int, ...]  # GGUF order: ne[0] is the fastest-varying (row) dimension.
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+    n_elements: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """NumPy shape: ne reversed (a (out, in) matrix is stored as ne = [in, out])."""
+        return tuple(reversed(self.ne))
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.ggml_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFHeader:
+    """Everything before the tensor data, checked against the file's size.
+
+    kv holds scalar values decoded (strings as str, numbers as int/float/bool) and
+    arrays as ArrayInfo (their elements are walked, not decoded).
+    """
+
+    path: str
+    file_size: int
+    version: int
+    alignment: int
+    data_offset: int
+    kv: dict[str, Any]
+    tensors: tuple[TensorInfo, ...]
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from the mapped file; `where` names the section."""
+
+    def __init__(self, buf: Any, size: int, path: str):
+        self.buf, self.size, self.path, self.pos = buf, size, path, 0
+        self.where = "header"
+
+    def fail(self, problem: str) -> FormatError:
+        return FormatError(f"{self.path}: {problem}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"truncated in the {self.where}: {what} at byte {self.pos} needs "
+                            f"{n} bytes, the file ends at byte {self.size}")
+
+    def scalar(self, fmt: str, size: int, what: str) -> Any:
+        self.need(size, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def u32(self, what: str) -> int:
+        return self.scalar("<I", 4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar("<Q", 8, what)
+
+    def raw_string(self, what: str, limit: int | None = None) -> bytes:
+        n = self.u64(f"the length of {what}")
+        if limit is not None and n > limit:
+            raise self.fail(f"{what} at byte {self.pos - 8} claims {n} bytes, more than "
+                            f"the format's {limit}")
+        self.need(n, f"{what} ({n} bytes)")
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return out
+
+    def string(self, what: str, limit: int | None = None) -> str:
+        raw = self.raw_string(what, limit)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8: {raw[:40]!r}") from None
+
+    def skip_string(self, what: str) -> None:
+        n = self.u64(f"the length of {what}")
+        self.need(n, f"{what} ({n} bytes)")
+        self.pos += n
+
+    def value(self, vtype: int, key: str, depth: int = 0) -> Any:
+        """Read (scalars, strings) or walk (arrays) one value of type `vtype`."""
+        if vtype in _SCALARS:
+            fmt, size = _SCALARS[vtype]
+            return self.scalar(fmt, size, f"the value of {key}")
+        if vtype == _STRING:
+            return self.string(f"the value of {key}")
+        if vtype != _ARRAY:
+            raise self.fail(f"metadata key {key} has unknown value type {vtype}")
+        if depth > 4:
+            raise self.fail(f"metadata key {key} nests arrays more than 4 deep")
+        elem = self.u32(f"the element type of {key}")
+        length = self.u64(f"the length of {key}")
+        if elem in _SCALARS:
+            size = _SCALARS[elem][1]
+            self.need(length * size, f"{key}'s {length} elements")
+            self.pos += length * size
+        elif elem == _STRING:
+            self.need(length * 8, f"{key}'s {length} strings")  # each has an 8-byte length
+            for i in range(length):
+                self.skip_string(f"element {i} of {key}")
+        elif elem == _ARRAY:
+            self.need(length * 12, f"{key}'s {length} arrays")  # each: type u32 + length u64
+            for _ in range(length):
+                self.value(_ARRAY, key, depth + 1)
+        else:
+            raise self.fail(f"metadata key {key} is an array of unknown value type {elem}")
+        return ArrayInfo(elem, length)
+
+
+def _file_size(path: str) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read it ({e.strerror})") from None
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: not a regular file")
+    return st.st_size
+
+
+def inspect_gguf(path: str | os.PathLike) -> GGUFHeader:
+    """Validate a GGUF file's header against its size without reading tensor data.
+
+    Cheap (one pass over the metadata, no tensor bytes touched) and strict: any damage a
+    later read would trip over is a FormatError naming what and where.
+    """
+    path = os.fspath(path)
+    size = _file_size(path)
+    if size == 0:
+        raise FormatError(f"{path}: the file is empty")
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+        if head[:4] != MAGIC[:len(head[:4])]:  # a short file may still be a cut GGUF
+            raise FormatError(f"{path}: not a GGUF file (it starts with {head[:4]!r}, "
+                              f"GGUF files start with {MAGIC!r})")
+        if size < HEADER_BYTES:
+            raise FormatError(f"{path}: truncated in the header: the file has {size} bytes, "
+                              f"the GGUF header alone has {HEADER_BYTES}")
+        version = struct.unpack_from("<I", head, 4)[0]
+        if version & 0xFFFF == 0 and version != 0:
+            raise FormatError(f"{path}: a big-endian GGUF file (version field "
+                              f"{version:#010x}); only little-endian files are supported")
+        if version not in SUPPORTED_VERSIONS:
+            raise FormatError(f"{path}: GGUF version {version} is not supported "
+                              f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+        n_tensors, n_kv = struct.unpack_from("<QQ", head, 8)
+        room = size - HEADER_BYTES
+        if n_kv > room // _MIN_KV_BYTES:
+            raise FormatError(f"{path}: truncated or damaged: the header declares {n_kv} "
+                              f"metadata key/value pairs, more than a file of {size} bytes "
+                              f"can hold")
+        if n_tensors > room // _MIN_TENSOR_INFO_BYTES:
+            raise FormatError(f"{path}: truncated or damaged: the header declares "
+                              f"{n_tensors} tensors, more than a file of {size} bytes can "
+                              f"hold")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(buf, size, path)
+            cur.pos = HEADER_BYTES
+            kv = _walk_metadata(cur, n_kv)
+            infos = _walk_tensor_infos(cur, n_tensors)
+            header_end = cur.pos
+    alignment = kv.get("general.alignment", DEFAULT_ALIGNMENT)
+    if "general.alignment" in kv:
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
+                or alignment & (alignment - 1):
+            raise FormatError(f"{path}: general.alignment must be a power of two, "
+                              f"got {alignment!r}")
+    data_offset = -(-header_end // alignment) * alignment
+    tensors = []
+    for name, ggml_type, ne, rel, nbytes, n_elements in infos:
+        if rel % alignment:
+            raise FormatError(f"{path}: tensor {_show(name)}'s data offset {rel} is not a "
+                              f"multiple of the alignment {alignment}")
+        start = data_offset + rel
+        if start + nbytes > size:
+            raise FormatError(f"{path}: tensor {_show(name)}'s data (bytes {start} to "
+                              f"{start + nbytes}) runs past the end of the file ({size} "
+                              f"bytes): the file is truncated or damaged")
+        tensors.append(TensorInfo(name, ggml_type, ne, start, nbytes, n_elements))
+    return GGUFHeader(path, size, version, alignment, data_offset, kv, tuple(tensors))
+
+
+def _walk_metadata(cur: _Cursor, n_kv: int) -> dict[str, Any]:
+    kv: dict[str, Any] = {}
+    for i in range(n_kv):
+        cur.where = f"metadata (key/value pair {i + 1} of {n_kv})"
+        key = cur.string("a metadata key", MAX_NAME_BYTES)
+        if key in kv:
+            raise cur.fail(f"metadata key {_show(key)} appears twice")
+        cur.where = f"metadata (key {_show(key)}, pair {i + 1} of {n_kv})"
+        vtype = cur.u32(f"the value type of {_show(key)}")
+        kv[key] = cur.value(vtype, _show(key))
+    return kv
+
+
+def _walk_tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple]:
+    infos, seen = [], set()
+    for i in range(n_tensors):
+        cur.where = f"tensor infos (tensor {i + 1} of {n_tensors})"
+        name = cur.string("a tensor name", MAX_NAME_BYTES)
+        shown = _show(name)
+        if name in seen:
+            raise cur.fail(f"tensor {shown} appears twice")
+        seen.add(name)
+        cur.where = f"tensor infos (tensor {shown}, {i + 1} of {n_tensors})"
+        n_dims = cur.u32(f"the dimension count of {shown}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise cur.fail(f"tensor {shown} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        ne = tuple(cur.u64(f"dimension {d} of {shown}") for d in range(n_dims))
+        ggml_type = cur.u32(f"the type of {shown}")
+        rel = cur.u64(f"the data offset of {shown}")
+        n_elements = math.prod(ne)
+        if n_elements > INT64_MAX:
+            raise cur.fail(f"tensor {shown} has dimensions {list(ne)} whose product "
+                           f"{n_elements} overflows int64")
+        try:
+            qtype = GGMLQuantizationType(ggml_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise cur.fail(f"tensor {shown} has unknown tensor type id {ggml_type}") from None
+        if ne[0] % block:
+            raise cur.fail(f"tensor {shown}: its row length {ne[0]} is not a multiple of "
+                           f"the {qtype.name} block size {block}")
+        infos.append((name, ggml_type, ne, rel, n_elements // block * type_size, n_elements))
+    return infos
+
+
+# ---- metadata --------------------------------------------------------------------------
+
+def _reader(path: str) -> gguflib.GGUFReader:
+    """The gguf package's reader on a file `inspect_gguf` has passed; its errors become ours."""
+    try:
+        return gguflib.GGUFReader(path, "r")
+    except Exception as e:  # noqa: BLE001 - any failure of the package is a bad file here
+        raise FormatError(f"{path}: the gguf package cannot read it: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                          ) from None
+
+
+def _shortest_f32(value: Any) -> Any:
+    """float32 metadata as the shortest decimal that is the same float32 (1e-05, not
+    9.999999747378752e-06): the value the file's writer meant."""
+    if isinstance(value, list):
+        return [_shortest_f32(v) for v in value]
+    return float(str(np.float32(value)))
+
+
+def _plain_metadata(reader: gguflib.GGUFReader, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # the reader's pseudo-fields for the header counts
+            continue
+        try:
+            value = field.contents()
+            if field.types and field.types[-1] == gguflib.GGUFValueType.FLOAT32:
+                value = _shortest_f32(value)
+            out[key] = value
+        except Exception as e:  # noqa: BLE001
+            raise FormatError(f"{path}: metadata key {_show(key)} cannot be decoded "
+                              f"({type(e).__name__})") from None
+    return out
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every metadata key -> a plain Python value (str, int, float, bool, or a list of them).
+
+    Arrays of strings come back as lists of str (tokenizer.ggml.tokens, merges).
+    """
+    path = os.fspath(path)
+    inspect_gguf(path)
+    return _plain_metadata(_reader(path), path)
+
+
+# ---- the config ------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+class _Meta:
+    """Typed access to the `{arch}.*` keys; a missing or ill-typed key is named."""
+
+    def __init__(self, meta: Mapping[str, Any], arch: str, path: str):
+        self.meta, self.arch, self.path = meta, arch, path
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        full = f"{self.arch}.{key}"
+        if full in self.meta:
+            return self.meta[full]
+        if default is _MISSING:
+            raise FormatError(f"{self.path}: metadata key {full} is missing (the {self.arch} "
+                              f"architecture needs it)")
+        return default
+
+    def count(self, key: str, default: Any = _MISSING) -> int:
+        value = self.raw(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise FormatError(f"{self.path}: metadata {self.arch}.{key} must be a positive "
+                              f"integer, got {value!r:.60}")
+        return value
+
+    def number(self, key: str, default: Any = _MISSING) -> float:
+        value = self.raw(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                or not math.isfinite(value) or value <= 0:
+            raise FormatError(f"{self.path}: metadata {self.arch}.{key} must be a positive "
+                              f"number, got {value!r:.60}")
+        return float(value)
+
+
+def _architecture(kv: Mapping[str, Any], path: str) -> str:
+    arch = kv.get("general.architecture")
+    if arch is None:
+        raise FormatError(f"{path}: metadata key general.architecture is missing")
+    if not isinstance(arch, str):
+        raise FormatError(f"{path}: general.architecture must be a string, got {arch!r:.60}")
+    if arch not in ARCHITECTURES:
+        raise FormatError(f"{path}: architecture {_show(arch)} is not supported "
+                          f"(supported: {', '.join(ARCHITECTURES)})")
+    return arch
+
+
+def _rope_scaling(m: _Meta, tensors: Mapping[str, TensorInfo], reader_tensors: Mapping[str, Any],
+                  head_dim: int, theta: float) -> RopeScaling | None:
+    """`{arch}.rope.scaling.*` (or llama.cpp's precomputed rope_freqs tensor) -> RopeScaling."""
+    path, arch = m.path, m.arch
+    kind = m.raw("rope.scaling.type", None)
+    scaling: RopeScaling | None = None
+    if kind is None and m.raw("rope.scale_linear", None) is not None:
+        factor = m.number("rope.scale_linear")  # older files' spelling of linear scaling
+        kind = "linear" if factor != 1.0 else "none"
+        scaling = RopeScaling(kind="linear", factor=factor) if factor != 1.0 else None
+    elif kind is None or kind == "none":
+        scaling = None
+    elif kind == "linear":
+        factor = m.number("rope.scaling.factor")
+        try:
+            scaling = RopeScaling(kind="linear", factor=factor) if factor != 1.0 else None
+        except ConfigError as e:
+            raise FormatError(f"{path}: {arch}.rope.scaling.factor: {e}") from None
+    elif kind == "yarn":
+        raise FormatError(f"{path}: rope scaling type 'yarn' ({arch}.rope.scaling.type) is "
+                          f"not supported")
+    else:
+        raise FormatError(f"{path}: rope scaling type {kind!r:.40} ({arch}.rope.scaling.type) "
+                          f"is not supported (supported: none, linear, and Llama 3's "
+                          f"rope_freqs tensor)")
+    if "rope_freqs.weight" in tensors:
+        if scaling is not None:
+            raise FormatError(f"{path}: both {kind} rope scaling and a rope_freqs.weight "
+                              f"tensor; cannot tell which applies")
+        info = tensors["rope_freqs.weight"]
+        if info.shape != (head_dim // 2,):
+            raise FormatError(f"{path}: tensor rope_freqs.weight has shape {info.shape}, "
+                              f"the config needs ({head_dim // 2},)")
+        factors = dequantize(reader_tensors["rope_freqs.weight"].data, info.ggml_type,
+                             info.shape).astype(np.float64)
+        original = m.raw("rope.scaling.original_context_length", 8192)
+        scaling = _llama3_from_factors(factors, head_dim, theta, original, path)
+    return scaling
+
+
+def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float, original: Any,
+                         path: str) -> RopeScaling | None:
+    """Recover Llama 3.1 scaling parameters from llama.cpp's per-frequency divisors.
+
+    llama.cpp stores, for Llama 3.1-style models, a `rope_freqs` tensor: the number each
+    rotary frequency is divided by (1 for short wavelengths, `factor` for long ones, and
+    1 / ((1 - s) / factor + s) in the band between, where s = (original / wavelength -
+    low) / (high - low) is linear in the frequency). The band points give s on a line,
+    whose slope and intercept fix low and high for a chosen `original` (the rule depends
+    only on original/low and original/high, so any `original` gives the same model). The
+    recovered parameters are checked by recomputing every divisor.
+    """
+    if not np.isfinite(factors).all() or (factors <= 0).any():
+        raise FormatError(f"{path}: tensor rope_freqs.weight holds non-positive or "
+                          f"non-finite values")
+    if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
+        return None
+    factor = float(factors.max())
+    if not isinstance(original, (int, float)) or isinstance(original, bool) or original <= 0:
+        raise FormatError(f"{path}: rope.scaling.original_context_length must be positive, "
+                          f"got {original!r:.40}")
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    tol = 1e-4 * factor
+    band = (factors > 1.0 + tol) & (factors < factor - tol)
+    unscaled = ~band & (np.abs(factors - 1.0) <= tol)
+    if band.sum() < 2:
+        raise FormatError(f"{path}: tensor rope_freqs.weight has {int(band.sum())} "
+                          f"frequencies in the Llama 3 transition band; at least 2 are "
+                          f"needed to recover its scaling parameters")
+    smooth = (1.0 / factors[band] - 1.0 / factor) / (1.0 - 1.0 / factor)
+    u = freqs[band] * float(original) / (2 * math.pi)  # original / wavelength
+    slope, intercept = np.polyfit(u, smooth, 1)
+    mismatch = ""
+    scaling = None
+    if slope > 0:
+        low = -intercept / slope
+        high = low + 1.0 / slope
+        try:
+            scaling = RopeScaling(factor=factor, low_freq_factor=float(low),
+                                  high_freq_factor=float(high),
+                                  original_max_position=int(original), kind="llama3")
+        except ConfigError as e:
+            mismatch = str(e)
+    if scaling is not None:
+        from spark_model.layers import rope_frequencies  # imports JAX; only needed here
+
+        again = freqs / rope_frequencies(head_dim, theta, scaling)
+        err = float(np.max(np.abs(again - factors) / factors))
+        if err > 1e-3:
+            mismatch, scaling = f"recomputed divisors differ by up to {err:.2g}", None
+        elif not (unscaled == (np.abs(again - 1.0) <= tol)).all():
+            mismatch, scaling = "its unscaled frequencies do not match", None
+    if scaling is None:
+        raise FormatError(f"{path}: tensor rope_freqs.weight does not follow the Llama 3.1 "
+                          f"frequency-scaling rule ({mismatch or 'band not monotonic'})")
+    return scaling
+
+
+def _config(meta: Mapping[str, Any], arch: str, tensors: Mapping[str, TensorInfo],
+            reader_tensors: Mapping[str, Any], n_tokens: int, path: str) -> ModelConfig:
+    m = _Meta(meta, arch, path)
+    experts = m.raw("expert_count", 0)
+    if experts:
+        raise FormatError(f"{path}: a mixture-of-experts model ({arch}.expert_count = "
+                          f"{experts!r:.20}) is not supported")
+    d_model = m.count("embedding_length")
+    n_heads = m.count("attention.head_count")
+    # The format makes head_count_kv optional: absent means one kv head per query head.
+    n_kv_heads = m.count("attention.head_count_kv", n_heads)
+    rope_dims = m.raw("rope.dimension_count", None)
+    if m.raw("attention.key_length", None) is not None:
+        head_dim = m.count("attention.key_length")
+    elif rope_dims is not None:
+        head_dim = m.count("rope.dimension_count")
+    else:
+        if d_model % n_heads:
+            raise FormatError(f"{path}: {arch}.embedding_length {d_model} is not a multiple "
+                              f"of {arch}.attention.head_count {n_heads} and no head size "
+                              f"is given")
+        head_dim = d_model // n_heads
+    if rope_dims is not None and m.count("rope.dimension_count") != head_dim:
+        raise FormatError(f"{path}: {arch}.rope.dimension_count {rope_dims} differs from "
+                          f"the head size {head_dim}; partial rotary embedding is not "
+                          f"supported")
+    value_dim = m.raw("attention.value_length", None)
+    if value_dim is not None and m.count("attention.value_length") != head_dim:
+        raise FormatError(f"{path}: {arch}.attention.value_length {value_dim} differs from "
+                          f"the key length {head_dim}; this is not supported")
+    # The format's default base when rope.freq_base is absent is 10,000 (original RoPE).
+    theta = m.number("rope.freq_base", 10_000.0)
+    vocab = m.count("vocab_size", n_tokens)
+    if n_tokens > vocab:
+        raise FormatError(f"{path}: tokenizer.ggml.tokens has {n_tokens} entries, more than "
+                          f"the model's vocabulary {vocab} ({arch}.vocab_size)")
+    n_layers = m.count("block_count")
+    if n_layers > len(tensors):  # a damaged count, refused before per-layer lists are built
+        raise FormatError(f"{path}: {arch}.block_count is {n_layers}, more layers than the "
+                          f"file has tensors ({len(tensors)})")
+    try:
+        return ModelConfig(
+            vocab_size=vocab, d_model=d_model, n_layers=n_layers,
+            n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+            d_ff=m.count("feed_forward_length"), rope_theta=theta,
+            rope_scaling=_rope_scaling(m, tensors, reader_tensors, head_dim, theta),
+            max_seq_len=m.count("context_length"),
+            norm_eps=m.number("attention.layer_norm_rms_epsilon"),
+            tie_embeddings="output.weight" not in tensors,
+            attn_bias="blk.0.attn_q.bias" in tensors,
+            param_dtype="float32", dtype="float32")
+    except ConfigError as e:
+        raise FormatError(f"{path}: the metadata describes no valid model: {e}") from None
+
+
+def _tokenizer_metadata(meta: Mapping[str, Any], path: str) -> dict[str, Any]:
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise FormatError(f"{path}: metadata key tokenizer.ggml.tokens is missing (the "
+                          f"tokenizer's vocabulary)")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise FormatError(f"{path}: tokenizer.ggml.tokens must be a non-empty array of "
+                          f"strings")
+    return {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+
+
+# ---- tensors ---------------------------------------------------------------------------
+
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_BLOCK_NAMES = {"attn_norm.weight": "input_layernorm.weight",
+                "ffn_norm.weight": "post_attention_layernorm.weight",
+                "attn_q.weight": "self_attn.q_proj.weight",
+                "attn_k.weight": "self_attn.k_proj.weight",
+                "attn_v.weight": "self_attn.v_proj.weight",
+                "attn_output.weight": "self_attn.o_proj.weight",
+                "attn_q.bias": "self_attn.q_proj.bias",
+                "attn_k.bias": "self_attn.k_proj.bias",
+                "attn_v.bias": "self_attn.v_proj.bias",
+                "ffn_gate.weight": "mlp.gate_proj.weight",
+                "ffn_up.weight": "mlp.up_proj.weight",
+                "ffn_down.weight": "mlp.down_proj.weight"}
+_HF_TO_GGUF_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
+_HF_TO_GGUF_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
+_BLOCK_RE = re.compile(r"blk\.(0|[1-9][0-9]*)\.(.+)")
+_HF_BLOCK_RE = re.compile(r"model\.layers\.([0-9]+)\.(.+)")
+AUXILIARY = ("rope_freqs.weight",)  # read into the config, not a parameter
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor of a llama/qwen2 model (None if unknown)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_RE.fullmatch(gguf_name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}"
+    return None
+
+
+def gguf_name(hf: str) -> str:
+    """The GGUF name of a Hugging Face tensor name (inverse of hf_name)."""
+    if hf in _HF_TO_GGUF_GLOBAL:
+        return _HF_TO_GGUF_GLOBAL[hf]
+    match = _HF_BLOCK_RE.fullmatch(hf)
+    assert match, hf
+    return f"blk.{match.group(1)}.{_HF_TO_GGUF_BLOCK[match.group(2)]}"
+
+
+def _check_tensor_set(cfg: ModelConfig, arch: str, tensors: Mapping[str, TensorInfo],
+                      path: str) -> dict[str, str]:
+    """GGUF name -> HF name for every parameter, after naming any missing, unexpected or
+    misshapen tensor in GGUF terms; mapping.check_tensors then confirms in HF terms."""
+    expected = expected_shapes(cfg)
+    names: dict[str, str] = {}
+    for name in tensors:
+        if name in AUXILIARY:
+            continue
+        hf = hf_name(name)
+        if hf is None or hf not in expected:
+            raise FormatError(f"{path}: unexpected tensor {_show(name)} for this {arch} model")
+        names[name] = hf
+    present = set(names.values())
+    missing = [gguf_name(hf) for hf in expected if hf not in present]
+    if missing:
+        raise FormatError(f"{path}: tensor {missing[0]} is missing"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for name, hf in names.items():
+        if tensors[name].shape != expected[hf]:
+            raise FormatError(f"{path}: tensor {name} has shape {tensors[name].shape} "
+                              f"(GGUF dimensions {list(tensors[name].ne)}), the config "
+                              f"needs {expected[hf]}")
+    check_tensors(cfg, {hf: tensors[name].shape for name, hf in names.items()}, path)
+    return names
+
+
+def _check_types(tensors: Mapping[str, TensorInfo], path: str) -> None:
+    for info in tensors.values():
+        if info.ggml_type not in SUPPORTED_TYPES:
+            raise FormatError(f"{path}: tensor {_show(info.name)} has type {info.type_name}, "
+                              f"which is not supported (supported: "
+                              f"{', '.join(t.name for t in SUPPORTED_TYPES)})")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(infos: list[TensorInfo], path: str) -> None:
+    """Refuse before dequantizing if the float32 parameters cannot fit in memory.
+
+    The need counted: every parameter in float32, plus twice the largest tensor (its
+    dequantized copy and the re-laid-out copy exist together while it is converted).
+    """
+    avail = available_memory()
+    if avail is None:
+        return
+    largest = max(infos, key=lambda t: t.n_elements)
+    if largest.n_elements * 4 > avail:
+        raise FormatError(f"{path}: tensor {largest.name} needs {_bytes(largest.n_elements * 4)}"
+                          f" in float32, more than the {_bytes(avail)} of memory available")
+    need = sum(t.n_elements for t in infos) * 4 + 2 * largest.n_elements * 4
+    if need > avail:
+        raise FormatError(f"{path}: reading needs about {_bytes(need)} of memory (float32 "
+                          f"parameters), only {_bytes(avail)} is available")
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A GGUF tensor's raw data -> a new float32 array of NumPy `shape` (ne reversed).
+
+    `raw` is the tensor's bytes (any dtype view of them: GGUFReader gives float32/float16
+    arrays for F32/F16 and uint8 rows for the rest). The one place that turns stored
+    tensors into float32; F32/F16 are converted directly, the block types by
+    `gguf.quants.dequantize`.
+    """
+    try:
+        qtype = GGMLQuantizationType(ggml_type)
+    except ValueError:
+        raise FormatError(f"unknown tensor type id {ggml_type}") from None
+    if qtype not in SUPPORTED_TYPES:
+        raise FormatError(f"tensor type {qtype.name} is not supported")
+    shape = tuple(int(s) for s in shape)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    n = math.prod(shape)
+    if not shape or shape[-1] % block:
+        raise FormatError(f"shape {shape} does not split into {qtype.name} blocks of {block}")
+    data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if data.size != n // block * type_size:
+        raise FormatError(f"{qtype.name} data of shape {shape} needs {n // block * type_size} "
+                          f"bytes, got {data.size}")
+    if qtype == T.F32:
+        return data.view("<f4").astype(np.float32).reshape(shape)
+    if qtype == T.F16:
+        return data.view("<f2").astype(np.float32).reshape(shape)
+    rows = data.reshape(-1, shape[-1] // block * type_size)
+    out = gguflib.quants.dequantize(rows, qtype)
+    return np.asarray(out, np.float32).reshape(shape)
+
+
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order (rows (n_heads * H, ...) or a bias (n_heads * H,)).
+
+    llama.cpp's converter reorders each head's rows from rotate-half order (the two
+    halves [0, H/2) and [H/2, H) pair up) to interleaved order (rows 2i, 2i+1 pair up):
+    interleaved row 2i + j of a head is rotate-half row j * H/2 + i. This puts them back.
+    """
+    rest = w.shape[1:]
+    h = w.shape[0] // n_heads
+    return np.ascontiguousarray(
+        w.reshape(n_heads, h // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape))
+
+
+class _LazyHF(Mapping[str, np.ndarray]):
+    """Hugging Face name -> float32 array, dequantized when asked for (one at a time).
+
+    `mapping.spark_params` asks for each tensor once, so at most one tensor's float32
+    copy exists beside the Spark parameters being built.
+    """
+
+    def __init__(self, path: str, cfg: ModelConfig, arch: str, names: Mapping[str, str],
+                 infos: Mapping[str, TensorInfo], reader_tensors: Mapping[str, Any]):
+        self.path, self.cfg, self.arch = path, cfg, arch
+        self.by_hf = {hf: g for g, hf in names.items()}
+        self.infos, self.reader_tensors = infos, reader_tensors
+
+    def __getitem__(self, hf: str) -> np.ndarray:
+        name = self.by_hf[hf]
+        info = self.infos[name]
+        try:
+            out = dequantize(self.reader_tensors[name].data, info.ggml_type, info.shape)
+        except FormatError as e:
+            raise FormatError(f"{self.path}: tensor {name}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the gguf package on odd data
+            raise FormatError(f"{self.path}: tensor {name} cannot be dequantized "
+                              f"({type(e).__name__}: {str(e)[:80]})") from None
+        if not np.isfinite(out).all():
+            raise FormatError(f"{self.path}: tensor {name} holds non-finite values "
+                              f"(NaN or infinity)")
+        if self.arch == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = self.cfg.n_heads if ".attn_q." in name else self.cfg.n_kv_heads
+            out = unpermute_rows(out, heads)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.by_hf)
+
+    def __len__(self) -> int:
+        return len(self.by_hf)
+
+
+def read_gguf(path: str | os.PathLike) -> Imported:
+    """Read a llama or qwen2 GGUF file into a Spark config and float32 parameters."""
+    path = os.fspath(path)
+    header = inspect_gguf(path)
+    arch = _architecture(header.kv, path)
+    if isinstance(header.kv.get("split.count"), int) and header.kv["split.count"] > 1:
+        raise FormatError(f"{path}: part of a split GGUF ({header.kv['split.count']} files); "
+                          f"merge the parts into one file first")
+    infos = {t.name: t for t in header.tensors}
+    _check_types(infos, path)
+    reader = _reader(path)
+    reader_tensors = {t.name: t for t in reader.tensors}
+    for name, info in infos.items():
+        got = reader_tensors.get(name)
+        if got is None or int(got.data_offset) != info.offset or int(got.tensor_type) != \
+                info.ggml_type:
+            raise FormatError(f"{path}: the gguf package reads tensor {_show(name)} "
+                              f"differently from the header walk; the file is inconsistent")
+    meta = _plain_metadata(reader, path)
+    tokenizer = _tokenizer_metadata(meta, path)
+    cfg = _config(meta, arch, infos, reader_tensors, len(tokenizer["tokenizer.ggml.tokens"]),
+                  path)
+    names = _check_tensor_set(cfg, arch, infos, path)
+    _check_memory([infos[n] for n in names], path)
+    params = spark_params(cfg, _LazyHF(path, cfg, arch, names, infos, reader_tensors))
+    file_type = meta.get("general.file_type")
+    try:
+        file_type_name = gguflib.LlamaFileType(file_type).name if file_type is not None else None
+    except ValueError:
+        file_type_name = f"unknown ({file_type})"
+    info = {"format": "gguf", "gguf_version": header.version, "architecture": arch,
+            "name": meta.get("general.name"), "file_type": file_type_name,
+            "tensor_types": dict(collections.Counter(t.type_name for t in header.tensors)),
+            "n_tensors": len(header.tensors),
+            "n_params": sum(infos[n].n_elements for n in names),
+            "file_bytes": header.file_size}
+    return Imported(cfg=cfg, params=params, tokenizer_source=("gguf", tokenizer), source=path,
+                    info=info)
