@@ -69,6 +69,7 @@ class SparkModel:
             [tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)])
         self.last_stats: dict[str, float] = {}  # timing of the latest generate/stream call
         self.train_seq_len: int | None = None  # sequence length it was trained at, if known
+        self.source_info: dict = {}  # where it was loaded from (kind, source file, format)
 
     @property
     def config(self) -> ModelConfig:
@@ -324,16 +325,30 @@ class SparkModel:
 
 def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,
          verify: bool = True) -> SparkModel:
-    """Load a checkpoint directory (default: the shipped one) onto the default device.
+    """Load a model onto the default device: a Spark checkpoint directory (default: the
+    shipped one), a GGUF file, a Hugging Face model directory, or the name of a fetched
+    model (`spark fetch --list`). What it is comes from the files, not from the name.
 
     capacity: KV-cache positions per sequence (prompt plus generated tokens); default the
-    model's max_seq_len (128K for every preset).
+    model's max_seq_len (128K for every preset; an imported model's own context).
     """
-    root = Path(path).expanduser() if path is not None else default_checkpoint()
-    if path is None and not root.exists():
-        raise checkpoint.CheckpointError(
-            f"no default checkpoint at {root}; pass a checkpoint directory "
-            "(spark_model.load(path)) or set SPARK_CHECKPOINT")
+    from spark_model.formats import detect, load as formats_load
+
+    if path is None:
+        root = default_checkpoint()
+        if not root.exists():
+            raise checkpoint.CheckpointError(
+                f"no default checkpoint at {root}; pass a model (spark_model.load(path)) "
+                "or set SPARK_CHECKPOINT")
+    else:
+        root = detect.resolve(path)
+    kind = detect.detect(root)
+    if kind != "checkpoint":
+        model, tokenizer, info = formats_load.load_imported(root, kind)
+        capacity = model.cfg.max_seq_len if capacity is None else capacity
+        out = SparkModel(model, tokenizer, root.absolute(), capacity=capacity)
+        out.source_info = info
+        return out
     _, model = checkpoint.load_params(root, verify_hashes=verify)
     try:
         tokenizer = load_tokenizer(root)
@@ -342,7 +357,11 @@ def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,
     capacity = model.cfg.max_seq_len if capacity is None else capacity
     out = SparkModel(model, tokenizer, root.absolute(), capacity=capacity)
     meta = json.loads((root / checkpoint.CONFIG_FILE).read_text())
-    train_info = (meta.get("extra") or {}).get("train") or {}
+    extra = meta.get("extra") or {}
+    train_info = extra.get("train") or {}
     if isinstance(train_info.get("train_seq_len"), int):
         out.train_seq_len = train_info["train_seq_len"]  # scoring windows match training
+    out.source_info = {"source": str(root.absolute()), "kind": "checkpoint",
+                       **({"imported_from": extra["imported_from"]}
+                          if isinstance(extra.get("imported_from"), dict) else {})}
     return out

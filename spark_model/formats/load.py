@@ -28,7 +28,9 @@ def tokenizer_of(imported) -> Any:
     kind, source = imported.tokenizer_source
     if kind == "gguf":
         return BPETokenizer.from_gguf_metadata(source)
-    return BPETokenizer.from_hf_dir(source)
+    # A Hugging Face model may have more embedding rows than tokens (Qwen2.5 pads its
+    # vocabulary); the tokenizer's id table is padded to match, extra ids decode to nothing.
+    return BPETokenizer.from_hf_dir(source, vocab_size=imported.cfg.vocab_size)
 
 
 def load_imported(path: Path, kind: str):
