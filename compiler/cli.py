@@ -3,8 +3,8 @@
     spark compile (--preset NAME | --checkpoint DIR) --target NAME [--context N]
                   [--wafers N] [--print-ir] [--verify] [--explain] [--report DIR] [--json]
 
-`--verify` runs the placed program on the checkpoint's weights and compares its logits with
-the model's own decode step (it needs real weights, so a checkpoint).
+`--verify` runs the placed program on the model's weights and compares its logits with
+the model's own decode step (it needs real weights: a checkpoint or an imported model).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from spark_model.config import PRESETS
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="a model preset (shapes only)")
-    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory")
+    src.add_argument("--checkpoint", "--model", dest="checkpoint", metavar="MODEL",
+                     help="a checkpoint directory, GGUF file, Hugging Face directory or "
+                          "fetched model name")
     p.add_argument("--target", default="wse3",
                    help="wse2, wse3 or grid:ROWSxCOLS[:MEM] such as grid:64x64:48KB "
                         "(default: wse3)")
@@ -55,7 +57,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"spark compile: error: --wafers must be >= 1, got {args.wafers}", file=sys.stderr)
         return 2
     model = None
-    if args.verify:  # load first: the plan is compiled from the very model it is checked on
+    imported = False  # a GGUF file or Hugging Face directory: its config comes with weights
+    if args.checkpoint:
+        from spark_model.formats import detect
+
+        try:
+            imported = detect.detect(detect.resolve(args.checkpoint)) != "checkpoint"
+        except (ValueError, OSError) as e:
+            print(f"spark compile: error: {e}", file=sys.stderr)
+            return 1
+    if args.verify or imported:
+        # Load first: the plan is compiled from the very model it is checked on.
         import spark_model
 
         model = spark_model.load(args.checkpoint)  # its engine's cache is never allocated
