@@ -63,6 +63,23 @@ def _default_seq_len(model_obj: Any) -> int:
     return min(DEFAULT_SEQ_LEN, max_len) if isinstance(max_len, int) else DEFAULT_SEQ_LEN
 
 
+def document_ids(tokenizer: Any, text: str) -> list[int]:
+    """A whole file as the model sees a document: its start, the text, its end.
+
+    The start is BOS for a model that has one, the end its EOS. A model without BOS
+    (SmolLM2, Qwen2) sees documents in a packed stream, each after the previous one's
+    end-of-text, so that id (the end id spelled <|endoftext|> when there is one, not a
+    chat model's end-of-turn) both starts and ends the file. Either way every token of the
+    text is predicted, and bits per byte count all of its bytes.
+    """
+    if getattr(tokenizer, "add_bos", True):
+        return list(tokenizer.encode(text, bos=True, eos=True))
+    ends = list(getattr(tokenizer, "end_ids", (tokenizer.eos_id,)))
+    named = [i for i in ends if tokenizer.decode([i]) == "<|endoftext|>"]
+    sep = (named or ends)[0]
+    return [sep] + list(tokenizer.encode(text)) + [sep]
+
+
 def _windows(tokens: Sequence[int], seq_len: int):
     """(inputs, targets) pairs covering every token after the first exactly once."""
     for start in range(0, len(tokens) - 1, seq_len):
@@ -142,7 +159,7 @@ def bits_per_byte(model_obj: Any, paths: Iterable[str | os.PathLike], *,
             if not text:
                 skipped.append(str(f))
                 continue
-            tokens = list(model_obj.tokenizer.encode(text, bos=True, eos=True))
+            tokens = document_ids(model_obj.tokenizer, text)
             used += 1
             total_bytes += len(text.encode("utf-8"))
             total_tokens += len(tokens) - 1

@@ -81,3 +81,15 @@ def test_what_is_not_a_model_is_named(tmp_path, monkeypatch):
         spark_model.load("smollm2-135m")
     with pytest.raises(FormatError, match="does not exist"):
         spark_model.load(tmp_path / "missing-model")
+
+
+def test_bits_per_byte_starts_a_bos_less_document_at_end_of_text(trained):  # noqa: F811
+    from spark_model.bpe import BPETokenizer
+
+    from eval.bpb import document_ids
+
+    tok = BPETokenizer.from_gguf_metadata(gguf_meta(trained))
+    assert not tok.add_bos
+    ids = document_ids(tok, "x = 1\n")
+    assert tok.decode(ids[:1]) == "<|endoftext|>" and tok.decode(ids[1:-1]) == "x = 1\n"
+    assert ids[-1] == ids[0]
