@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spark_model import chat as chat_format
 from spark_model import checkpoint, engine, generation, scoring, stops
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import KVCache, cache_length, init_cache
@@ -188,6 +189,24 @@ class SparkModel:
             top_p=top_p, seed=seed, stop=stop)
         texts = self._texts(self._run(req, prompt_bp, len_b, consts), req)
         return texts[0] if isinstance(prompts, str) else texts
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop: str | Sequence[str] | None = None) -> str:
+        """The assistant's reply to a conversation, written out by the tokenizer's chat
+        template (`spark_model.chat`): messages are {"role": "system" | "user" |
+        "assistant", "content": str}. Generation ends at any of the tokenizer's end ids
+        (which the reply leaves out), a stop string, or max_new_tokens.
+
+        Raises chat.NoChatTemplate when the tokenizer has no template, chat.ChatError for
+        a bad conversation and chat.ChatTemplateError for a broken or unsafe template
+        (all ValueErrors).
+        """
+        ids = chat_format.prompt_ids(self.tokenizer, messages)
+        req, prompt_bp, len_b, consts = self._prepare(
+            [""], ids=[ids], max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        return self._texts(self._run(req, prompt_bp, len_b, consts), req)[0]
 
     def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256,
                         *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
