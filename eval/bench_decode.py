@@ -100,7 +100,7 @@ def step_time_at(m: SparkModel, position: int, steps: int = 32, runs: int = 3) -
     m.drop_cache()  # make room: the synthetic cache replaces the model's own
     req = generation.check_request("", max_new_tokens=steps + 1, temperature=0.0, top_k=0,
                                    top_p=1.0, seed=0, stop=None)
-    consts = generation.constants(req, 1, m.token_table, eos_id=-1)
+    consts = generation.constants(req, 1, m.token_table, m.end_id_vector(ignore_eos=True))
     state = engine.DecodeState(
         cache=KVCache(k=tuple(fill[:cfg.n_layers]), v=tuple(fill[cfg.n_layers:])),
         tokens_bn=jnp.zeros((1, engine.bucket(steps + 1)), jnp.int32),

@@ -74,7 +74,9 @@ class ChatHumanEval:
         out = self.model.generate_tokens(ids, max_new_tokens, temperature=temperature,
                                          top_p=top_p, seed=seed)
         self.last_stats = dict(self.model.last_stats)
-        replies = [self.model.tokenizer.decode(row, errors="replace") for row in out]
+        # Without the end id that ended each reply (BPE tokenizers decode "<|im_end|>").
+        replies = [self.model.tokenizer.decode(self.model.text_ids(row), errors="replace")
+                   for row in out]
         return [completion_from(p, r) for p, r in zip(prompts, replies)]
 
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spark_model import chat as chat_format
 from spark_model import checkpoint, engine, generation, scoring, stops
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import KVCache, cache_length, init_cache
@@ -58,6 +59,10 @@ class SparkModel:
                 or not 2 <= capacity <= model.cfg.max_seq_len:
             raise ValueError(f"capacity must be an integer in [2, {model.cfg.max_seq_len}], "
                              f"got {capacity!r}")
+        try:  # refused here, before anything is compiled or allocated
+            self._end_vec = generation.end_id_vector(tokenizer.end_ids, model.cfg.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"tokenizer end_ids {tuple(tokenizer.end_ids)}: {e}") from None
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
@@ -74,6 +79,21 @@ class SparkModel:
     @property
     def config(self) -> ModelConfig:
         return self.model.cfg
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation (the tokenizer's `end_ids`)."""
+        return tuple(int(i) for i in self._end_vec if i >= 0)
+
+    def end_id_vector(self, ignore_eos: bool = False) -> np.ndarray:
+        """The engine's (MAX_END_IDS,) end ids, -1 padded; all -1 with ignore_eos."""
+        return generation.end_id_vector(()) if ignore_eos else self._end_vec.copy()
+
+    def text_ids(self, ids: Sequence[int]) -> list[int]:
+        """Generated ids as text shows them: without the end id that ended them (a
+        tokenizer may give special tokens a text form, such as "<|im_end|>")."""
+        ids = list(ids)
+        return ids[:-1] if ids and ids[-1] in self.end_ids else ids
 
     @property
     def graphdef(self):
@@ -134,8 +154,8 @@ class SparkModel:
                 f"prompt of {longest} tokens plus max_new_tokens={req.max_new_tokens} exceeds "
                 f"the KV-cache capacity of {room} tokens")
         prompt_bp, len_b = generation.pad_prompts(ids, self.tokenizer.pad_id)
-        eos = -1 if ignore_eos else self.tokenizer.eos_id  # -1 matches no token
-        consts = generation.constants(req, len(ids), self._token_table, eos)
+        consts = generation.constants(req, len(ids), self._token_table,
+                                      self.end_id_vector(ignore_eos))
         return req, jnp.asarray(prompt_bp), jnp.asarray(len_b), consts
 
     def _take_cache(self, batch: int) -> KVCache:
@@ -152,7 +172,7 @@ class SparkModel:
         out = []
         for row, n in zip(tokens, counts):
             cutter = generation.StopCutter(req.stop)
-            text = self.tokenizer.decode(row[:n], errors="replace")
+            text = self.tokenizer.decode(self.text_ids(row[:n].tolist()), errors="replace")
             out.append(cutter.push(text) + cutter.finish())
         return out
 
@@ -170,12 +190,31 @@ class SparkModel:
         texts = self._texts(self._run(req, prompt_bp, len_b, consts), req)
         return texts[0] if isinstance(prompts, str) else texts
 
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop: str | Sequence[str] | None = None) -> str:
+        """The assistant's reply to a conversation, written out by the tokenizer's chat
+        template (`spark_model.chat`): messages are {"role": "system" | "user" |
+        "assistant", "content": str}. Generation ends at any of the tokenizer's end ids
+        (which the reply leaves out), a stop string, or max_new_tokens.
+
+        Raises chat.NoChatTemplate when the tokenizer has no template, chat.ChatError for
+        a bad conversation and chat.ChatTemplateError for a broken or unsafe template
+        (all ValueErrors).
+        """
+        ids = chat_format.prompt_ids(self.tokenizer, messages)
+        req, prompt_bp, len_b, consts = self._prepare(
+            [""], ids=[ids], max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        return self._texts(self._run(req, prompt_bp, len_b, consts), req)[0]
+
     def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256,
                         *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                         seed: int = 0, ignore_eos: bool = False) -> list[list[int]]:
         """Token-level generation: prompt ids (BOS included by the caller) -> new ids.
 
-        ignore_eos keeps generating past EOS, for benchmarks that need exact lengths.
+        The ids include the end id that ended a row, if one did. ignore_eos keeps
+        generating past every end id, for benchmarks that need exact lengths.
         """
         ids = [[int(t) for t in row] for row in prompt_ids]
         if not ids or any(not row for row in ids):
@@ -295,7 +334,7 @@ class SparkModel:
             while True:
                 tokens, count, done = jax.device_get(
                     (state.tokens_bn[0], state.count_b[0], state.done_b[0]))
-                text = cutter.push(decoder.feed(tokens[sent:count].tolist()))
+                text = cutter.push(decoder.feed(self.text_ids(tokens[sent:count].tolist())))
                 sent = int(count)
                 if text:
                     ttft = time.perf_counter() - t0 if ttft is None else ttft

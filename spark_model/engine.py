@@ -24,6 +24,10 @@ from spark_model.sampling import SamplingParams, sample
 from spark_model.transformer import Transformer
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill iteration (the largest chunk shape)
+# Ids that end a sequence, per call (or per slot): a fixed width E, so one compiled program
+# serves a tokenizer with one end id and one with several (SmolLM2 ends on <|im_end|> and
+# <|endoftext|>, Llama 3 on three ids). Unused entries hold -1, which matches no token.
+MAX_END_IDS = 4
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -40,7 +44,7 @@ class Constants:
     token_bytes_vw: jax.Array  # (V, W) int16 bytes of each token, for stop matching
     token_len_v: jax.Array  # (V,) int32
     max_new: jax.Array  # () int32: tokens to generate at most, per sequence
-    eos_id: jax.Array  # () int32
+    end_ids: jax.Array  # (E,) int32, or (B, E) per row; -1 entries match no token
 
 
 @struct.dataclass
@@ -52,7 +56,7 @@ class DecodeState:
     count_b: jax.Array  # (B,) tokens generated so far
     last_b: jax.Array  # (B,) the latest generated token, fed to the next step
     position_b: jax.Array  # (B,) position of last_b in its sequence
-    done_b: jax.Array  # (B,) finished: EOS, a stop string or max_new reached
+    done_b: jax.Array  # (B,) finished: an end id, a stop string or max_new reached
     tail_bm: jax.Array  # (B, M) last bytes generated, for stop strings
     step: jax.Array  # () steps taken; seeds each step's random draw
 
@@ -67,7 +71,7 @@ def _emit(state: DecodeState, token_b: jax.Array, c: Constants) -> DecodeState:
                                    c.stop_spec)
     count = state.count_b + active
     done = state.done_b | (active & (
-        (token_b == c.eos_id)  # the model ended the text
+        jnp.any(token_b[:, None] == c.end_ids, axis=-1)  # the model ended the text
         | hit_stop  # a stop string ended inside this token
         | (count >= c.max_new)))  # the caller's budget is spent
     return state.replace(

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spark_model import stops
-from spark_model.engine import Constants, bucket
+from spark_model.engine import MAX_END_IDS, Constants, bucket
 from spark_model.sampling import SamplingParams
 
 
@@ -85,8 +85,30 @@ def pad_prompts(ids: list[list[int]], pad_id: int, minimum: int = 16
     return out, lengths
 
 
+def end_id_vector(end_ids: Sequence[int], vocab_size: int | None = None) -> np.ndarray:
+    """The engine's (MAX_END_IDS,) int32 end-id vector: the ids, then -1 (matches no token).
+
+    An empty sequence gives all -1: generation runs to its budget (`ignore_eos`). More ids
+    than MAX_END_IDS, or ids that are not token ids, are refused here rather than silently
+    dropped (a dropped id would let generation run past the end of the text).
+    """
+    ids = tuple(end_ids)
+    if len(ids) > MAX_END_IDS:
+        raise ValueError(f"{len(ids)} end ids {ids}: the decode engine takes at most "
+                         f"{MAX_END_IDS} (engine.MAX_END_IDS)")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 \
+                or (vocab_size is not None and i >= vocab_size):
+            span = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(f"end id {i!r} is not a token id {span}")
+    out = np.full((MAX_END_IDS,), -1, np.int32)
+    out[:len(ids)] = ids
+    return out
+
+
 def constants(req: Request, batch: int, token_table: tuple[np.ndarray, np.ndarray],
-              eos_id: int) -> Constants:
+              end_ids: np.ndarray) -> Constants:
+    """The engine's per-call inputs; end_ids is an `end_id_vector` (shape (MAX_END_IDS,))."""
     table, lengths = token_table
     return Constants(
         sampling=SamplingParams.make(batch, req.temperature, req.top_k, req.top_p,
@@ -94,7 +116,7 @@ def constants(req: Request, batch: int, token_table: tuple[np.ndarray, np.ndarra
         stop_spec=stops.StopSpec.make(list(req.stop), stops.stop_width(list(req.stop))),
         token_bytes_vw=jnp.asarray(table), token_len_v=jnp.asarray(lengths),
         max_new=jnp.asarray(req.max_new_tokens, jnp.int32),
-        eos_id=jnp.asarray(eos_id, jnp.int32))
+        end_ids=jnp.asarray(end_ids, jnp.int32))
 
 
 class StopCutter:

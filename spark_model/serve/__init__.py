@@ -5,7 +5,8 @@ decode engine.
     scheduler.py  the engine thread: bounded queue, admission, retirement, cancellation
     protocol.py   request validation and OpenAI-shaped errors
     bridge.py     asyncio <-> engine thread
-    http_api.py   /v1/completions (with server-sent events), /v1/models, /health
+    http_api.py   /v1/completions and /v1/chat/completions (with server-sent events),
+                  /v1/models, /health
     websocket.py  /v1/ws: many overlapping requests on one connection
     app.py        the Starlette app; server.py runs it with uvicorn (`spark serve`)
 """

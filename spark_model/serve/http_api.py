@@ -1,5 +1,5 @@
-"""OpenAI-compatible HTTP routes: /v1/completions (plain or server-sent events),
-/v1/models, /health."""
+"""OpenAI-compatible HTTP routes: /v1/completions and /v1/chat/completions (plain or
+server-sent events), /v1/models, /health."""
 
 from __future__ import annotations
 
@@ -45,12 +45,41 @@ async def completions(request: Request):
     st = _state(request)
     body = protocol.parse_json(await request.body())
     job = protocol.parse_completion(body, st.limits, protocol.HTTP_FIELDS)
-    submitted = Submitted(st.engine, job)  # 429 here if the queue is full
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
             "created": int(time.time()), "model": st.limits.model_id}
+    return await _answer(st, body, job, head, _text_chunk,
+                         lambda text, reason: {"text": text, "index": 0, "logprobs": None,
+                                               "finish_reason": reason})
+
+
+async def chat_completions(request: Request):
+    """OpenAI's chat completions: the messages rendered by the model's chat template
+    (`spark_model.chat`), then the same engine path as /v1/completions."""
+    st = _state(request)
+    body = protocol.parse_json(await request.body())
+    job = protocol.parse_chat(body, st.limits)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": st.limits.model_id}
+    if body.get("stream"):
+        head["object"] = "chat.completion.chunk"
+        opening = {**head, "choices": [{"index": 0, "logprobs": None, "finish_reason": None,
+                                        "delta": {"role": "assistant", "content": ""}}]}
+        return await _answer(st, body, job, head, _chat_chunk, None, opening)
+    head["object"] = "chat.completion"
+    return await _answer(st, body, job, head, _chat_chunk, lambda text, reason: {
+        "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        "finish_reason": reason})
+
+
+async def _answer(st, body: dict, job, head: dict, chunk, choice, opening: dict | None = None):
+    """Submit the job (429 if the queue is full), then answer as server-sent events when
+    the request asks to stream (`chunk(head, text, finish_reason)` formats each, `opening`
+    goes first), or as one JSON object whose one choice is `choice(text, finish_reason)`."""
+    submitted = Submitted(st.engine, job)
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_sse(submitted, head, usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(submitted, head, usage, chunk, opening),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     parts, final = [], None
     try:
@@ -63,19 +92,26 @@ async def completions(request: Request):
                 final = event
     finally:
         submitted.close()
-    choice = {"text": "".join(parts), "index": 0, "logprobs": None,
-              "finish_reason": final["finish_reason"]}
-    return JSONResponse({**head, "choices": [choice], "usage": final["usage"]},
+    return JSONResponse({**head, "choices": [choice("".join(parts), final["finish_reason"])],
+                         "usage": final["usage"]},
                         headers={"x-spark-engine-ms": f"{final['engine_ms']:.3f}",
                                  "x-spark-ttft-ms": f"{final['ttft_ms']:.3f}"})
 
 
-def _chunk(head: dict, text: str, finish_reason: str | None) -> dict:
-    return {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+def _text_chunk(head: dict, text: str | None, finish_reason: str | None) -> dict:
+    return {**head, "choices": [{"text": text or "", "index": 0, "logprobs": None,
                                  "finish_reason": finish_reason}]}
 
 
-async def _sse(submitted: Submitted, head: dict, include_usage: bool):
+def _chat_chunk(head: dict, text: str | None, finish_reason: str | None) -> dict:
+    """A chat chunk: new text as `delta.content`; the last chunk's delta is empty."""
+    delta = {} if text is None else {"content": text}
+    return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                 "finish_reason": finish_reason}]}
+
+
+async def _sse(submitted: Submitted, head: dict, include_usage: bool, chunk,
+               opening: dict | None = None):
     """Server-sent events as OpenAI streams them: one `data:` line per chunk, then
     `data: [DONE]`. If the client disconnects, Starlette cancels this generator and the
     `finally` frees the slot."""
@@ -83,14 +119,16 @@ async def _sse(submitted: Submitted, head: dict, include_usage: bool):
         return f"data: {json.dumps(obj)}\n\n"
 
     try:
+        if opening is not None:
+            yield line(opening)
         async for event in submitted.events():
             if event["type"] == "delta":
-                yield line(_chunk(head, event["text"], None))
+                yield line(chunk(head, event["text"], None))
             elif event["type"] == "error":
                 yield line(protocol.internal(event["message"]).body())
                 return
             else:
-                yield line({**_chunk(head, "", event["finish_reason"]),
+                yield line({**chunk(head, None, event["finish_reason"]),
                             "spark": {"ttft_ms": event["ttft_ms"],
                                       "engine_ms": event["engine_ms"]}})
                 if include_usage:

@@ -14,6 +14,7 @@ import math
 import secrets
 from typing import Any
 
+from spark_model import chat
 from spark_model.serve.scheduler import Job
 from spark_model.serve.slots import STOP_WIDTH
 
@@ -26,6 +27,9 @@ COMMON_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k
                  "seed", "ignore_eos"}
 HTTP_FIELDS = COMMON_FIELDS | {"stream", "stream_options", "n", "user"}
 WS_FIELDS = COMMON_FIELDS | {"type", "id"}
+# /v1/chat/completions: `messages` in place of `prompt`; `top_k` is the one extension.
+CHAT_FIELDS = {"model", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop",
+               "seed", "stream", "stream_options", "n", "user"}
 
 
 class APIError(Exception):
@@ -91,8 +95,8 @@ class Limits:
         self.model_id, self.tokenizer, self.capacity = model_id, tokenizer, capacity
 
 
-def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
-    """Check a completion request and turn it into an engine Job (sink not yet set)."""
+def _check_head(body: Any, limits: Limits, allowed: set[str]) -> None:
+    """A JSON object of known fields, naming this server's model if it names one."""
     if not isinstance(body, dict):
         raise bad(f"the request must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - allowed)
@@ -103,15 +107,15 @@ def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
     if model is not None and model != limits.model_id:
         raise APIError(404, f"the model {model!r} does not exist; this server serves "
                             f"{limits.model_id!r}", param="model", code="model_not_found")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # the one-element list OpenAI clients may send
-    if not isinstance(prompt, str):
-        raise bad("'prompt' must be a string (or a list of one string)", "prompt")
-    max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
+
+
+def _settings(body: dict, default_max_tokens: int | None) -> dict:
+    """The sampling, stop and streaming fields both endpoints share, checked; the Job's
+    keyword arguments (max_tokens None: the caller fills in its default)."""
+    max_tokens = body.get("max_tokens")
     if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
-    if not _is_int(max_tokens) or max_tokens < 1:
+        max_tokens = default_max_tokens
+    elif not _is_int(max_tokens) or max_tokens < 1:
         raise bad(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}", "max_tokens")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
@@ -129,9 +133,6 @@ def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
             isinstance(s, str) and 0 < len(s.encode("utf-8")) <= STOP_WIDTH for s in stop):
         raise bad(f"'stop' must be a string or a list of at most {MAX_STOPS} strings of "
                   f"1 to {STOP_WIDTH} UTF-8 bytes", "stop")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise bad("'ignore_eos' must be true or false", "ignore_eos")
     n = body.get("n", 1)
     if n is not None and n != 1:
         raise bad("only n=1 is supported", "n")
@@ -141,6 +142,29 @@ def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
     if options is not None and (not isinstance(options, dict)
                                 or set(options) - {"include_usage"}):
         raise bad("'stream_options' may only hold 'include_usage'", "stream_options")
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                seed=seed, stop=tuple(stop))
+
+
+def _check_fits(ids: list[int], max_tokens: int, limits: Limits, param: str) -> None:
+    if len(ids) + max_tokens > limits.capacity:
+        raise bad(f"the prompt is {len(ids)} tokens and max_tokens is {max_tokens}: "
+                  f"together over the capacity of {limits.capacity} tokens",
+                  param, "context_length_exceeded")
+
+
+def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
+    """Check a completion request and turn it into an engine Job (sink not yet set)."""
+    _check_head(body, limits, allowed)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # the one-element list OpenAI clients may send
+    if not isinstance(prompt, str):
+        raise bad("'prompt' must be a string (or a list of one string)", "prompt")
+    settings = _settings(body, DEFAULT_MAX_TOKENS)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("'ignore_eos' must be true or false", "ignore_eos")
     try:
         ids = limits.tokenizer.encode(prompt, bos=True)
     except Exception as e:  # e.g. a lone surrogate from a JSON "\ud800" escape
@@ -148,9 +172,36 @@ def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
     if not ids:
         raise bad("the prompt is empty and this model adds no BOS token: give at least "
                   "one character", "prompt")
-    if len(ids) + max_tokens > limits.capacity:
-        raise bad(f"the prompt is {len(ids)} tokens and max_tokens is {max_tokens}: "
-                  f"together over the capacity of {limits.capacity} tokens",
-                  "prompt", "context_length_exceeded")
-    return Job(ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-               top_k=top_k, seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
+    _check_fits(ids, settings["max_tokens"], limits, "prompt")
+    return Job(ids=ids, ignore_eos=ignore_eos, **settings)
+
+
+def parse_chat(body: Any, limits: Limits) -> Job:
+    """Check a chat completion request, render its messages with the model's chat
+    template (`spark_model.chat`) and turn it into an engine Job.
+
+    400 for bad messages, a model without a template, or a conversation the template
+    refuses (its `raise_exception`); 500 (`chat_template_error`) when the template itself
+    is broken or tries what the sandbox forbids. max_tokens defaults to all the room the
+    capacity leaves after the prompt (OpenAI's chat default: up to the context length).
+    """
+    _check_head(body, limits, CHAT_FIELDS)
+    if "messages" not in body:
+        raise bad("'messages' is required: a non-empty list of {role, content}", "messages")
+    settings = _settings(body, None)
+    try:
+        ids = chat.prompt_ids(limits.tokenizer, body["messages"])
+    except chat.NoChatTemplate as e:
+        raise bad(str(e), "messages", "no_chat_template")
+    except chat.ChatTemplateError as e:
+        raise APIError(500, str(e), type="server_error", code="chat_template_error")
+    except chat.ChatError as e:
+        raise bad(str(e), "messages")
+    except Exception as e:  # the tokenizer refused the text (a lone surrogate, ...)
+        raise bad(f"cannot tokenize the conversation: {e}", "messages")
+    if not ids:
+        raise bad("the chat template rendered this conversation as no tokens", "messages")
+    if settings["max_tokens"] is None:
+        settings["max_tokens"] = max(1, limits.capacity - len(ids))
+    _check_fits(ids, settings["max_tokens"], limits, "messages")
+    return Job(ids=ids, **settings)

@@ -84,17 +84,20 @@ class Job:
 class _Live:
     """Host-side text state of a job in a slot: incremental decoding and stop cutting."""
 
-    def __init__(self, job: Job, tokenizer):
+    def __init__(self, job: Job, model: SparkModel):
         self.job = job
-        self.decoder = tokenizer.stream_decoder()
+        self.decoder = model.tokenizer.stream_decoder()
         self.cutter = generation.StopCutter(job.stop)
+        self.end_ids = () if job.ignore_eos else model.end_ids
 
     def feed(self, tokens: list[int]) -> str:
-        """Take new tokens; return the text that may be shown now."""
+        """Take new tokens; return the text that may be shown now (an end id that ends
+        the request counts as a token but shows no text)."""
         job = self.job
         job.count += len(tokens)
         job.last_token = tokens[-1] if tokens else job.last_token
-        text = self.cutter.push(self.decoder.feed(tokens))
+        text = self.cutter.push(self.decoder.feed(
+            [t for t in tokens if t not in self.end_ids]))
         if text and job.t_first is None:
             job.t_first = time.perf_counter()
         return text
@@ -116,9 +119,8 @@ class Engine:
         self.refill_window_s = refill_window_s
         self._freed_at = [-math.inf] * max_batch  # when each slot last became free
         self.widths = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
-        self._eos = model.tokenizer.eos_id
         self._slots = slots_mod.init_slots(model.config, max_batch, model.capacity,
-                                           model.token_table, self._eos)
+                                           model.token_table, model.end_id_vector())
         self._live: list[_Live | None] = [None] * max_batch
         self._pending: collections.deque[Job] = collections.deque()
         self._outbox: list[tuple[Job, dict]] = []  # events not yet handed to their sinks
@@ -196,7 +198,7 @@ class Engine:
                 for slot in range(self.max_batch):  # lowest free slot first
                     if self._live[slot] is None and self._pending:
                         admits.append((slot, self._pending.popleft()))
-                        self._live[slot] = _Live(admits[-1][1], self.model.tokenizer)
+                        self._live[slot] = _Live(admits[-1][1], self.model)
             try:
                 for slot, job in admits:
                     if job.cancelled:
@@ -256,7 +258,7 @@ class Engine:
         t0 = time.perf_counter()
         rows = [slots_mod.RowSettings.make(
             job.temperature, job.top_k, job.top_p, job.seed, list(job.stop), job.max_tokens,
-            -1 if job.ignore_eos else self._eos) for _, job in group]
+            m.end_id_vector(job.ignore_eos)) for _, job in group]
         slot_n = np.array([s for s, _ in group], np.int32)
         len_n = np.array([len(job.ids) for _, job in group], np.int32)
         if self._packs(int(len_n.sum())):
@@ -354,7 +356,7 @@ class Engine:
                 if job.t_first is None:
                     job.t_first = time.perf_counter()
                 self._post(job, {"type": "delta", "text": tail})
-            hit_eos = not job.ignore_eos and job.last_token == self._eos
+            hit_eos = job.last_token in live.end_ids
             reason = "stop" if (live.cutter.stopped or hit_eos
                                 or job.count < job.max_tokens) else "length"
         now = time.perf_counter()
@@ -377,4 +379,4 @@ class Engine:
         if not self._closing:
             m = self.model
             self._slots = slots_mod.init_slots(m.config, self.max_batch, m.capacity,
-                                               m.token_table, self._eos)
+                                               m.token_table, m.end_id_vector())

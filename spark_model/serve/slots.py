@@ -43,12 +43,13 @@ class RowSettings:
     sampling: SamplingParams
     stop_spec: stops.StopSpec  # bytes (n, MAX_STOPS, STOP_WIDTH), lengths (n, MAX_STOPS)
     max_new: jax.Array  # (n,) int32
-    eos_id: jax.Array  # (n,) int32; -1 (matches no token) to generate past the end of text
+    end_ids: jax.Array  # (n, E) int32 end ids; -1 entries (all, to ignore them) match none
 
     @classmethod
     def make(cls, temperature: float, top_k: int, top_p: float, seed: int,
-             stop: list[str], max_new: int, eos_id: int) -> "RowSettings":
-        """One request's settings (n = 1), as host arrays."""
+             stop: list[str], max_new: int, end_ids: np.ndarray) -> "RowSettings":
+        """One request's settings (n = 1), as host arrays; end_ids is a
+        `generation.end_id_vector` (E,)."""
         stop_rows, stop_lengths = stops.StopSpec.host_arrays(stop, STOP_WIDTH)
         return cls(
             sampling=SamplingParams(temperature=np.array([temperature], np.float32),
@@ -56,7 +57,8 @@ class RowSettings:
                                     top_p=np.array([top_p], np.float32),
                                     seed=np.array([seed], np.uint32)),
             stop_spec=stops.StopSpec(stop_rows[None], stop_lengths[None]),
-            max_new=np.array([max_new], np.int32), eos_id=np.array([eos_id], np.int32))
+            max_new=np.array([max_new], np.int32),
+            end_ids=np.asarray(end_ids, np.int32)[None])
 
     @staticmethod
     def stack(rows: list["RowSettings"]) -> "RowSettings":
@@ -65,10 +67,10 @@ class RowSettings:
     def to_constants(self, shared: Constants) -> Constants:
         """These per-row settings in a Constants whose token tables come from `shared`."""
         return shared.replace(sampling=self.sampling, stop_spec=self.stop_spec,
-                              max_new=self.max_new, eos_id=self.eos_id)
+                              max_new=self.max_new, end_ids=self.end_ids)
 
 
-_PER_ROW = ("sampling", "stop_spec", "max_new", "eos_id")  # Constants fields set per slot
+_PER_ROW = ("sampling", "stop_spec", "max_new", "end_ids")  # Constants fields set per slot
 
 
 def _rows(c: Constants, f) -> Constants:
@@ -86,16 +88,16 @@ class Slots:
 
 
 def init_slots(cfg, batch: int, capacity: int, token_table: tuple[np.ndarray, np.ndarray],
-               eos_id: int) -> Slots:
+               end_ids: np.ndarray) -> Slots:
     """All slots free (done). Committed to the default device, like the engine's outputs,
     so the first call and later ones hit the same compiled programs."""
     dev = jax.devices()[0]
     put = functools.partial(jax.device_put, device=dev)
     table, lengths = token_table
     shared = Constants(sampling=None, stop_spec=None, token_bytes_vw=jnp.asarray(table),
-                       token_len_v=jnp.asarray(lengths), max_new=None, eos_id=None)
+                       token_len_v=jnp.asarray(lengths), max_new=None, end_ids=None)
     empty = jax.tree.map(jnp.asarray,
-                         RowSettings.make(0.0, 0, 1.0, 0, [], 1, eos_id).to_constants(shared))
+                         RowSettings.make(0.0, 0, 1.0, 0, [], 1, end_ids).to_constants(shared))
     consts = _rows(empty, lambda x: jnp.repeat(x, batch, axis=0))
     state = DecodeState(
         cache=init_cache(cfg, batch, capacity, dev),
