@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {  # public name -> the module that defines it
     "SparkModel": "api", "default_checkpoint": "api", "load": "api",
-    "CheckpointError": "checkpoint",
+    "CheckpointError": "checkpoint", "FormatError": "formats.mapping",
     "PRESETS": "config", "ConfigError": "config", "ModelConfig": "config",
     "RopeScaling": "config",
     "Tokenizer": "tokenizer", "TokenizerError": "tokenizer", "train_tokenizer": "tokenizer",
@@ -40,6 +40,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from spark_model.api import SparkModel, default_checkpoint, load
     from spark_model.checkpoint import CheckpointError
+    from spark_model.formats.mapping import FormatError
     from spark_model.config import PRESETS, ConfigError, ModelConfig, RopeScaling
     from spark_model.bpe import BPETokenizer
     from spark_model.tokenizer import Tokenizer, TokenizerError, train_tokenizer

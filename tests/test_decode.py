@@ -222,6 +222,6 @@ def test_bad_prompts_and_paths(lm, tmp_path):
         lm.generate(["ok", 3])
     with pytest.raises(TypeError):
         lm.generate([])
-    with pytest.raises(spark_model.CheckpointError, match="does not exist"):
+    with pytest.raises(spark_model.FormatError, match="does not exist"):
         spark_model.load(tmp_path / "no-such-checkpoint")
     assert isinstance(lm.generate("", max_new_tokens=3), str)  # empty prompt: starts at BOS
