@@ -843,6 +843,9 @@ def greedy_ids(text: str, tokens: list[str]) -> list[int]:
 @pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"no SmolLM2 GGUF at {SMOLLM2} "
                     "(set SPARK_SMOLLM2_GGUF)")
 def test_smollm2_gguf_matches_reference_and_predicts_code():
+    from spark_model.bpe import BPETokenizer
+    from train.corpus import validation_files
+
     start = time.perf_counter()
     imp = gg.read_gguf(SMOLLM2)
     seconds = time.perf_counter() - start
@@ -851,17 +854,21 @@ def test_smollm2_gguf_matches_reference_and_predicts_code():
             cfg.vocab_size) == (30, 576, 9, 3, 64, 1536, 49152)
     assert cfg.tie_embeddings and not cfg.attn_bias and cfg.rope_scaling is None
     assert cfg.rope_theta == 100_000.0 and cfg.max_seq_len == 8192
-    tokens = imp.tokenizer_source[1]["tokenizer.ggml.tokens"]
-    ids = np.array(greedy_ids(CODE, tokens)[:64])
-    assert len(ids) == 64
+    # 1,024 tokens of held-out standard-library code through the file's own tokenizer.
+    tok = BPETokenizer.from_gguf_metadata(imp.tokenizer_source[1])
+    text = max(sorted(validation_files()), key=lambda f: f.stat().st_size).read_text("utf-8")
+    ids = np.array(tok.encode(text)[:1024])
+    assert len(ids) == 1024
     model = model_from_flat(cfg, imp.params)
     ours = np.asarray(full_logits(model, jnp.asarray(ids[None])))[0]
     ref = reference_forward(imp.params, cfg, ids)
     diff = float(np.abs(ours - ref).max())
-    # The next-token argmax of a working code model follows simple Python most of the
-    # time; q/k rows left in llama.cpp's order (measured: 0.32 against 0.78) would fail.
+    # The next-token argmax of a working code model often follows real Python; with q/k
+    # rows left in llama.cpp's order it rarely does (measured on these 1,024 tokens: 0.42
+    # against 0.11).
     hits = float(np.mean(ref[:-1].argmax(-1) == ids[1:]))
     print(f"\nSmolLM2 GGUF: read in {seconds:.1f} s; max |logit diff| vs float64 reference "
-          f"{diff:.2e} (logit range {np.abs(ref).max():.1f}); next-token top-1 {hits:.2f}")
-    assert diff < 2e-2 * max(1.0, float(np.abs(ref).max()) / 10)
-    assert hits > 0.6
+          f"{diff:.2e} over 1,024 positions (logit range {np.abs(ref).max():.1f}); "
+          f"next-token top-1 {hits:.2f}")
+    assert diff < 1e-3 * max(1.0, float(np.abs(ref).max()))
+    assert hits > 0.3
