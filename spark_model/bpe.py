@@ -19,6 +19,10 @@ needs (BOS/end ids, chat template, special-token control) and decodes on its own
 * Dummy prefix. Tokenizers that put a space before the text (SentencePiece's dummy
   prefix, ByteLevel add_prefix_space) keep doing so, as the model was trained that way;
   `prefix_space` says so, and then `decode(encode(x)) == " " + x` for non-empty x.
+
+The id -> bytes rules live in `bpe_bytes` and the pre-tokenizers GGUF names in
+`bpe_pretokenizers`; their public names (`byte_to_unicode`, `PRE_TOKENIZERS`,
+`BYTE_LEVEL`, `METASPACE`) stay importable from here.
 """
 
 from __future__ import annotations
@@ -26,19 +30,19 @@ from __future__ import annotations
 import json
 import operator
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as _LibTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models
 
+from spark_model.bpe_bytes import (  # noqa: F401 - byte_to_unicode re-exported
+    BYTE_LEVEL, META, METASPACE, byte_to_unicode, id_tables, unencodable_bytes)
+from spark_model.bpe_pretokenizers import _PRE, PRE_TOKENIZERS, build_pre_tokenizer
 from spark_model.tokenizer import StreamDecoder, TokenizerError
 
-BYTE_LEVEL, METASPACE = "byte_level", "metaspace"
-META = "\u2581"  # SentencePiece's whitespace marker "▁"
 TOKENIZER_JSON = "tokenizer.json"  # the library's own JSON, as Hugging Face ships it
 META_JSON = "tokenizer_meta.json"  # Spark's ids, flags and chat template
 META_FORMAT = "spark-bpe-tokenizer"
@@ -53,68 +57,6 @@ END_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</
 
 # Checked on construction: any tokenizer whose normalisation changes this text is refused.
 _PROBE = "  X\u00a0=\t'\uff46\u00e9'  \r\n\n    y\u200d\U0001f600 0123456789 <|x|> \\ \u4e2d "
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters.
-
-    Bytes that are printable Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
-    themselves; the other 68 take the characters U+0100, U+0101, ... in byte order.
-    """
-    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    out = {b: chr(b) for b in keep}
-    extra = 0x100
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(extra)
-            extra += 1
-    return out
-
-
-_B2U = byte_to_unicode()
-_U2B = {c: b for b, c in _B2U.items()}
-
-# ---- pre-tokenizers by GGUF name (tokenizer.ggml.pre) ------------------------------------
-# The split rules are the models' own (from their tokenizer.json files); GGUF names them.
-_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
-_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
-
-
-def _isolate(*patterns: str) -> list[pre_tokenizers.PreTokenizer]:
-    return [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in patterns]
-
-
-def _bytes_only() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-
-
-def _gpt2_split() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-def _digits() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Digits(individual_digits=True)
-
-
-# name -> (pre-tokenizer steps, ignore_merges, whether BOS is added when GGUF does not say)
-_PRE: dict[str, tuple[Any, bool, bool]] = {
-    "gpt2": (lambda: [_gpt2_split()], False, False),
-    # SmolLM2, StarCoder: every digit alone, then GPT-2's split on the rest.
-    "smollm": (lambda: [_digits(), _gpt2_split()], False, False),
-    "starcoder": (lambda: [_digits(), _gpt2_split()], False, False),
-    # Llama 3: whole vocabulary words win over merges.
-    "llama-bpe": (lambda: [*_isolate(_LLAMA3_RE), _bytes_only()], True, True),
-    "qwen2": (lambda: [*_isolate(_QWEN2_RE), _bytes_only()], False, False),
-    "deepseek-coder": (lambda: [*_isolate("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK),
-                                _digits(), _bytes_only()], False, False),
-    # Older GGUF files: punctuation runs, GPT-2's split, number runs, then 3-digit groups.
-    "default": (lambda: [*_isolate(r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+",
-                                   "[0-9][0-9][0-9]"), _bytes_only()], False, False),
-}
-PRE_TOKENIZERS = tuple(sorted(_PRE))
 
 
 def _index(value: Any, what: str) -> int:
@@ -169,14 +111,7 @@ class BPETokenizer:
             size = vocab_size
         if size == 0:
             raise TokenizerError(f"{source}: the vocabulary is empty")
-        table = [b""] * size
-        names = [""] * size
-        for piece, i in pieces.items():
-            table[i], names[i] = self._piece_bytes(piece), piece
-        for i, tok in added.items():
-            table[i], names[i] = tok.content.encode("utf-8"), tok.content
-        self._table = table
-        self._names = names
+        self._table, self._names = id_tables(kind, pieces, added, size)
         self.special_ids = tuple(sorted(i for i, t in added.items() if t.special))
         self._special_text = {added[i].content: i for i in self.special_ids}
         for what, i in (("bos_id", bos_id), ("pad_id", pad_id),
@@ -198,7 +133,7 @@ class BPETokenizer:
         self._lib.encode_special_tokens = True
         self._lib_special = _LibTokenizer.from_str(tokenizer.to_str())
         self._lib_special.encode_special_tokens = False
-        self._unencodable = self._missing_bytes(pieces)
+        self._unencodable = unencodable_bytes(kind, pieces, source)
         self._meta_ids: list[int] | None = None
         if kind == METASPACE:
             self._meta_ids = [pieces[f"<0x{b:02X}>"] for b in META.encode("utf-8")]
@@ -211,33 +146,6 @@ class BPETokenizer:
         self._probe()
 
     # ---- construction helpers --------------------------------------------------------
-
-    def _piece_bytes(self, piece: str) -> bytes:
-        if self.kind == BYTE_LEVEL:
-            try:
-                return bytes([_U2B[c] for c in piece])
-            except KeyError:  # not a byte-level piece (a stray added word): its text
-                return piece.encode("utf-8")
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            try:
-                return bytes([int(piece[3:5], 16)])
-            except ValueError:
-                pass
-        return piece.replace(META, " ").encode("utf-8")
-
-    def _missing_bytes(self, pieces: Mapping[str, int]) -> re.Pattern[bytes] | None:
-        """A pattern over UTF-8 text finding bytes this vocabulary cannot encode."""
-        if self.kind == BYTE_LEVEL:
-            missing = [b for b in range(256) if _B2U[b] not in pieces]
-        else:
-            missing = [b for b in range(256) if f"<0x{b:02X}>" not in pieces]
-            if missing:
-                raise TokenizerError(
-                    f"{self._source}: the byte-fallback vocabulary lacks {len(missing)} of "
-                    f"the 256 byte pieces (first <0x{missing[0]:02X}>); text could be lost")
-        if not missing:
-            return None
-        return re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in missing) + b"]")
 
     def _probe(self) -> None:
         probe = "".join(c for c in _PROBE if not (
@@ -509,7 +417,7 @@ class BPETokenizer:
             return i
 
         eos = opt_id("tokenizer.ggml.eos_token_id")
-        steps, ignore_merges, bos_default = _PRE[pre]
+        pre_tokenizer, ignore_merges, bos_default = build_pre_tokenizer(pre)
         add_bos = meta.get("tokenizer.ggml.add_bos_token", bos_default)
         if not isinstance(add_bos, bool):
             raise TokenizerError(f"{source}: tokenizer.ggml.add_bos_token must be a bool, "
@@ -519,7 +427,7 @@ class BPETokenizer:
             raise TokenizerError(f"{source}: tokenizer.chat_template must be a string")
 
         lib = _LibTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
-        lib.pre_tokenizer = pre_tokenizers.Sequence(steps())
+        lib.pre_tokenizer = pre_tokenizer
         lib.decoder = decoders.ByteLevel()
         special = [AddedToken(tokens[i], special=True, normalized=False)
                    for i, t in enumerate(types) if t == CONTROL]
