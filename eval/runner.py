@@ -128,7 +128,9 @@ def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
     problems = load_problems() if {"humaneval", "infill"} & set(tasks) else {}
     if {"humaneval", "infill"} & set(tasks):
         report["sandbox"] = require_sandbox()
-    checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
+    # A path is recorded absolute; a fetched model's name (smollm2-135m) as it is.
+    checkpoint = (str(Path(args.checkpoint).resolve()) if args.checkpoint
+                  and Path(args.checkpoint).exists() else args.checkpoint)
     settings = {"checkpoint": checkpoint, "chat": args.chat, "n": args.n, "temperature": args.temperature,
                 "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "limit": args.limit, "batch_size": args.batch_size,
