@@ -21,11 +21,13 @@ MODEL_HELP = ("a Spark checkpoint directory, a GGUF file, a Hugging Face model d
 def _info(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
-    from spark_model import checkpoint
     from spark_model.transformer import param_count
 
     if args.checkpoint:
-        cfg, source = checkpoint.load_config(args.checkpoint), str(args.checkpoint)
+        from spark_model.formats import detect, load as formats_load
+
+        path = detect.resolve(args.checkpoint)
+        cfg, source = formats_load.read_config(path, detect.detect(path)), str(path)
     else:
         cfg, source = ModelConfig.preset(args.preset), f"preset {args.preset}"
     n = param_count(cfg)  # from shapes alone: nothing is allocated
@@ -89,7 +91,9 @@ def _info_arguments(info: argparse.ArgumentParser) -> None:
     src = info.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                      help="a named preset (default: tiny)")
-    src.add_argument("--checkpoint", metavar="DIR", help="read the config of a checkpoint")
+    src.add_argument("--model", "--checkpoint", dest="checkpoint", metavar="MODEL",
+                     help="read the config of a checkpoint, GGUF file, Hugging Face directory "
+                          "or fetched model")
     info.add_argument("--json", action="store_true", help="print one JSON object")
 
 

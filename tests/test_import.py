@@ -4,6 +4,8 @@ model, and the logits equal the float64 NumPy reference on the original paramete
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -93,3 +95,15 @@ def test_bits_per_byte_starts_a_bos_less_document_at_end_of_text(trained):  # no
     ids = document_ids(tok, "x = 1\n")
     assert tok.decode(ids[:1]) == "<|endoftext|>" and tok.decode(ids[1:-1]) == "x = 1\n"
     assert ids[-1] == ids[0]
+
+
+def test_info_reads_configs_without_tensors(trained, model_and_params, tmp_path, capsys):  # noqa: F811
+    from spark_model.formats.gguf import read_gguf_config
+
+    cfg, params = model_and_params
+    path = write_gguf(tmp_path / "m.gguf", cfg, params, gguf_meta(trained))
+    assert read_gguf_config(path) == cfg
+    hf = write_hf(tmp_path / "hf", cfg, params)
+    for source in (path, hf):
+        assert spark_main(["info", "--model", str(source), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["config"] == cfg.to_dict()

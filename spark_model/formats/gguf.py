@@ -468,9 +468,8 @@ class _LazyHF(Mapping[str, np.ndarray]):
         return len(self.by_hf)
 
 
-def read_gguf(path: str | os.PathLike) -> Imported:
-    """Read a llama or qwen2 GGUF file into a Spark config and float32 parameters."""
-    path = os.fspath(path)
+def _open(path: str):
+    """Validate a GGUF file and read its metadata and config; no tensor data is read."""
     header = inspect_gguf(path)
     arch = _architecture(header.kv, path)
     if isinstance(header.kv.get("split.count"), int) and header.kv["split.count"] > 1:
@@ -490,6 +489,18 @@ def read_gguf(path: str | os.PathLike) -> Imported:
     tokenizer = _tokenizer_metadata(meta, path)
     cfg = _config(meta, arch, infos, reader_tensors, len(tokenizer["tokenizer.ggml.tokens"]),
                   path)
+    return header, arch, infos, reader_tensors, meta, tokenizer, cfg
+
+
+def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
+    """The Spark config of a GGUF file, from its metadata alone (tensors are not read)."""
+    return _open(os.fspath(path))[-1]
+
+
+def read_gguf(path: str | os.PathLike) -> Imported:
+    """Read a llama or qwen2 GGUF file into a Spark config and float32 parameters."""
+    path = os.fspath(path)
+    header, arch, infos, reader_tensors, meta, tokenizer, cfg = _open(path)
     names = _check_tensor_set(cfg, arch, infos, path)
     _check_memory([infos[n] for n in names], path)
     params = spark_params(cfg, _LazyHF(path, cfg, arch, names, infos, reader_tensors))

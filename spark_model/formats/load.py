@@ -21,6 +21,27 @@ def read(path: Path, kind: str):
     raise FormatError(f"cannot import a {kind!r} model")
 
 
+def read_config(path: Path, kind: str):
+    """The ModelConfig of any model form, from its metadata alone (no tensor is read)."""
+    if kind == "checkpoint":
+        from spark_model.checkpoint import load_config
+
+        return load_config(path)
+    if kind == "gguf":
+        from spark_model.formats.gguf import read_gguf_config
+
+        return read_gguf_config(path)
+    import json
+
+    from spark_model.formats.hf import config_from_hf
+
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path / 'config.json'}: cannot read it: {e}") from None
+    return config_from_hf(data, str(path / "config.json"))
+
+
 def tokenizer_of(imported) -> Any:
     """The byte-level BPE tokenizer an imported model carries."""
     from spark_model.bpe import BPETokenizer
