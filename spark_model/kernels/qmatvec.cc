@@ -24,6 +24,12 @@
 // Each output row i depends only on x's row i, computed by the same code whatever M is: a
 // row's result is bitwise the same in a call with 1 row or 8 (speculative decoding relies
 // on that).
+//
+// Measured (eval/bench_quant.py, 2 busy cores, medians of 3 runs), one row: 1536 x 576 in
+// 30 / 25 / 30 us for q8_0 / q4_0 / q4_1 against 56 us for f32 (x1.9, x2.3, x1.8); the
+// 49152 x 576 output projection in 1.08 / 0.54 / 0.75 ms against 4.2 ms. It is bound by
+// instructions, not memory (19-31 GB/s of packed bytes): per 64 bytes of quants a step
+// spends about a dozen 512-bit operations (unpack, scale expansion, dot, convert, scale).
 
 #include <algorithm>
 #include <cmath>
@@ -44,6 +50,15 @@ constexpr int MAX_M = 8;
 constexpr int64_t QK = 32;
 constexpr int64_t SERIAL_BELOW = 64 * 1024;  // weights below which one thread runs
 constexpr int64_t MIN_ROWS_PER_UNIT = 16;
+
+// The VNNI path where the CPU has it (define SPARK_QMATVEC_PORTABLE to build the portable
+// loops instead, e.g. to check them).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__) && !defined(SPARK_QMATVEC_PORTABLE)
+#define SPARK_QMATVEC_VNNI 1
+#else
+#define SPARK_QMATVEC_VNNI 0
+#endif
 
 enum Fmt : int32_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
 
@@ -115,10 +130,7 @@ void quantize_acts(const float* x, int64_t m_n, int64_t k_n, Fmt f, Acts& a) {
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512VNNI__)
-constexpr bool kVnni = true;
-
+#if SPARK_QMATVEC_VNNI
 // y[i, n] for n in [n0, n1), i < M: one weight row at a time, its 64-byte vectors shared by
 // the M activation rows (M accumulators of 16 lanes in registers).
 template <int M, Fmt F>
@@ -206,13 +218,11 @@ void with_rows(int64_t m_n, Fn&& fn) {
   }
   fn(std::integral_constant<int, M>{});
 }
-#else
-constexpr bool kVnni = false;
 #endif
 
 // The same products in portable C++ (CPUs without AVX512-VNNI): per block an integer dot
 // product, scaled as above.
-void rows_portable(const Acts& a, Fmt f, const uint8_t* qs, const uint16_t* d,
+[[maybe_unused]] void rows_portable(const Acts& a, Fmt f, const uint8_t* qs, const uint16_t* d,
                    const uint16_t* mn, float* y, int64_t m_n, int64_t k_n, int64_t n_n,
                    int64_t n0, int64_t n1) {
   const int64_t nb = k_n / QK, g = blocks_per_step(f), lanes = 16 / g;
@@ -282,8 +292,7 @@ ffi::Error QMatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   const Acts& a = acts;
   spark::parallel_units(pool, units, workers, [&](int64_t u) {
     const int64_t n0 = n_n * u / units, n1 = n_n * (u + 1) / units;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512VNNI__)
+#if SPARK_QMATVEC_VNNI
     with_rows<MAX_M>(m_n, [&](auto m) {
       constexpr int M = decltype(m)::value;
       if (f == Q8_0) rows_vnni<M, Q8_0>(a, wq, wd, wm, y, k_n, n_n, n0, n1);
@@ -294,7 +303,6 @@ ffi::Error QMatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
     rows_portable(a, f, wq, wd, wm, y, m_n, k_n, n_n, n0, n1);
 #endif
   });
-  (void)kVnni;
   return ffi::Error::Success();
 }
 
