@@ -1,11 +1,13 @@
 """Native CPU kernels called from inside the compiled programs (XLA FFI custom calls).
 
-Three kernels, each with a comment at the top of its source that says why it exists:
+Four kernels, each with a comment at the top of its source that says why it exists:
 
 - `decode_attention` (decode_attention.cc): single-query attention over the KV cache;
 - `linear` (matvec.cc): the layer products of a decode step, (M <= 8, K) x (K, N) on all
   intra-op threads; larger products (prefill, training) stay XLA dots;
-- `argmax` (argmax.cc): the greedy token of each row of logits.
+- `argmax` (argmax.cc): the greedy token of each row of logits;
+- `packed_linear` (qmatvec.cc): (M <= 8, K) x a block-quantized (N, K) weight
+  (spark_model/quant.py), as integer dot products on all intra-op threads.
 
 They are built from source with the machine's C++ compiler on first use, into one library
 under ``$SPARK_CACHE_DIR/kernels`` (default ``~/.cache/spark``), keyed by the sources, the
@@ -34,13 +36,16 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc")
+SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc",
+           HERE / "qmatvec.cc")
 HEADERS = (HERE / "parallel.h",)
 TARGETS = {  # XLA target name -> exported symbol
     "spark_decode_attention": "SparkDecodeAttention", "spark_matvec": "SparkMatVec",
-    "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax"}
+    "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax",
+    "spark_qmatvec": "SparkQMatVec"}
 MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
 # Compile flags. -ffast-math lets the compiler vectorise the exp and the dot-product
 # reductions; the kernels never form an infinity or a NaN from finite inputs, which that flag
@@ -199,6 +204,30 @@ def linear_many(x_mk: jax.Array, ws: Sequence[jax.Array]) -> list[jax.Array]:
     if x_mk.shape[0] <= MAX_ROWS and usable(x_mk, *ws):
         return list(_native_linear(x_mk, tuple(ws), False))
     return [x_mk @ w for w in ws]
+
+
+_QMATVEC_FMT = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # qmatvec.cc's Fmt
+
+
+def packed_linear(x_mk: jax.Array, w) -> jax.Array:
+    """x (M, K) @ w.T for a `quant.PackedWeight` w (N, K) -> (M, N) float32.
+
+    Up to MAX_ROWS rows in f32 on CPU this is the native kernel (activations rounded to
+    8 bits per 32-block; see qmatvec.cc for the error bound); anything else is the XLA
+    product `quant.packed_linear` (dequantize, then dot). Not differentiable: packed
+    weights are for inference.
+    """
+    from spark_model import quant
+
+    if x_mk.ndim != 2 or x_mk.shape[1] != w.shape[1]:
+        raise quant.QuantError(f"packed_linear: x must be (M, {w.shape[1]}) for a {w.fmt} "
+                               f"weight of shape {w.shape}, got {tuple(x_mk.shape)}")
+    if x_mk.shape[0] <= MAX_ROWS and usable(x_mk):
+        out = jax.ShapeDtypeStruct((x_mk.shape[0], w.shape[0]), jnp.float32)
+        m = w.m if w.m is not None else w.d  # the kernel reads m for q4_1 only
+        return jax.ffi.ffi_call("spark_qmatvec", out, vmap_method="sequential")(
+            x_mk, w.qs, w.d, m, fmt=np.int32(_QMATVEC_FMT[w.fmt]))
+    return quant.packed_linear(x_mk, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -1,0 +1,220 @@
+"""Packed block weights (spark_model/quant.py) against the `gguf` package's reference
+quantizer, and the native packed product (kernels/qmatvec.cc) and its XLA fallback against a
+float64 NumPy dequantize-and-dot."""
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spark_model import kernels, quant
+
+FMTS = list(quant.FORMATS)
+U = 2.0 ** -24  # float32 unit roundoff
+TINY = 2.0 ** -126  # smallest normal float32: XLA flushes smaller values to zero
+
+
+def _flush_floor(w64: np.ndarray) -> np.ndarray:
+    """(N,) the most that flushing subnormal inputs, products and scales to zero can change
+    one output: a few smallest normals per weight, and per weight magnitude."""
+    return 4 * TINY * (np.abs(w64).sum(1) + w64.shape[1])
+
+
+def _gguf_type(fmt: str) -> gguf.GGMLQuantizationType:
+    return gguf.GGMLQuantizationType[fmt.upper()]
+
+
+def _weights(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Rows at very different magnitudes, an all-zero block, a constant block, ties of
+    magnitude (+a and -a in one block) and one-sided blocks."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w *= rng.choice([1e-4, 0.02, 1.0, 300.0], size=(n, 1)).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1, :32] = 0.75
+    w[2, :32] = rng.uniform(-1, 1, 32)
+    w[2, 5], w[2, 9] = 2.0, -2.0  # q4_0 picks the first of equal magnitudes
+    w[3, :32] = np.abs(w[3, :32]) + 1.0
+    w[4, :32] = -np.abs(w[4, :32]) - 1.0
+    return w
+
+
+def test_formats_are_the_gguf_ones():
+    for fmt, f in quant.FORMATS.items():
+        t = _gguf_type(fmt)
+        assert f.ggml_type == int(t)
+        assert (quant.BLOCK, f.block_bytes) == gguf.GGML_QUANT_SIZES[t]
+    assert [quant.FORMATS[f].bytes_per_weight for f in FMTS] == [1.0625, 0.5625, 0.625]
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_quantize_and_dequantize_match_gguf_bit_for_bit(fmt):
+    w = _weights(40, 192)
+    ref = gguf.quants.quantize(w, _gguf_type(fmt))
+    ours = quant.quantize(w, fmt)
+    np.testing.assert_array_equal(quant.to_gguf_blocks(ours), ref)
+    want = gguf.quants.dequantize(ref, _gguf_type(fmt))
+    np.testing.assert_array_equal(quant.dequantize(ours).view(np.uint32), want.view(np.uint32))
+    # The XLA path: the same values, up to one rounding where q4_1's d*q + m is fused.
+    np.testing.assert_array_max_ulp(np.asarray(jax.jit(quant.dequantize_jnp)(ours)), want, 1)
+    assert ours.nbytes == ref.size  # the bytes a product reads are the file's
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_from_gguf_blocks_dequantizes_like_gguf(fmt):
+    w = _weights(24, 96, seed=1)
+    raw = gguf.quants.quantize(w, _gguf_type(fmt))
+    packed = quant.from_gguf_blocks(raw, fmt, w.shape, name="blk.0.ffn_up.weight")
+    want = gguf.quants.dequantize(raw, _gguf_type(fmt))
+    np.testing.assert_array_equal(quant.dequantize(packed).view(np.uint32),
+                                  want.view(np.uint32))
+    np.testing.assert_array_equal(quant.to_gguf_blocks(packed), raw)
+
+
+def _random_packed(fmt: str, n: int, k: int, seed: int) -> quant.PackedWeight:
+    """Random GGUF blocks: random quants, scales from float16's smallest subnormal to its
+    largest finite value, some all-zero blocks (scale 0) and minimums of both signs."""
+    f = quant.FORMATS[fmt]
+    rng = np.random.default_rng(seed)
+    nb = n * k // quant.BLOCK
+    raw = rng.integers(0, 256, size=(nb, f.block_bytes), dtype=np.uint8)
+    scales = np.array([6e-8, 1e-4, 0.01, 0.5, 3.0, 1e3, 65504.0], np.float16)
+    d = rng.choice(scales, nb) * rng.choice(np.array([1, -1], np.float16), nb)
+    raw[:, 0:2] = d.reshape(-1, 1).view(np.uint8)
+    if f.has_min:
+        m = rng.choice(scales, nb) * rng.choice(np.array([1, -1], np.float16), nb)
+        raw[:, 2:4] = m.astype(np.float16).reshape(-1, 1).view(np.uint8)
+    zero = rng.random(nb) < 0.1
+    raw[zero] = 0
+    return quant.from_gguf_blocks(raw.reshape(n, -1), fmt, (n, k))
+
+
+def _activations(m: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x *= rng.choice([1e-3, 1.0, 20.0], size=(m, 1)).astype(np.float32)
+    x[:, :32] *= np.float32(1e-35)  # a block below the kernel's amax floor
+    if m > 2:
+        x[1] = 0.0
+        x[2, 32:] *= np.float32(1e4)
+    return x
+
+
+def _blocks(a: np.ndarray) -> np.ndarray:
+    return a.reshape(a.shape[0], -1, quant.BLOCK)
+
+
+def _float_bound(x64: np.ndarray, w64: np.ndarray, mins: np.ndarray) -> np.ndarray:
+    """float32 rounding of the kernel's per-block terms and their sums: a few units of
+    roundoff per block over the sum of the terms' magnitudes."""
+    nb = x64.shape[1] // quant.BLOCK
+    shifted = np.abs(_blocks(w64) - mins[..., None]).reshape(w64.shape)
+    mag = np.abs(x64) @ shifted.T + np.abs(_blocks(x64).sum(-1)) @ np.abs(mins).T
+    return (nb + 40) * 4 * U * mag + _flush_floor(w64)
+
+
+def _kernel_bound(x64, w64, mins):
+    """|y - exact|: activations are rounded per block to d_x q with d_x = amax/127, so each
+    element is off by at most d_x/2 = amax/254 (amax floored at 1e-30); the block minimum's
+    term uses the exact sum of x, so only w - m multiplies the error."""
+    amax = np.maximum(np.abs(_blocks(x64)).max(-1), 1e-30)  # (M, K/32)
+    spread = np.abs(_blocks(w64) - mins[..., None]).sum(-1)  # (N, K/32)
+    return amax / 254 * 1.0001 @ spread.T + _float_bound(x64, w64, mins)
+
+
+def _emulated(x: np.ndarray, w64: np.ndarray, mins: np.ndarray) -> np.ndarray:
+    """The kernel's arithmetic in float64: x rounded per block (half to even) as it does."""
+    xb = _blocks(x)
+    amax = np.maximum(np.abs(xb).max(-1, keepdims=True), np.float32(1e-30))
+    q = np.clip(np.rint(xb * (np.float32(127) / amax)), -127, 127)
+    xhat = (q * (amax / np.float32(127)).astype(np.float64)).reshape(x.shape)
+    y = xhat @ (_blocks(w64) - mins[..., None]).reshape(w64.shape).T
+    return y + xb.astype(np.float64).sum(-1) @ mins.T
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("n,k", [(37, 32), (1001, 64), (300, 96), (37, 4096)])
+def test_packed_product_kernel_fallback_and_float64_agree(fmt, n, k):
+    packed = _random_packed(fmt, n, k, seed=k + n)
+    w64 = quant.dequantize(packed).astype(np.float64)
+    mins = (np.asarray(packed.m, np.float64) if packed.m is not None
+            else np.zeros((n, k // quant.BLOCK)))
+    x = _activations(8, k, seed=k)
+    x64 = x.astype(np.float64)
+    exact = x64 @ w64.T
+    pj = jax.tree.map(jnp.asarray, packed)
+
+    # XLA fallback: float32 dequantization is exact here, so only the dot's rounding.
+    fallback = np.asarray(jax.jit(quant.packed_linear)(jnp.asarray(x), pj))
+    gamma = k * U * (np.abs(x64) @ np.abs(w64).T) + _flush_floor(w64)
+    assert (np.abs(fallback - exact) <= gamma).all()
+
+    if not kernels.usable(jnp.asarray(x)):
+        pytest.skip(kernels.status())
+    run = jax.jit(kernels.packed_linear)
+    native = {m: np.asarray(run(jnp.asarray(x[:m]), pj)) for m in range(1, 9)}
+    assert (np.abs(native[8] - exact) <= _kernel_bound(x64, w64, mins)).all()
+    assert (np.abs(native[8] - _emulated(x, w64, mins)) <= _float_bound(x64, w64, mins)).all()
+    for m in range(1, 9):  # row i of an m-row call is the 1-row call on that row, bitwise
+        for i in range(m):
+            one = np.asarray(run(jnp.asarray(x[i:i + 1]), pj))[0]
+            np.testing.assert_array_equal(native[m][i].view(np.uint32), one.view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_quantized_real_weights_product(fmt):
+    """Weights quantized by `quantize` (not random bytes): the kernel's result stays within
+    its bound of the float64 product, and `SPARK_KERNELS`-off tracing takes the fallback."""
+    w = _weights(200, 576, seed=3)
+    packed = jax.tree.map(jnp.asarray, quant.quantize(w, fmt))
+    x = _activations(3, 576, seed=4)
+    w64 = quant.dequantize(packed).astype(np.float64)
+    mins = (np.asarray(packed.m, np.float64) if packed.m is not None
+            else np.zeros((200, 576 // quant.BLOCK)))
+    got = np.asarray(jax.jit(kernels.packed_linear)(jnp.asarray(x), packed))
+    x64 = x.astype(np.float64)
+    assert (np.abs(got - x64 @ w64.T) <= _kernel_bound(x64, w64, mins)).all()
+    with kernels.disabled():  # traced inside (a fresh function): the XLA product
+        off = np.asarray(jax.jit(lambda a, b: kernels.packed_linear(a, b))(jnp.asarray(x),
+                                                                          packed))
+    np.testing.assert_array_equal(off, np.asarray(quant.packed_linear(jnp.asarray(x), packed)))
+    many = _activations(9, 576, seed=5)  # more rows than the kernel takes: the fallback
+    gamma = 576 * U * (np.abs(many.astype(np.float64)) @ np.abs(w64).T) + _flush_floor(w64)
+    got = np.asarray(kernels.packed_linear(jnp.asarray(many), packed))
+    assert (np.abs(got - many.astype(np.float64) @ w64.T) <= gamma).all()
+
+
+def test_bad_inputs_get_one_line_errors():
+    raw = gguf.quants.quantize(_weights(8, 64), gguf.GGMLQuantizationType.Q4_1)
+    name = "blk.3.attn_q.weight"
+
+    def refuses(match, fn, *args, **kw):
+        with pytest.raises(quant.QuantError, match=match) as e:
+            fn(*args, **kw)
+        assert "\n" not in str(e.value)
+
+    refuses(r"'blk.3.attn_q.weight'.*must be 320 bytes, got 319",
+            quant.from_gguf_blocks, raw.reshape(-1)[:-1], "q4_1", (8, 64), name=name)
+    nan = raw.copy()
+    nan[2, 20:22] = np.array([np.nan], np.float16).view(np.uint8)  # row 2, block 1: d
+    refuses(r"'blk.3.attn_q.weight'.*scale at row 2, block 1 is nan",
+            quant.from_gguf_blocks, nan, "q4_1", (8, 64), name=name)
+    inf = raw.copy()
+    inf[1, 2:4] = np.array([-np.inf], np.float16).view(np.uint8)  # row 1, block 0: m
+    refuses(r"minimum at row 1, block 0 is -inf", quant.from_gguf_blocks, inf, "q4_1", (8, 64),
+            name=name)
+    refuses(r"unknown quantization format 'q5_0' \(expected one of q8_0, q4_0, q4_1\)",
+            quant.from_gguf_blocks, raw, "q5_0", (8, 64))
+    refuses(r"unknown quantization format 'Q8'", quant.quantize, np.zeros((2, 32)), "Q8")
+    refuses(r"must be uint8", quant.from_gguf_blocks, raw.astype(np.int16), "q4_1", (8, 64))
+    refuses(r"'w'.*shape \(4, 48\).*multiple of 32", quant.quantize, np.zeros((4, 48)), "q8_0",
+            name="w")
+    refuses(r"must be 2-D", quant.quantize, np.zeros(64), "q8_0")
+    bad = np.ones((2, 64), np.float32)
+    bad[1, 3] = np.nan
+    refuses(r"'w'.*NaN or infinite", quant.quantize, bad, "q4_0", name="w")
+    refuses(r"'w'.*q8_0 block scale at row 0, block 1 overflows float16", quant.quantize,
+            np.concatenate([np.ones((1, 32)), np.full((1, 32), 1e7)], 1), "q8_0", name="w")
+    packed = quant.quantize(np.ones((2, 64), np.float32), "q8_0")
+    refuses(r"x must be \(M, 64\)", kernels.packed_linear, jnp.zeros((1, 32)), packed)
