@@ -13,7 +13,7 @@ from typing import Any
 
 from compiler import cost, frontend, planner
 from compiler.check import check_plan
-from compiler.ir import CompilerError, Graph
+from compiler.ir import WEIGHT_FORMATS, CompilerError, Graph, weight_format_of
 from compiler.partition import tile_op
 from compiler.place import NoFit, flows, hosts, overlay_max_context, pack, pack_overlay, refine
 from compiler.plan import Plan
@@ -94,7 +94,7 @@ def _largest_context(g: Graph, target: Target, band: int, wafers: int, lo: int,
 
 def compile(model: Any = "tiny", target: str | Target = "wse3", context: int | None = None, *,
             wafers: int | None = None, seed: int = 0, refine_moves: int = 100,
-            layers_per_region: int | None = None) -> Plan:
+            layers_per_region: int | None = None, weights: str | None = None) -> Plan:
     """Trace the decode step of `model`, plan its partition, place it on `target`, refine
     the placement, route it, predict its latency and check the plan (check_plan).
 
@@ -103,9 +103,15 @@ def compile(model: Any = "tiny", target: str | Target = "wse3", context: int | N
     used (default: the target's count, 1 for the presets); a model that needs more is an
     error that gives the bytes needed and available. layers_per_region: keep only the
     planner's mappings with that many layers per set of regions (0: every op over the
-    whole wafer); default: the fastest of all.
+    whole wafer); default: the fastest of all. weights: how the matrices are stored on
+    the cores, one of ir.WEIGHT_FORMATS ('f32', 'bf16', or the packed 'q8_0', 'q4_0',
+    'q4_1', which tiles hold as whole 32-weight blocks with their scales); default: the
+    model's parameter dtype. Norm scales and biases keep the parameter dtype.
     """
     t0 = time.perf_counter()
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise CompilerError(f"unknown weight format {weights!r} (expected one of "
+                            f"{', '.join(WEIGHT_FORMATS)})")
     cfg, source = resolve_model(model)
     tgt = get_target(target, wafers=wafers)
     if context is None:
@@ -122,7 +128,7 @@ def compile(model: Any = "tiny", target: str | Target = "wse3", context: int | N
             or not 0 <= layers_per_region <= cfg.n_layers):
         raise CompilerError(f"layers_per_region must be an integer in [0, {cfg.n_layers}], "
                             f"got {layers_per_region!r}")
-    g = frontend.build_graph(cfg)
+    g = frontend.build_graph(cfg, weights=weights)
     cands = planner.candidates(g, tgt, context, tgt.wafers, cfg, layers_per_region)
     if not cands:
         smallest = planner.smallest(g, tgt, context)
@@ -146,7 +152,8 @@ def compile(model: Any = "tiny", target: str | Target = "wse3", context: int | N
     plan = Plan(cfg=cfg, target=tgt, context=context, graph=g, regions=regions, host=host,
                 band=best.band, wafer_layers=best.packing.wafer_layers,
                 placement_cost=(before, after), max_context=max_ctx, source=source,
-                share=best.share, alternatives=[c.describe() for c in cands[:8]])
+                share=best.share, alternatives=[c.describe() for c in cands[:8]],
+                weights=weights or weight_format_of(cfg))
     plan.routing = route_plan(plan)
     plan.predictions = cost.predictions(plan)
     check_plan(plan)

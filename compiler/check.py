@@ -4,10 +4,14 @@ one broken (`compile` checks every plan it returns).
   grid      every region lies inside the target's grid, on one of the plan's wafers, and
             the plan uses no more wafers than the target has
   cores     rectangles of their own never overlap; a region sharing another's cores
-            (`group`) starts at that region's top-left core on its wafer
+            (`group`) starts at that region's top-left core on its wafer (on the
+            whole-wafer overlay, anywhere on that wafer: a matrix of packed weights with
+            fewer blocks than the wafer has rows or columns sits on a band of them)
   weights   every weight element is on exactly one core: each weight matrix is held by one
             region, whose tiling's K split covers every row once and N split every column
-            once; every op runs on a region the plan has
+            once; packed weights are split only between whole blocks (with their
+            scales) and counted at their format's bytes per block; every op runs on a
+            region the plan has
   cache     every attention region holds the plan's context
   SRAM      no core holds more bytes than the target's budget per core
   flows     every hand-off between regions is routed: its route starts on a core of the
@@ -68,7 +72,8 @@ def _check_cores(plan: Plan) -> None:
         if a is None or a.group is not None:
             raise CompilerError(f"region {name} shares the cores of {r.group!r}, which is "
                                 "not a region of its own")
-        if (a.wafer, a.row, a.col) != (r.wafer, r.row, r.col):
+        overlay_band = plan.share == 0 and a.wafer == r.wafer
+        if (a.wafer, a.row, a.col) != (r.wafer, r.row, r.col) and not overlay_band:
             raise CompilerError(f"region {name} ({_rect(r)}) shares the cores of "
                                 f"{r.group} ({_rect(a)}) but does not start at its top-left")
         members[r.group].append(r)
@@ -142,6 +147,22 @@ def _check_weights(plan: Plan) -> None:
         tl = plan.regions[o.name].tiling
         _check_axis(o.name, o.weight, "rows", tl.k_bounds(), o.k)
         _check_axis(o.name, o.weight, "columns", tl.n_bounds(), o.n)
+        _check_blocks(o, tl)
+
+
+def _check_blocks(o, tl) -> None:
+    """The tiling stores `o`'s weight in its format: the block sizes and bytes agree, and
+    every split point falls between whole blocks."""
+    kb, nb, nbytes = o.blocks
+    if (tl.kblock, tl.nblock, tl.wbytes) != (kb, nb, nbytes):
+        raise CompilerError(f"region {o.name} stores weight {o.weight} as blocks of "
+                            f"{tl.kblock} x {tl.nblock} weights in {tl.wbytes} bytes, but its "
+                            f"format {o.weight_dtype} has {kb} x {nb} in {nbytes}")
+    for what, b, unit in (("row", tl.k_bounds(), kb), ("column", tl.n_bounds(), nb)):
+        bad = b[b % unit != 0]
+        if bad.size:
+            raise CompilerError(f"region {o.name} splits weight {o.weight} at {what} "
+                                f"{int(bad[0])}, inside a {unit}-weight {o.weight_dtype} block")
 
 
 def _check_cache(plan: Plan) -> None:

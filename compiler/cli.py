@@ -1,10 +1,15 @@
 """`spark compile`: map a model onto a wafer-scale target and print what it takes.
 
     spark compile (--preset NAME | --checkpoint DIR) --target NAME [--context N]
-                  [--wafers N] [--print-ir] [--verify] [--explain] [--report DIR] [--json]
+                  [--wafers N] [--weights FORMAT] [--print-ir] [--verify] [--explain]
+                  [--report DIR] [--json]
 
+`--weights` stores the matrices as f32, bf16 or the packed q8_0, q4_0, q4_1 (tiles of
+whole 32-weight blocks with their scales; default: the model's parameter dtype).
 `--verify` runs the placed program on the model's weights and compares its logits with
-the model's own decode step (it needs real weights: a checkpoint or an imported model).
+the model's own decode step (it needs real weights: a checkpoint or an imported model);
+with `--weights`, both run on the weights as that format stores them (quantized, then
+dequantized).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import json
 import sys
 
+from compiler.ir import WEIGHT_FORMATS
 from spark_model.cli import Command
 from spark_model.config import PRESETS
 
@@ -31,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "at most 131072)")
     p.add_argument("--wafers", type=int, default=None,
                    help="wafers that may be used (default: the target's, 1 for presets)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None, metavar="FORMAT",
+                   help="how the matrices are stored on the cores: "
+                        f"{', '.join(WEIGHT_FORMATS)} (packed formats in whole 32-weight "
+                        "blocks with their scales; default: the model's parameter dtype)")
     p.add_argument("--seed", type=int, default=0, help="seed of the placement refinement")
     p.add_argument("--layers-per-region", type=int, default=None, metavar="N",
                    help="force the planner's mapping: N layers per set of regions, 0 for "
@@ -74,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         plan = compiler.compile(model or args.checkpoint or args.preset, args.target,
                                 args.context, wafers=args.wafers, seed=args.seed,
-                                layers_per_region=args.layers_per_region)
+                                layers_per_region=args.layers_per_region,
+                                weights=args.weights)
     except (compiler.CompilerError, compiler.TargetError) as e:
         print(f"spark compile: error: {e}", file=sys.stderr)
         return 1
@@ -109,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
               "regions.png, links.png, trace.json)")
     if args.verify:
         print(f"  verified        {summary['verified_positions']} positions: max |logit "
-              f"difference| {summary['max_abs_logit_diff']:.3g} against the model's decode step")
+              f"difference| {summary['max_abs_logit_diff']:.3g} against the model's decode step"
+              f" (weights as {plan.weights} stores them)")
     return 0
 
 

@@ -46,6 +46,17 @@ from compiler.target import Target
 COMPONENTS = ("compute", "hops", "stages", "transfer", "wafer")
 K_TREE = 2  # WaferLLM's K
 
+# ASSUMED (no public figure): extra SIMD operations per weight, in multiply-accumulate
+# slots, for a core to turn packed weights into the 16-bit operands its MACs take. A
+# packed tile stays packed in SRAM (that is what lets it fit), so every decode step
+# expands it again. q8_0: one int8 -> fp16 conversion per weight; q4_0 and q4_1: a
+# nibble unpack (shift or mask) and the conversion. The f16 scale multiplies a block's
+# partial sum once per 32 weights, and q4_1's minimum adds min x sum(x over the block),
+# a sum made once per input slice and shared by every column: both are left out (1/32
+# of a slot per weight, or less). Dense weights cost nothing extra. A prefill expands
+# each tile once and reuses it for every token of the prompt.
+DEQUANT_OPS_PER_WEIGHT = {"q8_0": 1.0, "q4_0": 2.0, "q4_1": 2.0}
+
 
 @dataclasses.dataclass
 class Cost:
@@ -93,15 +104,18 @@ def reduce(n: int, elems: float, act_bytes: int, t: Target, back: bool = False) 
 
 
 def matvec(tl: Tiling, act_bytes: int, t: Target, tokens: int = 1,
-           replicated: bool = False) -> Cost:
+           replicated: bool = False, dequant: float = 0.0) -> Cost:
     """MeshGEMV on pr x pc cores (tokens > 1: the prefill estimate).
+
+    dequant: extra operations per weight to expand a packed tile before its products
+    (DEQUANT_OPS_PER_WEIGHT; once per step, whatever the number of tokens).
 
     replicated=False: the input arrives at the region and is multicast along its rows, and
     the partial sums are reduced to the column roots. replicated=True (WaferLLM's chain of
     GEMVs over one grid): the input is already on every row, left there by the previous
     product's allreduce, which broadcasts its result back.
     """
-    c = Cost(compute=tokens * tl.tk * tl.tn / t.macs_per_cycle)
+    c = Cost(compute=(tokens + dequant) * tl.tk * tl.tn / t.macs_per_cycle)
     if replicated:
         return c + reduce(tl.pr, tokens * tl.tn, act_bytes, t, back=True)
     return (broadcast(tl.pc, tokens * tl.tk * act_bytes, t) + c
@@ -140,9 +154,14 @@ def vector(op: Op, host: Tiling, act_bytes: int, t: Target, tokens: int = 1) -> 
     return c
 
 
-def lookup(op: Op, tl: Tiling, act_bytes: int, t: Target, tokens: int = 1) -> Cost:
-    """The table row leaves the core row (or column) that holds it."""
-    return Cost(hops=max(tl.pr, tl.pc) * t.hop_cycles,
+def lookup(op: Op, tl: Tiling, act_bytes: int, t: Target, tokens: int = 1,
+           dequant: float = 0.0) -> Cost:
+    """The table row leaves the core row (or column) that holds it, expanded from its
+    packed blocks first (`dequant` operations per weight, the row spread over the
+    columns of the cores that hold it)."""
+    spread = tl.pr if op.shares else tl.pc  # a tied table's row is a column of (D, V)
+    row = tokens * dequant * -(-op.n // max(spread, 1))
+    return Cost(compute=row / t.macs_per_cycle, hops=max(tl.pr, tl.pc) * t.hop_cycles,
                 transfer=tokens * op.n * act_bytes / t.link_bytes_per_cycle)
 
 
@@ -170,11 +189,21 @@ def op_cost(op: Op, regions: dict[str, Region], host: dict[str, str], target: Ta
         here = anchor(regions, op.name)
         replicated = bool(op.inputs) and all(
             anchor(regions, host[i]) == here for i in op.inputs)
-        return matvec(regions[op.name].tiling, act, t, tokens, replicated)
+        c = matvec(regions[op.name].tiling, act, t, tokens, replicated,
+                   DEQUANT_OPS_PER_WEIGHT.get(op.weight_dtype, 0.0))
+        r, a = regions[op.name], regions[here]
+        if replicated and (r.row, r.rows) != (a.row, a.rows):
+            # A band of rows within the shared cores (packed weights on the overlay): the
+            # input, replicated over the anchor's rows, is multicast down the columns
+            # spanning both bands to reach it.
+            span = max(r.row + r.rows, a.row + a.rows) - min(r.row, a.row)
+            c = c + broadcast(span, tokens * r.tiling.tk * act, t)
+        return c
     if op.kind == "attention":
         return attention(op, regions[op.name].tiling, context, act, t, tokens)
     if op.kind == "lookup":
-        return lookup(op, regions[host[op.name]].tiling, act, t, tokens)
+        return lookup(op, regions[host[op.name]].tiling, act, t, tokens,
+                      DEQUANT_OPS_PER_WEIGHT.get(op.weight_dtype, 0.0))
     return vector(op, regions[host[op.name]].tiling, act, t, tokens)
 
 

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jcore
 
-from compiler.ir import CompilerError, Graph, Op, ParamInfo, check_graph
+from compiler.ir import (DENSE_FORMATS, WEIGHT_FORMATS, CompilerError, Graph, Op, ParamInfo,
+                         check_graph, is_packed, weight_layout)
 from spark_model import kernels
 from spark_model.checkpoint import param_name
 from spark_model.config import ModelConfig
@@ -335,11 +336,38 @@ class _Builder:
                    eqn.outvars)
 
 
-def build_graph(cfg: ModelConfig, cache_len: int | None = None) -> Graph:
-    """The operator graph of `cfg`'s decode step (from shapes alone)."""
+def apply_weight_format(ops: list[Op], weights: str | None) -> None:
+    """Record on every tiled op (and the lookups that read a tied table) how its weight is
+    stored: `weights` is one of ir.WEIGHT_FORMATS, or None for the parameter's own dtype.
+    A packed format needs the blocked axis (K of a matvec, the row of a lookup table) to
+    be a whole number of blocks; a weight whose axis is not is an error naming it."""
+    if weights is None:
+        return
+    if weights not in WEIGHT_FORMATS:
+        raise CompilerError(f"unknown weight format {weights!r} (expected one of "
+                            f"{', '.join(WEIGHT_FORMATS)})")
+    fmt = DENSE_FORMATS.get(weights, weights)
+    per, _ = weight_layout(fmt)
+    for o in ops:
+        if o.kind not in ("matvec", "lookup"):
+            continue
+        if o.is_tiled and is_packed(fmt):
+            axis, length = ("row (D)", o.n) if o.kind == "lookup" else ("input axis K", o.k)
+            if length % per:
+                raise CompilerError(f"weight {o.weight} cannot be stored as {weights}: its "
+                                    f"{axis} has {length} weights, not a multiple of the "
+                                    f"{per}-weight block")
+        o.weight_dtype = fmt
+
+
+def build_graph(cfg: ModelConfig, cache_len: int | None = None,
+                weights: str | None = None) -> Graph:
+    """The operator graph of `cfg`'s decode step (from shapes alone), its matrices stored
+    as `weights` (see apply_weight_format; None: the parameters' own dtype)."""
     closed, names, leaves = trace(cfg, cache_len)
     b = _Builder(closed, names, leaves)
     ops = b.build()
+    apply_weight_format(ops, weights)
     unused = [n for n in names if n not in b.used]
     if unused:
         raise CompilerError(f"parameters never used by the decode step: {unused[:5]}")

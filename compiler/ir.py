@@ -25,6 +25,36 @@ import numpy as np
 
 KINDS = ("matvec", "lookup", "attention", "vector")
 
+# Weight storage formats a compile may ask for (`compile(..., weights=)`, `--weights`): two
+# dense dtypes and the packed block formats of spark_model.quant. Dense names map to the
+# NumPy dtype an op records; packed ones are recorded by name.
+DENSE_FORMATS = {"f32": "float32", "bf16": "bfloat16"}
+PACKED_BLOCK = 32  # weights per block of every packed format (spark_model.quant.BLOCK)
+# Bytes of one 32-weight block: quants plus an f16 scale (and an f16 minimum for q4_1),
+# as spark_model.quant.FORMATS gives them (tests/test_compiler_quant.py checks they agree).
+PACKED_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+WEIGHT_FORMATS = tuple(DENSE_FORMATS) + tuple(PACKED_BLOCK_BYTES)
+
+
+def weight_layout(fmt: str) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a weight storage format: a dense dtype name
+    ('float32', 'bfloat16') is (1, its item size); a packed format ('q8_0', 'q4_0',
+    'q4_1') is (32, its block's bytes)."""
+    if fmt in PACKED_BLOCK_BYTES:
+        return PACKED_BLOCK, PACKED_BLOCK_BYTES[fmt]
+    return 1, np.dtype(fmt).itemsize
+
+
+def is_packed(fmt: str) -> bool:
+    return fmt in PACKED_BLOCK_BYTES
+
+
+def weight_format_of(cfg: Any) -> str:
+    """The weight format a model config's own parameter dtype is ('f32', 'bf16', or the
+    dtype's name)."""
+    names = {v: k for k, v in DENSE_FORMATS.items()}
+    return names.get(cfg.param_dtype, cfg.param_dtype)
+
 
 class CompilerError(ValueError):
     """The model or request cannot be compiled for the target; the message says why."""
@@ -62,6 +92,9 @@ class Op:
     n: int = 0  # matvec: output length; lookup: row width (D); attention: query width.
     transposed: bool = False  # matvec: the parameter is stored (N, K).
     operand: int = 1  # matvec/lookup: which operand of the equation is the parameter.
+    # matvec/lookup: how the weight is stored on the cores: a dense dtype name or a packed
+    # block format (see weight_layout). Packed blocks run along K for a matvec (the input
+    # axis) and along N (the row, D) for a lookup's own (V, D) table, as in a GGUF file.
     weight_dtype: str = "float32"
     shares: str | None = None  # lookup: the matvec op whose tiles hold its (tied) table.
     params: tuple[str, ...] = ()  # vector: small parameters it owns (norm scales, biases).
@@ -75,8 +108,18 @@ class Op:
         return self.kind == "matvec" or (self.kind == "lookup" and self.shares is None)
 
     @property
+    def blocks(self) -> tuple[int, int, int]:
+        """(weights per block along K, along N, bytes per block) of its stored weight."""
+        per, nbytes = weight_layout(self.weight_dtype)
+        return (1, per, nbytes) if self.kind == "lookup" else (per, 1, nbytes)
+
+    @property
     def weight_bytes(self) -> int:
-        return self.k * self.n * np.dtype(self.weight_dtype).itemsize if self.is_tiled else 0
+        """Bytes of its weight as stored (packed: quants, scales and minimums)."""
+        if not self.is_tiled:
+            return 0
+        kb, nb, nbytes = self.blocks
+        return (self.k // kb) * (self.n // nb) * nbytes
 
     def describe(self) -> str:
         if self.kind == "matvec":
@@ -109,6 +152,12 @@ class Graph:
     @property
     def layers(self) -> list[int]:
         return sorted({o.layer for o in self.ops if o.layer is not None})
+
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter as stored: tiled weights in their op's format, the
+        small parameters that ride along with vector work in their own dtype."""
+        tiled = {o.weight: o.weight_bytes for o in self.ops if o.is_tiled}
+        return sum(tiled.get(n, p.nbytes) for n, p in self.params.items())
 
     def owner(self) -> dict[str, str]:
         """Parameter name -> the op that owns it."""

@@ -199,14 +199,14 @@ def pack(g: Graph, target: Target, band: int, context: int, share: int = 1
     return Packing(regions, wafer_layers, span, share)
 
 
-def _overlay_vectors(t: Tiling, R: int, C: int, col: int = 0
+def _overlay_vectors(t: Tiling, R: int, C: int, col: int = 0, row: int = 0
                      ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(a, b, is_kv): this op's bytes on core (i, j) are a[i] * b[j] (for the KV cache, per
-    cached position per row of cores); its region starts at column `col`."""
+    cached position per row of cores); its region starts at core (`row`, `col`)."""
     a, b = np.zeros(R), np.zeros(C)
     if t.k:
-        a[:t.pr] = np.diff(t.k_bounds()) * t.wbytes
-        b[col:col + t.pc] = np.diff(t.n_bounds())
+        a[row:row + t.pr] = np.diff(t.k_bounds()) // t.kblock * t.wbytes  # blocks x bytes
+        b[col:col + t.pc] = np.diff(t.n_bounds()) // t.nblock
         return a, b, False
     a[:t.pr] = t.kv_bytes
     b[col:col + t.pc] = np.tile(np.diff(bounds(t.hd, t.cols_per_head, t.rn)),
@@ -219,13 +219,20 @@ def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
     holds a tile of every matrix and a share of every layer's cache; layers fill a wafer
     until a core's budget would be exceeded, then the next wafer takes over. Successive ops
     start their larger (uneven) parts on different rows and columns, so no core collects
-    every op's larger part. None if one layer alone exceeds a core's budget."""
+    every op's larger part. A packed matrix with fewer K parts than the wafer has rows
+    (split only between whole 32-weight blocks: a K of 4,096 covers 128 rows), or a packed
+    table with fewer column parts than columns, sits on a band: of the bands at multiples
+    of its height (width), the one whose cores hold the fewest weight bytes so far, so the
+    matrices together still fill the wafer and few distinct rectangles need routes. None
+    if one layer alone exceeds a core's budget."""
     from compiler.partition import overlay_tiling
 
     R, C = target.rows, target.cols
     wafers: list[list[tuple[Op, Tiling]]] = [[]]
     loads: list[list[np.ndarray | int]] = []  # per wafer: weights, KV per position, buffers
     weights, kv, buffers = np.zeros((R, C)), np.zeros((R, C)), 0
+    layer_w = np.zeros((R, C))  # this layer's weight bytes per core, as placed so far
+    kv_hint = _kv_hint(g, target, context)  # where every layer's cache will lie
     off_k = off_n = 0
     for grp in layer_groups(g):
         placed, aw, bw, ak, bk = [], [], [], [], []
@@ -233,21 +240,27 @@ def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
             t = overlay_tiling(o, target, context)
             if t is None:
                 return None
+            row = col = 0
             if t.k:
                 t = dataclasses.replace(t, rk=off_k % t.pr, rn=off_n % t.pc)
-                off_k, off_n = off_k + t.k % t.pr, off_n + t.n % t.pc
+                off_k += (t.k // t.kblock) % t.pr  # larger parts, in blocks
+                off_n += (t.n // t.nblock) % t.pc
+                if (t.kblock > 1 or t.nblock > 1) and (t.pr < R or t.pc < C):
+                    row, col = _emptiest_band(weights + layer_w + kv_hint, t.pr, t.pc)
             else:
                 t = dataclasses.replace(t, rn=off_n % t.cols_per_head)
                 off_n += t.hd % t.cols_per_head
-            placed.append((o, t))
-            a, b, is_kv = _overlay_vectors(t, R, C)
+            placed.append((o, t, row, col))
+            a, b, is_kv = _overlay_vectors(t, R, C, col=col, row=row)
+            if not is_kv and (t.kblock > 1 or t.nblock > 1):
+                layer_w += np.outer(a, b)
             (ak if is_kv else aw).append(a)
             (bk if is_kv else bw).append(b)
         # This layer's bytes on every core: a sum of outer products, one matrix product.
         add_w = np.stack(aw, 1) @ np.stack(bw) if aw else 0.0
         add_k = np.stack(ak, 1) @ np.stack(bk) if ak else 0.0
-        positions = max((t.positions for _, t in placed if not t.k), default=0)
-        buf = max(t.buffer_bytes for _, t in placed)
+        positions = max((t.positions for _, t, *_ in placed if not t.k), default=0)
+        buf = max(t.buffer_bytes for _, t, *_ in placed)
         total = weights + add_w + positions * (kv + add_k)
         if total.max() + max(buffers, buf) > target.core_budget:
             if not wafers[-1]:
@@ -257,16 +270,46 @@ def pack_overlay(g: Graph, target: Target, context: int) -> Packing | None:
             weights, kv, buffers = np.zeros((R, C)), np.zeros((R, C)), 0
         wafers[-1].extend(placed)
         weights, kv, buffers = weights + add_w, kv + add_k, max(buffers, buf)
+        layer_w[:] = 0
     loads.append([weights, kv, buffers])
     regions: dict[str, Region] = {}
     for w, items in enumerate(wafers):
         first = items[0][0].name
-        for o, t in items:
-            regions[o.name] = Region(o.name, w, 0, 0, dataclasses.replace(t, share=len(items)),
+        for o, t, row, col in items:
+            regions[o.name] = Region(o.name, w, row, col,
+                                     dataclasses.replace(t, share=len(items)),
                                      group=None if o.name == first else first)
-    layers = [sorted({o.layer for o, _ in items if o.layer is not None}) for items in wafers]
+    layers = [sorted({o.layer for o, *_ in items if o.layer is not None}) for items in wafers]
     return Packing(regions, layers, len(wafers) * target.cores, share=0,
                    overlay_loads=loads)
+
+
+def _kv_hint(g: Graph, target: Target, context: int) -> np.ndarray:
+    """Bytes per core of every layer's KV cache at `context` over the whole wafer (the
+    overlay's attention tilings), to steer packed bands to the cores the cache leaves
+    free (a guide for placement only; what fits is checked on the real loads)."""
+    from compiler.partition import overlay_tiling
+
+    out = np.zeros((target.rows, target.cols))
+    for o in g.ops:
+        if o.kind == "attention":
+            t = overlay_tiling(o, target, context)
+            if t is not None:
+                a, b, _ = _overlay_vectors(t, target.rows, target.cols)
+                out += t.positions * np.outer(a, b)
+    return out
+
+
+def _emptiest_band(load: np.ndarray, pr: int, pc: int) -> tuple[int, int]:
+    """Top-left (row, col) of the pr x pc rectangle whose fullest core holds the fewest
+    bytes of `load` (then the fewest in all), among those at multiples of its height and
+    width (and flush with the far edges)."""
+    R, C = load.shape
+    rows = sorted(set(range(0, R - pr + 1, pr)) | {R - pr})
+    cols = sorted(set(range(0, C - pc + 1, pc)) | {C - pc})
+    best = min((load[r:r + pr, c:c + pc].max(), load[r:r + pr, c:c + pc].sum(), r, c)
+               for r in rows for c in cols)
+    return best[2], best[3]
 
 
 def overlay_max_context(p: Packing, target: Target) -> int:

@@ -36,6 +36,9 @@ class Plan:
     compile_s: float = 0.0
     source: str = ""  # Preset name or checkpoint path.
     share: int = 1  # Layers whose ops share one set of regions (see planner.py).
+    # How the matrices are stored on the cores: 'f32', 'bf16', 'q8_0', 'q4_0' or 'q4_1'
+    # (compiler.ir.WEIGHT_FORMATS), or another dtype name for a model's own dtype.
+    weights: str = "f32"
     alternatives: list[dict] = dataclasses.field(default_factory=list)  # planner's best
     # Every flow routed (a compiler.route.Routing); None until routed.
     routing: Any = dataclasses.field(default=None, repr=False)

@@ -14,13 +14,15 @@ Schema (version 1), one JSON object:
   placement_cost  [bytes x hops before refinement, after]
   wafer_layers [[layer, ...] per wafer]
   share        layers per set of regions (0: every op overlaid on the whole wafer)
+  weights      how the matrices are stored: 'f32', 'bf16', 'q8_0', 'q4_0', 'q4_1' (absent
+               in older plans: the model's parameter dtype)
   alternatives the planner's best mappings: {mapping, layers_per_region, band_rows,
                wafers, cores, decode_tokens_per_s}
   ops          [{name, kind, layer, inputs, out_bytes, weight, k, n, transposed,
                  weight_dtype, shares, params, roles, kv_bytes_per_token, heads,
                  host}, ...] in execution order
   regions      {op name: {wafer, row, col, group, pr, pc, k, n, wbytes, positions, dh, hd,
-                 kv_bytes, buffers, share, rk, rn}}: the rectangle at (row, col) of pr x pc
+                 kv_bytes, buffers, share, rk, rn, kblock, nblock}}: the rectangle at (row, col) of pr x pc
                  cores (group: the op whose cores it shares), with the tiling fields of
                  compiler.partition.Tiling
   summary      compiler.summary.summary(plan) at save time (for readers; ignored on load)
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler import cost, frontend
-from compiler.ir import CompilerError, Op
+from compiler.ir import WEIGHT_FORMATS, CompilerError, Op, weight_format_of
 from compiler.partition import Tiling
 from compiler.place import Region
 from compiler.plan import Plan
@@ -50,6 +52,7 @@ from spark_model.config import ModelConfig
 SCHEMA = "spark-plan/1"
 _OP_FIELDS = [f.name for f in dataclasses.fields(Op) if f.name != "eqns"]
 _TILING_FIELDS = [f.name for f in dataclasses.fields(Tiling)]
+_TILING_DEFAULTS = {"kblock", "nblock"}  # absent from plans saved before packed weights
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -68,7 +71,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "target": plan.target.to_dict(), "context": plan.context, "band": plan.band,
         "max_context": plan.max_context, "compile_s": plan.compile_s,
         "placement_cost": list(plan.placement_cost), "wafer_layers": plan.wafer_layers,
-        "share": plan.share, "alternatives": plan.alternatives,
+        "share": plan.share, "weights": plan.weights, "alternatives": plan.alternatives,
         "ops": ops, "regions": regions, "summary": summary(plan),
     }
 
@@ -80,14 +83,17 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
     try:
         cfg = ModelConfig.from_dict(data["model"])
         target = Target(**data["target"])
-        graph = frontend.build_graph(cfg)
+        weights = str(data.get("weights") or weight_format_of(cfg))
+        graph = frontend.build_graph(cfg, weights=weights if weights in WEIGHT_FORMATS
+                                     else None)
         saved = [(o["name"], o["kind"]) for o in data["ops"]]
         if saved != [(o.name, o.kind) for o in graph.ops]:
             raise CompilerError("the saved ops do not match the model's traced decode step "
                                 "(saved by another version of the model code?)")
         regions = {}
         for name, r in data["regions"].items():
-            tiling = Tiling(**{k: int(r[k]) for k in _TILING_FIELDS})
+            tiling = Tiling(**{k: int(r[k]) for k in _TILING_FIELDS
+                               if k in r or k not in _TILING_DEFAULTS})
             regions[name] = Region(name, int(r["wafer"]), int(r["row"]), int(r["col"]), tiling,
                                    group=r.get("group"))
         host = {o["name"]: o["host"] for o in data["ops"]}
@@ -97,7 +103,7 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
                     placement_cost=tuple(map(float, data["placement_cost"])),
                     max_context=int(data["max_context"]), compile_s=float(data["compile_s"]),
                     source=str(data["source"]), share=int(data.get("share", 1)),
-                    alternatives=list(data.get("alternatives", [])))
+                    alternatives=list(data.get("alternatives", [])), weights=weights)
         plan.routing = route_plan(plan)
         plan.predictions = cost.predictions(plan)
     except (KeyError, TypeError, ValueError) as e:

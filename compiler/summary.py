@@ -36,7 +36,8 @@ def summary(plan: Plan) -> dict[str, Any]:
         "target": plan.target.name,
         "context": plan.context,
         "params": int(sum(p.size for p in g.params.values())),
-        "weight_bytes": int(sum(p.nbytes for p in g.params.values())),
+        "weights": plan.weights,
+        "weight_bytes": g.weight_bytes(),
         "kv_cache_bytes": int(sum(o.kv_bytes_per_token for o in attn) * plan.context),
         "ops": len(g.ops),
         "tiles": int(sum(plan.regions[o.name].tiling.cores for o in tiled)),
@@ -65,7 +66,8 @@ def format_summary(plan: Plan) -> str:
     gib = 1024 ** 3
     lines = [
         f"{s['model']} on {s['target']} at context {s['context']:,}",
-        f"  parameters      {s['params']:,} ({s['weight_bytes'] / gib:.3f} GiB)",
+        f"  parameters      {s['params']:,} ({s['weight_bytes'] / gib:.3f} GiB as "
+        f"{s['weights']})",
         f"  KV cache        {s['kv_cache_bytes'] / gib:.3f} GiB on {s['kv_cores']:,} cores",
         f"  ops / tiles     {s['ops']} ops, {s['tiles']:,} weight tiles",
         f"  cores used      {s['cores_used']:,} of {s['cores_available']:,} "
