@@ -60,8 +60,10 @@ def _largest_param_file(root):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(spark_model.FormatError, match="does not exist"):
         spark_model.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="does not exist"):  # the checkpoint reader's own
+        spark_model.checkpoint.check(tmp_path / "nope")
 
 
 def test_missing_parts(saved):
@@ -92,10 +94,14 @@ def test_corrupted_params(saved):
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(CheckpointError, match="is a directory"):
+    with pytest.raises(spark_model.FormatError, match="not a GGUF model"):
         spark_model.load(tmp_path / "file")
-    with pytest.raises(CheckpointError, match="missing config.json"):
+    with pytest.raises(CheckpointError, match="is a directory"):
+        spark_model.checkpoint.check(tmp_path / "file")
+    with pytest.raises(spark_model.FormatError, match="no config.json"):
         spark_model.load(tmp_path)
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        spark_model.checkpoint.check(tmp_path)
 
 
 def test_bad_config(saved):
