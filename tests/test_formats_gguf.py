@@ -672,7 +672,7 @@ def test_more_memory_than_available_is_refused_before_dequantizing(good, monkeyp
 
     monkeypatch.setattr(gg, "dequantize", must_not_run)
     monkeypatch.setattr(gg, "available_memory", lambda: 5_000)  # below one tensor
-    refused(good[0], "needs 7.6 KiB in float32", "4.9 KiB of memory available")
+    refused(good[0], "needs 7.62 KiB in float32", "4.88 KiB of memory available")
     monkeypatch.setattr(gg, "available_memory", lambda: 60_000)  # each tensor fits, not all
     refused(good[0], "reading needs about", "available")
 

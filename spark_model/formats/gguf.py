@@ -47,6 +47,7 @@ from spark_model.formats.gguf_header import (  # noqa: F401 - public names re-ex
     inspect_gguf, read_gguf_metadata)
 from spark_model.formats.imported import Imported
 from spark_model.formats.mapping import FormatError, check_tensors, expected_shapes, spark_params
+from spark_model.formats.memory import available_memory, size_text
 
 ARCHITECTURES = ("llama", "qwen2")
 T = GGMLQuantizationType
@@ -344,21 +345,6 @@ def _check_types(tensors: Mapping[str, TensorInfo], path: str) -> None:
                               f"{', '.join(t.name for t in SUPPORTED_TYPES)})")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _check_memory(infos: list[TensorInfo], path: str) -> None:
     """Refuse before dequantizing if the float32 parameters cannot fit in memory.
 
@@ -370,19 +356,13 @@ def _check_memory(infos: list[TensorInfo], path: str) -> None:
         return
     largest = max(infos, key=lambda t: t.n_elements)
     if largest.n_elements * 4 > avail:
-        raise FormatError(f"{path}: tensor {largest.name} needs {_bytes(largest.n_elements * 4)}"
-                          f" in float32, more than the {_bytes(avail)} of memory available")
+        raise FormatError(f"{path}: tensor {largest.name} needs "
+                          f"{size_text(largest.n_elements * 4)} in float32, more than the "
+                          f"{size_text(avail)} of memory available")
     need = sum(t.n_elements for t in infos) * 4 + 2 * largest.n_elements * 4
     if need > avail:
-        raise FormatError(f"{path}: reading needs about {_bytes(need)} of memory (float32 "
-                          f"parameters), only {_bytes(avail)} is available")
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
+        raise FormatError(f"{path}: reading needs about {size_text(need)} of memory (float32 "
+                          f"parameters), only {size_text(avail)} is available")
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 from spark_model.config import ConfigError, ModelConfig, RopeScaling
 from spark_model.formats.imported import Imported
 from spark_model.formats.mapping import FormatError, check_tensors, expected_shapes, spark_params
+from spark_model.formats.memory import available_memory, size_text
 from spark_model.formats.safetensors_file import READABLE, SafetensorsReader, read_header
 
 CONFIG_FILE = "config.json"
@@ -282,18 +283,6 @@ def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     return files, wmap
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes, or None where there is no such file."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _check_memory(numels: list[int], source: str) -> None:
     """Refuse before reading when the float32 parameters cannot fit in available memory.
 
@@ -302,15 +291,8 @@ def _check_memory(numels: list[int], source: str) -> None:
     need = 4 * (sum(numels) + max(numels, default=0))
     have = available_memory()
     if have is not None and need > have:
-        raise FormatError(f"{source}: the float32 parameters need {_size(need)} but only "
-                          f"{_size(have)} of memory is available (MemAvailable)")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} bytes"
+        raise FormatError(f"{source}: the float32 parameters need {size_text(need)} but only "
+                          f"{size_text(have)} of memory is available (MemAvailable)")
 
 
 class _Tensors(Mapping[str, np.ndarray]):
