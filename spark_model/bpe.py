@@ -41,7 +41,7 @@ from tokenizers import decoders, models
 from spark_model.bpe_bytes import (  # noqa: F401 - byte_to_unicode re-exported
     BYTE_LEVEL, META, METASPACE, byte_to_unicode, id_tables, unencodable_bytes)
 from spark_model.bpe_pretokenizers import _PRE, PRE_TOKENIZERS, build_pre_tokenizer
-from spark_model.tokenizer import StreamDecoder, TokenizerError
+from spark_model.tokenizer import ByteTableDecoding, TokenizerError
 
 TOKENIZER_JSON = "tokenizer.json"  # the library's own JSON, as Hugging Face ships it
 META_JSON = "tokenizer_meta.json"  # Spark's ids, flags and chat template
@@ -86,7 +86,7 @@ def _dedup(ids: Iterable[int | None]) -> tuple[int, ...]:
     return tuple(out)
 
 
-class BPETokenizer:
+class BPETokenizer(ByteTableDecoding):
     """A `tokenizers` BPE tokenizer with Spark's interface and exact byte decoding.
 
     Build one with `from_gguf_metadata`, `from_hf_dir` or `load_dir`; save it into a
@@ -260,31 +260,6 @@ class BPETokenizer:
             lib = self._lib_special if special else self._lib
             rows = [e.ids for e in lib.encode_batch(texts, add_special_tokens=False)]
         return [self._wrap(list(r), bos, eos) for r in rows]
-
-    def _check_ids(self, ids: Iterable[int] | int) -> list[int]:
-        if hasattr(ids, "tolist"):  # numpy array or scalar
-            ids = ids.tolist()  # type: ignore[union-attr]
-        if hasattr(ids, "__index__"):
-            ids = [ids]  # type: ignore[list-item]
-        try:
-            out = [operator.index(i) for i in ids]  # type: ignore[union-attr]
-        except TypeError:
-            raise TypeError("token ids must be integers") from None
-        n = len(self._table)
-        if out and (min(out) < 0 or max(out) >= n):
-            bad = next(i for i in out if not 0 <= i < n)
-            raise TokenizerError(f"token id {bad} out of range [0, {n})")
-        return out
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        table = self._table
-        return b"".join([table[i] for i in self._check_ids(ids)])
-
-    def decode(self, ids: Iterable[int], errors: str = "strict") -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors)
-
-    def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return (f"BPETokenizer({self._source!r}, kind={self.kind}, vocab_size={self.vocab_size}, "

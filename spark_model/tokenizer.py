@@ -75,7 +75,43 @@ def _utf8(text: str, what: str = "text") -> bytes:
             f"at character offset {e.start} cannot be encoded as UTF-8") from None
 
 
-class Tokenizer:
+class ByteTableDecoding:
+    """Decoding shared by every tokenizer: ids -> bytes through a per-id table.
+
+    Subclasses set `self._table` (list of bytes, one entry per id) in their constructor;
+    a table, not the library's own decoder, so that any id sequence decodes to exactly its
+    bytes and streamed text never splits a character.
+    """
+
+    _table: list[bytes]
+
+    def _check_ids(self, ids: Iterable[int] | int) -> list[int]:
+        if hasattr(ids, "tolist"):  # numpy array/scalar: one C-level conversion
+            ids = ids.tolist()  # type: ignore[union-attr]
+        if hasattr(ids, "__index__"):  # a single id
+            ids = [ids]  # type: ignore[list-item]
+        try:
+            out = [operator.index(i) for i in ids]  # type: ignore[union-attr]
+        except TypeError:
+            raise TypeError("token ids must be integers") from None
+        n = len(self._table)
+        if out and (min(out) < 0 or max(out) >= n):
+            bad = next(i for i in out if not 0 <= i < n)
+            raise TokenizerError(f"token id {bad} out of range [0, {n})")
+        return out
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        table = self._table
+        return b"".join([table[i] for i in self._check_ids(ids)])
+
+    def decode(self, ids: Iterable[int], errors: str = "strict") -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class Tokenizer(ByteTableDecoding):
     """A trained SentencePiece model plus exact encode/decode."""
 
     def __init__(self, processor: spm.SentencePieceProcessor, source: str = "<model>") -> None:
@@ -186,31 +222,6 @@ class Tokenizer:
         flat = list(itertools.chain.from_iterable(per_text))
         encoded = iter(self._sp.encode(flat, num_threads=self._threads)) if flat else iter(())
         return [self._join([next(encoded) for _ in segs], bos, eos) for segs in per_text]
-
-    # -- decoding -----------------------------------------------------------
-    def _check_ids(self, ids: Iterable[int] | int) -> list[int]:
-        if hasattr(ids, "tolist"):  # numpy array/scalar: one C-level conversion
-            ids = ids.tolist()  # type: ignore[union-attr]
-        if hasattr(ids, "__index__"):  # a single id
-            ids = [ids]  # type: ignore[list-item]
-        try:
-            out = [operator.index(i) for i in ids]  # type: ignore[union-attr]
-        except TypeError:
-            raise TypeError("token ids must be integers") from None
-        if out and (min(out) < 0 or max(out) >= len(self._table)):
-            bad = next(i for i in out if not 0 <= i < len(self._table))
-            raise TokenizerError(f"token id {bad} out of range [0, {len(self._table)})")
-        return out
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        table = self._table
-        return b"".join([table[i] for i in self._check_ids(ids)])
-
-    def decode(self, ids: Iterable[int], errors: str = "strict") -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors)
-
-    def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)
 
 
 class StreamDecoder:
