@@ -484,3 +484,18 @@ def test_cli_bad_inputs(tmp_path, capsys, e2e_run, mini_corpus, cache_dir):
     assert code == 2
     _assert_one_line_error(err, "unknown config field")
     assert not (tmp_path / "a").exists() and not (tmp_path / "f").exists()
+
+
+def test_default_warmup_fits_short_runs():
+    import argparse
+
+    from train.cli import add_arguments, settings_from_args
+
+    parser = add_arguments(argparse.ArgumentParser())
+    short = settings_from_args(parser.parse_args(["--out", "x", "--steps", "30"]))
+    assert short.warmup == 3  # a tenth of the steps, not the default 100
+    long = settings_from_args(parser.parse_args(["--out", "x", "--steps", "5000"]))
+    assert long.warmup == 100
+    given = settings_from_args(parser.parse_args(["--out", "x", "--steps", "30",
+                                                  "--warmup", "0"]))
+    assert given.warmup == 0

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o.add_argument("--min-lr-ratio", type=float, default=None,
                    help=f"final lr as a fraction of --lr (default {d.min_lr_ratio})")
     o.add_argument("--warmup", type=int, default=None,
-                   help=f"linear warmup steps (default {d.warmup})")
+                   help=f"linear warmup steps (default {d.warmup}, at most a tenth of --steps)")
     o.add_argument("--weight-decay", type=float, default=None,
                    help=f"AdamW weight decay on matrices (default {d.weight_decay})")
     o.add_argument("--clip", type=float, default=None,
@@ -154,6 +154,10 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
     for flag in ("bf16", "fsdp"):
         if getattr(args, flag, None) is not None:
             given[flag] = bool(getattr(args, flag))
+    if not stored and "warmup" not in given:
+        # The default warmup scales down for short runs: at most a tenth of the steps.
+        steps = given.get("steps", base.steps)
+        given["warmup"] = min(base.warmup, steps // 10)
     return dataclasses.replace(base, **given)
 
 
