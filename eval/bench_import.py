@@ -1,10 +1,11 @@
 """`spark bench import`: an imported model against the engines it came from.
 
-The model is loaded by Spark (dequantized to float32), then written back out at float32 —
-as a GGUF file for llama.cpp (`llama-cpp-python`) and as a Hugging Face directory for
-`transformers` — so all three run the very same weights. For each peer: the greedy
-continuation of a prompt (new tokens, all identical or the first position that differs),
-and the largest absolute logit difference over every position of prompt + continuation.
+The model is loaded by Spark (dequantized to float32), then exported at float32 with
+`spark_model.formats.export` (what `spark export` writes) — as a GGUF file for llama.cpp
+(`llama-cpp-python`) and as a Hugging Face directory for `transformers` — so all three run
+the very same weights. For each peer: the greedy continuation of a prompt (new tokens, all
+identical or the first position that differs), and the largest absolute logit difference
+over every position of prompt + continuation.
 Both peers are optional (`pip install -e '.[bench]'`); a missing one is reported, not fatal.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +87,11 @@ def transformers_peer(hf_dir: Path, prompt: list[int], new_tokens: int, seq: lis
 def run(model: str, *, prompt_tokens: int = 768, new_tokens: int = 256, threads: int = 2,
         log=print) -> dict:
     import spark_model
-    from spark_model.checkpoint import flat_params
-    from spark_model.formats.detect import detect, resolve
+    from spark_model.formats.detect import resolve
+    from spark_model.formats.export import export
 
     path = resolve(model)
     m = spark_model.load(model, capacity=prompt_tokens + new_tokens + 16)
-    params = {k: np.asarray(v, np.float32) for k, v in flat_params(m.model).items()}
     prompt = _prompt_ids(m, prompt_tokens)
     ours_tokens = m.generate_tokens([prompt], new_tokens, ignore_eos=True)[0]
     seq = prompt + ours_tokens
@@ -99,33 +100,25 @@ def run(model: str, *, prompt_tokens: int = 768, new_tokens: int = 256, threads:
               "positions": len(seq)}
     log(f"{path}: {len(prompt)}-token prompt, {new_tokens} greedy tokens, "
         f"logits at {len(seq)} positions")
-    with tempfile.TemporaryDirectory(prefix="spark-bench-import-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="spark-bench-import-") as tmp, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export's tokenizer caveats; ids are fed directly
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             result["llama.cpp"] = "llama-cpp-python is not installed"
         else:
-            if detect(path) != "gguf":
-                result["llama.cpp"] = "needs a GGUF source (its tokenizer metadata)"
-            else:
-                from spark_model.formats.gguf import read_gguf_metadata
-                from spark_model.formats.gguf_write import write_gguf
-
-                meta = {k: v for k, v in read_gguf_metadata(path).items()
-                        if k.startswith("tokenizer.")}
-                f32 = write_gguf(Path(tmp) / "f32.gguf", m.config, params, meta)
-                result["llama.cpp"] = _compare(ours_tokens, ours_logits,
-                                               *llama_cpp_peer(f32, prompt, new_tokens, seq,
-                                                               threads))
+            f32 = export(m, "gguf", Path(tmp) / "f32.gguf")
+            result["llama.cpp"] = _compare(ours_tokens, ours_logits,
+                                           *llama_cpp_peer(f32, prompt, new_tokens, seq,
+                                                           threads))
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401
         except ImportError:
             result["transformers"] = "torch/transformers are not installed"
         else:
-            from spark_model.formats.hf_write import write_hf
-
-            hf_dir = write_hf(Path(tmp) / "hf", m.config, params)
+            hf_dir = export(m, "hf", Path(tmp) / "hf")
             result["transformers"] = _compare(ours_tokens, ours_logits,
                                               *transformers_peer(hf_dir, prompt, new_tokens,
                                                                  seq))

@@ -40,7 +40,8 @@ from tokenizers import decoders, models
 
 from spark_model.bpe_bytes import (  # noqa: F401 - byte_to_unicode re-exported
     BYTE_LEVEL, META, METASPACE, byte_to_unicode, id_tables, unencodable_bytes)
-from spark_model.bpe_pretokenizers import _PRE, PRE_TOKENIZERS, build_pre_tokenizer
+from spark_model.bpe_pretokenizers import (_PRE, PRE_TOKENIZERS, build_pre_tokenizer,
+                                           gguf_pre_name)
 from spark_model.tokenizer import ByteTableDecoding, TokenizerError
 
 TOKENIZER_JSON = "tokenizer.json"  # the library's own JSON, as Hugging Face ships it
@@ -96,7 +97,7 @@ class BPETokenizer(ByteTableDecoding):
     def __init__(self, tokenizer: _LibTokenizer, *, kind: str, bos_id: int | None,
                  end_ids: Sequence[int], pad_id: int | None, add_bos: bool,
                  chat_template: str | None, vocab_size: int | None = None,
-                 source: str = "<tokenizer>") -> None:
+                 source: str = "<tokenizer>", pre: str | None = None) -> None:
         if kind not in (BYTE_LEVEL, METASPACE):
             raise TokenizerError(f"{source}: unknown tokenizer kind {kind!r}")
         self._source = source
@@ -127,6 +128,9 @@ class BPETokenizer(ByteTableDecoding):
         self.pad_id = self.eos_id if pad_id is None else pad_id
         self.add_bos = bool(add_bos) and bos_id is not None
         self.chat_template = chat_template
+        # The GGUF name of the pre-tokenizer (tokenizer.ggml.pre), kept so an export can
+        # name it again; None where the split rules match no name GGUF knows.
+        self.pre = pre if pre is not None else gguf_pre_name(tokenizer)
 
         # Two library tokenizers: one reads special-token text as text, one matches it.
         self._lib = tokenizer
@@ -192,6 +196,10 @@ class BPETokenizer(ByteTableDecoding):
 
     def id_to_piece(self, token_id: int) -> str:
         return self._names[self._check_ids([token_id])[0]]
+
+    def tokenizer_json(self) -> str:
+        """The library tokenizer as tokenizer.json text (what Hugging Face loads)."""
+        return self._lib.to_str()
 
     def token_to_id(self, piece: str) -> int | None:
         """The id of a vocabulary piece or added token ("<|im_end|>", "Ġthe"), else None."""
@@ -272,7 +280,8 @@ class BPETokenizer(ByteTableDecoding):
         return {"format": META_FORMAT, "version": META_VERSION, "kind": self.kind,
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id,
                 "end_ids": list(self.end_ids), "pad_id": self.pad_id, "add_bos": self.add_bos,
-                "chat_template": self.chat_template, "special_ids": list(self.special_ids)}
+                "chat_template": self.chat_template, "special_ids": list(self.special_ids),
+                "pre": self.pre}
 
     def save_to_dir(self, path: str | os.PathLike[str]) -> None:
         """Write tokenizer.json (the library's JSON) and tokenizer_meta.json into `path`."""
@@ -304,7 +313,7 @@ class BPETokenizer(ByteTableDecoding):
             tok = cls(lib, kind=meta["kind"], bos_id=meta["bos_id"], end_ids=meta["end_ids"],
                       pad_id=meta["pad_id"], add_bos=meta["add_bos"],
                       chat_template=meta["chat_template"], vocab_size=meta["vocab_size"],
-                      source=str(root))
+                      source=str(root), pre=meta.get("pre"))
         except (KeyError, TypeError) as e:
             raise TokenizerError(f"{root / META_JSON} lacks or garbles field {e}") from None
         if list(tok.special_ids) != list(meta.get("special_ids", tok.special_ids)):
@@ -421,7 +430,7 @@ class BPETokenizer(ByteTableDecoding):
                        *(vocab.get(t) for t in END_TEXTS if vocab.get(t) in special_ids)])
         return cls(lib, kind=BYTE_LEVEL, bos_id=opt_id("tokenizer.ggml.bos_token_id"),
                    end_ids=ends, pad_id=opt_id("tokenizer.ggml.padding_token_id"),
-                   add_bos=add_bos, chat_template=template, source=source)
+                   add_bos=add_bos, chat_template=template, source=source, pre=pre)
 
     # ---- Hugging Face ------------------------------------------------------------------
 

@@ -15,9 +15,10 @@ while the tokenizer around it does not change.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from tokenizers import Regex, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 # The split rules are the models' own (from their tokenizer.json files); GGUF names them.
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -66,3 +67,26 @@ def build_pre_tokenizer(name: str) -> tuple[pre_tokenizers.PreTokenizer, bool, b
     model's ignore_merges and whether it adds BOS when GGUF does not say."""
     steps, ignore_merges, bos_default = _PRE[name]
     return pre_tokenizers.Sequence(steps()), ignore_merges, bos_default
+
+
+def _split_rules(lib: Tokenizer) -> tuple[Any, bool]:
+    """A library tokenizer's pre-tokenizer (as JSON) and its model's ignore_merges."""
+    spec = json.loads(lib.to_str())
+    return spec.get("pre_tokenizer"), bool(spec.get("model", {}).get("ignore_merges"))
+
+
+def gguf_pre_name(lib: Tokenizer) -> str | None:
+    """The GGUF pre-tokenizer name whose rules `lib` follows exactly (None: no name does).
+
+    Compared as the library serialises both, so equal rules compare equal however the
+    tokenizer.json they came from was spelled.
+    """
+    rules = _split_rules(lib)
+    if rules[0] is None:
+        return None
+    for name in _PRE:
+        probe = Tokenizer(models.BPE(ignore_merges=_PRE[name][1]))
+        probe.pre_tokenizer = build_pre_tokenizer(name)[0]
+        if _split_rules(probe) == rules:
+            return name
+    return None

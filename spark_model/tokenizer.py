@@ -189,6 +189,17 @@ class Tokenizer(ByteTableDecoding):
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(self._check_ids([token_id])[0])
 
+    def piece_table(self) -> list[tuple[str, float, int]]:
+        """(piece, score, type) for every id, as the model file stores them; type is
+        SentencePiece's piece type (1 normal, 2 unknown, 3 control, 4 user-defined,
+        5 unused, 6 byte), the numbering GGUF's tokenizer.ggml.token_type also uses.
+        What another runtime needs to rebuild the vocabulary."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.serialized())
+        return [(p.piece, float(p.score), int(p.type)) for p in proto.pieces]
+
     # -- encoding -----------------------------------------------------------
     def _segments(self, text: str) -> list[bytes]:
         if not isinstance(text, str):

@@ -1,7 +1,9 @@
 """Writing a Spark model as a GGUF file that llama.cpp (and `formats.gguf`) read.
 
 Architecture `llama` (or `qwen2` when the model has q/k/v biases), tensors in float32 or
-float16 (norms and biases always float32). llama.cpp's `llama` graph applies RoPE to
+float16 (norms and biases always float32). Linear rope scaling is written as
+`rope.scaling.*`; Llama 3.1 (llama3) scaling as llama.cpp's `rope_freqs.weight` tensor of
+per-frequency divisors (llama architecture only). llama.cpp's `llama` graph applies RoPE to
 interleaved pairs (2i, 2i+1) while Spark and Hugging Face pair (i, i + H/2), so the rows of
 q and k are reordered per head on the way out; `qwen2` uses the half-split pairing and keeps
 them as they are.
@@ -43,6 +45,19 @@ def interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     h = w.shape[0] // n_heads
     heads = w.reshape(n_heads, 2, h // 2, *w.shape[1:])  # (heads, half, i, ...)
     return np.ascontiguousarray(np.swapaxes(heads, 1, 2)).reshape(w.shape)
+
+
+def rope_divisors(cfg: ModelConfig) -> np.ndarray:
+    """Llama 3.1 scaling as llama.cpp holds it: what each rotary frequency is divided by.
+
+    Shape (H/2,), float32; written as the `rope_freqs.weight` tensor, which llama.cpp's
+    `llama` graph applies and `formats.gguf` turns back into the RopeScaling.
+    """
+    from spark_model.layers import rope_frequencies
+
+    base = rope_frequencies(cfg.head_dim, cfg.rope_theta, None)
+    return (base / rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            ).astype(np.float32)
 
 
 def _gguf_tensors(cfg: ModelConfig, params: Mapping[str, np.ndarray], arch: str
@@ -120,14 +135,24 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, n
         raise FormatError(f"{dest} already exists; pass overwrite=True to replace it")
     if dtype not in ("float32", "float16"):
         raise FormatError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-    if cfg.rope_scaling is not None:
-        # llama.cpp reads Llama 3.1 scaling from a precomputed tensor and linear scaling
-        # from rope.scaling.*; only the latter is written here.
-        if cfg.rope_scaling.kind != "linear":
-            raise FormatError(f"writing rope scaling {cfg.rope_scaling.kind!r} to GGUF is "
-                              "not supported")
     arch = "qwen2" if cfg.attn_bias else "llama"
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3" and arch != "llama":
+        # llama.cpp reads Llama 3.1 scaling from a rope_freqs tensor in its `llama` graph only.
+        raise FormatError(f"a model with q/k/v biases (GGUF architecture {arch}) and llama3 "
+                          "rope scaling cannot be written to GGUF")
     tensors = _gguf_tensors(cfg, params, arch)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3":
+        tensors["rope_freqs.weight"] = rope_divisors(cfg)
+        from spark_model.formats.gguf import _llama3_from_factors
+
+        try:  # the reader must recover the same frequencies from the divisors
+            _llama3_from_factors(tensors["rope_freqs.weight"].astype(np.float64),
+                                 cfg.head_dim, cfg.rope_theta,
+                                 cfg.rope_scaling.original_max_position, str(dest))
+        except FormatError as e:
+            raise FormatError(f"llama3 rope scaling of this model (head_dim {cfg.head_dim}, "
+                              f"rope_theta {cfg.rope_theta:g}) cannot be written to GGUF so "
+                              f"that it reads back: {str(e).split(': ', 1)[-1]}") from None
     tmp = dest.with_name(f".{dest.name}.writing")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
@@ -142,7 +167,9 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, n
         writer.add_value_length(cfg.head_dim)
         writer.add_rope_dimension_count(cfg.head_dim)
         writer.add_rope_freq_base(float(cfg.rope_theta))
-        if cfg.rope_scaling is not None:
+        if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3":
+            writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_scaling.original_max_position))
+        elif cfg.rope_scaling is not None:
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(cfg.rope_scaling.factor))
         writer.add_layer_norm_rms_eps(float(cfg.norm_eps))

@@ -43,12 +43,18 @@ def read_config(path: Path, kind: str):
 
 
 def tokenizer_of(imported) -> Any:
-    """The byte-level BPE tokenizer an imported model carries."""
+    """The tokenizer an imported model carries: byte-level BPE, or, for a Hugging Face
+    directory holding only a SentencePiece tokenizer.model (what `spark export` writes
+    for Spark's own tokenizer), that model read as Spark's SentencePiece tokenizer."""
     from spark_model.bpe import BPETokenizer
 
     kind, source = imported.tokenizer_source
     if kind == "gguf":
         return BPETokenizer.from_gguf_metadata(source)
+    if not (source / "tokenizer.json").is_file() and (source / "tokenizer.model").is_file():
+        from spark_model.tokenizer import Tokenizer
+
+        return Tokenizer.load(source / "tokenizer.model")
     # A Hugging Face model may have more embedding rows than tokens (Qwen2.5 pads its
     # vocabulary); the tokenizer's id table is padded to match, extra ids decode to nothing.
     return BPETokenizer.from_hf_dir(source, vocab_size=imported.cfg.vocab_size)
