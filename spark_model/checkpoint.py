@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from spark_model import tokenizers_io
+from spark_model.atomic import move_into_place
 from spark_model.config import ConfigError, ModelConfig
 from spark_model.transformer import Transformer, abstract_model
 
@@ -138,14 +139,7 @@ def save(path: str | os.PathLike, model: Transformer, tokenizer, *,
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
         _write_manifest(tmp)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            old.rmdir()
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
+        move_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

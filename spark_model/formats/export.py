@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from spark_model.atomic import move_into_place
 from spark_model.config import ModelConfig
 from spark_model.formats.mapping import FormatError
 
@@ -68,17 +69,7 @@ def _hf_into(dest: Path, cfg: ModelConfig, params: dict, tokenizer: Any, dtype: 
     try:
         write_hf(tmp, cfg, params, dtype=dtype)
         caveats = write_hf_tokenizer(tokenizer, tmp, cfg.max_seq_len)
-        if dest.exists() or dest.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            old.rmdir()
-            dest.rename(old)
-            tmp.rename(dest)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            tmp.rename(dest)
+        move_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
