@@ -11,6 +11,7 @@ Both peers are optional (`pip install -e '.[bench]'`); a missing one is reported
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 import time
@@ -103,25 +104,19 @@ def run(model: str, *, prompt_tokens: int = 768, new_tokens: int = 256, threads:
     with tempfile.TemporaryDirectory(prefix="spark-bench-import-") as tmp, \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's tokenizer caveats; ids are fed directly
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            result["llama.cpp"] = "llama-cpp-python is not installed"
-        else:
-            f32 = export(m, "gguf", Path(tmp) / "f32.gguf")
-            result["llama.cpp"] = _compare(ours_tokens, ours_logits,
-                                           *llama_cpp_peer(f32, prompt, new_tokens, seq,
-                                                           threads))
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError:
-            result["transformers"] = "torch/transformers are not installed"
-        else:
-            hf_dir = export(m, "hf", Path(tmp) / "hf")
-            result["transformers"] = _compare(ours_tokens, ours_logits,
-                                              *transformers_peer(hf_dir, prompt, new_tokens,
-                                                                 seq))
+        peers = {  # name -> (modules it needs, export format, runner)
+            "llama.cpp": (("llama_cpp",), "gguf",
+                          lambda f: llama_cpp_peer(f, prompt, new_tokens, seq, threads)),
+            "transformers": (("torch", "transformers"), "hf",
+                             lambda d: transformers_peer(d, prompt, new_tokens, seq)),
+        }
+        for name, (modules, fmt, peer_run) in peers.items():
+            missing = [mod for mod in modules if importlib.util.find_spec(mod) is None]
+            if missing:
+                result[name] = f"{', '.join(missing)} not installed (pip install -e '.[bench]')"
+                continue
+            exported = export(m, fmt, Path(tmp) / f"f32.{fmt}")
+            result[name] = _compare(ours_tokens, ours_logits, *peer_run(exported))
     for peer in ("llama.cpp", "transformers"):
         r = result[peer]
         if isinstance(r, str):

@@ -43,6 +43,7 @@ from spark_model.bpe_bytes import (  # noqa: F401 - byte_to_unicode re-exported
 from spark_model.bpe_pretokenizers import (_PRE, PRE_TOKENIZERS, build_pre_tokenizer,
                                            gguf_pre_name)
 from spark_model.tokenizer import ByteTableDecoding, TokenizerError
+from spark_model.versioned_json import read_versioned_json
 
 TOKENIZER_JSON = "tokenizer.json"  # the library's own JSON, as Hugging Face ships it
 META_JSON = "tokenizer_meta.json"  # Spark's ids, flags and chat template
@@ -299,15 +300,7 @@ class BPETokenizer(ByteTableDecoding):
         for name in (TOKENIZER_JSON, META_JSON):
             if not (root / name).is_file():
                 raise FileNotFoundError(f"tokenizer file not found: {root / name}")
-        try:
-            meta = json.loads((root / META_JSON).read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise TokenizerError(f"{root / META_JSON} is not valid JSON: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-            raise TokenizerError(f"{root / META_JSON} is not a {META_FORMAT} file")
-        if meta.get("version") != META_VERSION:
-            raise TokenizerError(f"{root / META_JSON} has version {meta.get('version')}; "
-                                 f"this release reads version {META_VERSION}")
+        meta = read_versioned_json(root / META_JSON, META_FORMAT, META_VERSION, TokenizerError)
         lib = _read_lib(root / TOKENIZER_JSON)
         try:
             tok = cls(lib, kind=meta["kind"], bos_id=meta["bos_id"], end_ids=meta["end_ids"],

@@ -30,6 +30,7 @@ from spark_model import tokenizers_io
 from spark_model.atomic import move_into_place
 from spark_model.config import ConfigError, ModelConfig
 from spark_model.transformer import Transformer, abstract_model
+from spark_model.versioned_json import read_versioned_json
 
 FORMAT = "spark-checkpoint"
 VERSION = 1
@@ -184,16 +185,8 @@ def check(path: str | os.PathLike, *, verify_hashes: bool = True) -> dict[str, A
             problems.append(f"{rel} is corrupt (its SHA-256 differs from the manifest)")
     if problems:
         raise CheckpointError(f"damaged checkpoint {root}: " + "; ".join(problems))
-    try:
-        meta = json.loads((root / CONFIG_FILE).read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{root / CONFIG_FILE} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{root / CONFIG_FILE} is not a {FORMAT} config")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{root} has checkpoint format version {meta.get('version')}; "
-                              f"this release reads version {VERSION}")
-    return meta
+    return read_versioned_json(root / CONFIG_FILE, FORMAT, VERSION, CheckpointError,
+                               what="checkpoint format")
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
