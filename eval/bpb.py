@@ -34,6 +34,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from spark_model.tokenizers_io import document_ids  # noqa: F401 - re-exported
+
 DEFAULT_SEQ_LEN = 2048
 
 
@@ -61,23 +63,6 @@ def _default_seq_len(model_obj: Any) -> int:
             return value
     max_len = getattr(getattr(model_obj, "config", None), "max_seq_len", None)
     return min(DEFAULT_SEQ_LEN, max_len) if isinstance(max_len, int) else DEFAULT_SEQ_LEN
-
-
-def document_ids(tokenizer: Any, text: str) -> list[int]:
-    """A whole file as the model sees a document: its start, the text, its end.
-
-    The start is BOS for a model that has one, the end its EOS. A model without BOS
-    (SmolLM2, Qwen2) sees documents in a packed stream, each after the previous one's
-    end-of-text, so that id (the end id spelled <|endoftext|> when there is one, not a
-    chat model's end-of-turn) both starts and ends the file. Either way every token of the
-    text is predicted, and bits per byte count all of its bytes.
-    """
-    if getattr(tokenizer, "add_bos", True):
-        return list(tokenizer.encode(text, bos=True, eos=True))
-    ends = list(getattr(tokenizer, "end_ids", (tokenizer.eos_id,)))
-    named = [i for i in ends if tokenizer.decode([i]) == "<|endoftext|>"]
-    sep = (named or ends)[0]
-    return [sep] + list(tokenizer.encode(text)) + [sep]
 
 
 def _windows(tokens: Sequence[int], seq_len: int):

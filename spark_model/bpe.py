@@ -293,6 +293,10 @@ class BPETokenizer(ByteTableDecoding):
 
     save = save_to_dir
 
+    def serialized(self) -> bytes:
+        """Everything that defines the tokenizer as bytes (what the token caches key on)."""
+        return (json.dumps(self.meta(), sort_keys=True) + "\n" + self._lib.to_str()).encode()
+
     @classmethod
     def load_dir(cls, path: str | os.PathLike[str]) -> BPETokenizer:
         """Read a directory written by `save_to_dir`."""

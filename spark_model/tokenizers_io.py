@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 from spark_model.bpe import META_JSON, TOKENIZER_JSON, BPETokenizer
 from spark_model.tokenizer import Tokenizer, TokenizerError
@@ -53,3 +53,35 @@ def save_tokenizer(tokenizer: AnyTokenizer, path: str | os.PathLike[str]) -> Non
         raise TypeError(f"{type(tokenizer).__name__} cannot be saved into a checkpoint "
                         "(it has no save_to_dir)")
     save(path)
+
+
+def document_separator(tokenizer: AnyTokenizer) -> int | None:
+    """The id a model without BOS sees between documents, or None when it has a BOS.
+
+    Such a model (SmolLM2, Qwen2) was trained on a packed stream where each document follows
+    the previous one's end-of-text: the end id spelled <|endoftext|> when there is one (not
+    a chat model's end-of-turn), else its first end id.
+    """
+    if getattr(tokenizer, "add_bos", True):
+        return None
+    ends = list(getattr(tokenizer, "end_ids", (tokenizer.eos_id,)))
+    named = [i for i in ends if tokenizer.decode([i]) == "<|endoftext|>"]
+    return (named or ends)[0]
+
+
+def document_ids(tokenizer: AnyTokenizer, text: str) -> list[int]:
+    """A whole file as the model sees a document: its start, the text, its end.
+
+    The start is BOS and the end EOS for a model that has a BOS; for one without, the
+    document separator (`document_separator`) both starts and ends it. Either way every
+    token of the text is predicted, and bits per byte count all of its bytes.
+    """
+    return documents_ids(tokenizer, [text])[0]
+
+
+def documents_ids(tokenizer: AnyTokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """`document_ids` of many texts, encoded in one batch."""
+    sep = document_separator(tokenizer)
+    if sep is None:
+        return [list(ids) for ids in tokenizer.encode_batch(list(texts), bos=True, eos=True)]
+    return [[sep, *ids, sep] for ids in tokenizer.encode_batch(list(texts))]

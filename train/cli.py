@@ -1,6 +1,7 @@
 """`spark train`: train a model on a code corpus; the run directory becomes a checkpoint.
 
     spark train --preset tiny --out runs/tiny [--steps N] [--resume] [--data PATH ...]
+    spark train --init MODEL --data DIR --out runs/ft [--lora RANK] [--steps N]
 
 `add_arguments(parser)` declares the options and `run(args) -> int` runs them; `main(argv)`
 does both (``python -m train ...``). Exit codes: 0 done, 1 a runtime error (bad data, a
@@ -35,6 +36,10 @@ _OPTIONS = {
 }
 
 
+FINETUNE_LR = 1e-4  # default peak learning rate with --init (every weight trains)
+LORA_LR = 1e-3  # ... and with --lora (adapters start at zero and need larger steps)
+
+
 class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
 
@@ -51,6 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="continue the run in --out from its latest checkpoint; with a larger "
                         "--steps, extend it (the cosine decays over the new total)")
     g.add_argument("--preset", default=None, help=f"model preset (default: {d.preset})")
+    g.add_argument("--init", default=None, metavar="MODEL",
+                   help="fine-tune this model instead of training a preset from scratch: a "
+                        "Spark checkpoint, a .gguf file, a Hugging Face directory or a "
+                        "fetched model's name; its config and tokenizer are kept, and "
+                        "held-out bits per byte are reported before and after")
+    g.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="with --init: train low-rank adapters of this rank on the attention "
+                        "and MLP products (merged into the weights of the exported model) "
+                        "instead of every weight")
+    g.add_argument("--lora-alpha", type=float, default=None,
+                   help="adapter scale alpha / RANK (default alpha: 2 * RANK)")
     g.add_argument("--set", dest="overrides", action="append", default=None,
                    metavar="FIELD=VALUE",
                    help="override a model config field, e.g. --set n_layers=2 (repeatable)")
@@ -68,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"sequences per optimizer step, over all devices (default {d.batch_size})")
     o.add_argument("--seq-len", type=int, default=None,
                    help=f"tokens per training sequence (default {d.seq_len})")
-    o.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
+    o.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default {d.lr}; with --init {FINETUNE_LR}, "
+                        f"with --lora {LORA_LR})")
     o.add_argument("--min-lr-ratio", type=float, default=None,
                    help=f"final lr as a fraction of --lr (default {d.min_lr_ratio})")
     o.add_argument("--warmup", type=int, default=None,
@@ -104,14 +122,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--log-every", type=int, default=None,
                    help=f"steps per metrics line (default {d.log_every})")
     m.add_argument("--eval-every", type=int, default=None,
-                   help=f"steps between validation evals, 0 = end only (default {d.eval_every})")
+                   help=f"steps between validation evals, 0 = end only (default "
+                        f"{d.eval_every}, at most a fifth of --steps)")
     m.add_argument("--eval-tokens", type=int, default=None,
                    help="validation tokens scored at each interval, whole files from a fixed "
                         f"subset (default {d.eval_tokens}); the full split is scored at the end")
     m.add_argument("--val-permille", type=int, default=None,
                    help=f"validation share of files in 1/1000 (default {d.val_permille})")
     m.add_argument("--save-every", type=int, default=None,
-                   help=f"steps between checkpoints, 0 = end only (default {d.save_every})")
+                   help=f"steps between checkpoints, 0 = end only (default {d.save_every}, "
+                        "at most a quarter of --steps)")
     m.add_argument("--keep", type=int, default=None,
                    help=f"checkpoints kept (default {d.keep})")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -147,6 +167,18 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
             given[name] = value
     if args.preset is not None:
         given["preset"] = args.preset
+    if args.init is not None:
+        if args.preset is not None:
+            raise UsageError("--preset and --init exclude each other: --init keeps the "
+                             "model's own config")
+        from train.init import resolve_source
+        given["init"] = resolve_source(args.init)
+    if args.lora is not None:
+        if args.lora < 1:
+            raise UsageError(f"--lora must be a rank of at least 1, got {args.lora}")
+        given["lora_rank"] = args.lora
+    if args.lora_alpha is not None:
+        given["lora_alpha"] = args.lora_alpha
     if args.overrides is not None:
         given["overrides"] = _parse_overrides(args.overrides)
     if args.data is not None:
@@ -154,10 +186,17 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
     for flag in ("bf16", "fsdp"):
         if getattr(args, flag, None) is not None:
             given[flag] = bool(getattr(args, flag))
-    if not stored and "warmup" not in given:
-        # The default warmup scales down for short runs: at most a tenth of the steps.
+    if not stored:
+        # Defaults that fit any run length: warmup at most a tenth of the steps, evals at
+        # most a fifth, checkpoints at most a quarter; fine-tuning starts gentler.
         steps = given.get("steps", base.steps)
-        given["warmup"] = min(base.warmup, steps // 10)
+        scaled = {"warmup": min(base.warmup, steps // 10),
+                  "eval_every": min(base.eval_every, max(1, steps // 5)),
+                  "save_every": min(base.save_every, max(1, steps // 4))}
+        if "init" in given:
+            scaled["lr"] = LORA_LR if given.get("lora_rank") else FINETUNE_LR
+        for name, value in scaled.items():
+            given.setdefault(name, value)
     return dataclasses.replace(base, **given)
 
 

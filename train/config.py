@@ -25,6 +25,9 @@ class TrainConfig:
     """Everything that defines a run. Fields in RUN_FIELDS are fixed once a run starts."""
 
     preset: str = "tiny"
+    init: str | None = None  # start from this model (spark_model.load's argument), not a preset
+    lora_rank: int = 0  # > 0: train low-rank adapters of this rank instead of every weight
+    lora_alpha: float | None = None  # adapter scale alpha / rank; None: 2 * rank (scale 2)
     overrides: tuple[tuple[str, Any], ...] = ()  # ModelConfig fields, e.g. (("d_model", 32),)
     vocab_size: int | None = None  # None: the preset's
     data: tuple[str, ...] = ()  # sources (directories, .jsonl, files); () = the stdlib
@@ -58,6 +61,11 @@ class TrainConfig:
         extra = {"vocab_size": vocab} if vocab else {}
         return ModelConfig.preset(self.preset, **dict(self.overrides), **extra)
 
+    @property
+    def lora_scale(self) -> float:
+        alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+        return alpha / self.lora_rank if self.lora_rank else 0.0
+
     def to_json_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["overrides"] = {k: v for k, v in self.overrides}
@@ -74,9 +82,9 @@ class TrainConfig:
 
 
 # Settings a resumed run must share with the run it continues (--steps may only grow).
-RUN_FIELDS = ("preset", "overrides", "vocab_size", "data", "val_permille", "seq_len",
-              "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay", "b1",
-              "b2", "clip", "seed", "bf16")
+RUN_FIELDS = ("preset", "init", "lora_rank", "lora_alpha", "overrides", "vocab_size", "data",
+              "val_permille", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup",
+              "weight_decay", "b1", "b2", "clip", "seed", "bf16")
 
 
 def validate(tc: TrainConfig) -> None:
@@ -90,7 +98,7 @@ def validate(tc: TrainConfig) -> None:
     need(tc.grad_accum >= 1, f"--grad-accum must be at least 1, got {tc.grad_accum}")
     need(tc.batch_size % tc.grad_accum == 0,
          f"--batch-size ({tc.batch_size}) must be a multiple of --grad-accum ({tc.grad_accum})")
-    need(math.isfinite(tc.lr) and tc.lr > 0, f"--lr must be positive, got {tc.lr}")
+    need(math.isfinite(tc.lr) and tc.lr >= 0, f"--lr must be >= 0, got {tc.lr}")
     need(0 <= tc.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {tc.min_lr_ratio}")
     need(0 <= tc.warmup < tc.steps,
          f"--warmup must be in [0, --steps) = [0, {tc.steps}), got {tc.warmup}")
@@ -108,6 +116,23 @@ def validate(tc: TrainConfig) -> None:
         need(tc.vocab_size >= MIN_VOCAB_SIZE,
              f"--vocab-size must be at least {MIN_VOCAB_SIZE}, got {tc.vocab_size}")
         need(tc.vocab_size <= 65536 * 4, f"--vocab-size {tc.vocab_size} is implausibly large")
+    need(tc.lora_rank >= 0, f"--lora must be at least 1, got {tc.lora_rank}")
+    need(not tc.lora_rank or tc.init is not None,
+         "--lora adapts an existing model: give it with --init")
+    if tc.lora_alpha is not None:
+        need(math.isfinite(tc.lora_alpha) and tc.lora_alpha > 0,
+             f"--lora-alpha must be positive, got {tc.lora_alpha}")
+    if tc.init is not None:  # the model's own config, checked once it is loaded
+        need(not tc.overrides, "--set changes a preset; an --init model keeps its own config")
+        need(tc.vocab_size is None, "--vocab-size trains a new tokenizer; an --init model keeps "
+                                    "its own")
+        return
     cfg = tc.model_config()  # ConfigError (a ValueError) for bad presets/overrides
-    need(tc.seq_len <= cfg.max_seq_len,
-         f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    check_seq_len(tc, cfg)
+
+
+def check_seq_len(tc: TrainConfig, cfg: ModelConfig) -> None:
+    """A usage error when the training sequences do not fit the model's context."""
+    if tc.seq_len > cfg.max_seq_len:
+        raise SettingsError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len "
+                            f"{cfg.max_seq_len}")

@@ -1,9 +1,11 @@
 """Tokenised training data: a tokenizer and a token cache built once, and a resumable iterator.
 
 Token cache
-    Each training document becomes ``BOS text EOS``; the documents are concatenated (in
-    corpus order) into one flat stream saved as ``train.npy`` (uint16 when the vocabulary
-    fits, else int32) and read back memory-mapped. Packed sequence ``i`` is the window
+    Each training document becomes ``BOS text EOS`` (for a model without BOS, such as an
+    imported SmolLM2, ``text SEP`` after a first ``SEP``: see
+    `spark_model.tokenizers_io.document_ids`); the documents are concatenated (in corpus
+    order) into one flat stream saved as ``train.npy`` (uint16 when the vocabulary fits,
+    else int32) and read back memory-mapped. Packed sequence ``i`` is the window
     ``stream[i*L : i*L + L + 1]`` (inputs are its first L tokens, targets its last L), so
     every token except the very first is a target exactly once per epoch and a sequence can
     span a document boundary (attention is not masked at EOS/BOS, as in most LM pretraining).
@@ -136,13 +138,20 @@ def token_cache_key(train_docs: Sequence[Document], val_docs: Sequence[Document]
     return h.hexdigest()[:32]
 
 
-def _encode(tokenizer, docs: Sequence[Document], dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Docs as one stream of BOS text EOS, plus offsets; encoded in chunks to bound memory."""
+def _encode(tokenizer, docs: Sequence[Document], dtype, *, packed: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Docs as one stream of `document_ids` (BOS text EOS, or SEP text SEP for a model
+    without BOS), plus offsets; encoded in chunks to bound memory. `packed` (the training
+    stream) shares each separator between neighbours: SEP t1 SEP t2 SEP, as such models
+    saw their pretraining data."""
+    from spark_model.tokenizers_io import document_separator, documents_ids
+
+    shared = packed and document_separator(tokenizer) is not None
     parts, lengths = [], []
     for start in range(0, len(docs), 256):
-        batch = tokenizer.encode_batch([d.text for d in docs[start:start + 256]],
-                                       bos=True, eos=True)
-        for ids in batch:
+        for ids in documents_ids(tokenizer, [d.text for d in docs[start:start + 256]]):
+            if shared and parts:
+                ids = ids[1:]
             parts.append(np.asarray(ids, dtype))
             lengths.append(len(ids))
     stream = np.concatenate(parts) if parts else np.zeros((0,), dtype)
@@ -165,7 +174,7 @@ def build_token_cache(train_docs: Sequence[Document], val_docs: Sequence[Documen
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tokens-{key}.", dir=cache))
         try:
-            train, _ = _encode(tokenizer, train_docs, dtype)
+            train, _ = _encode(tokenizer, train_docs, dtype, packed=True)
             val, val_offsets = _encode(tokenizer, val_docs, dtype)
             np.save(tmp / "train.npy", train)
             np.save(tmp / "val.npy", val)

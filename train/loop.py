@@ -14,7 +14,6 @@ collectively, process 0 writes the exported model, metrics and plot.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import sys
@@ -29,9 +28,9 @@ from spark_model.config import ModelConfig
 from train import corpus as corpus_mod
 from train import data as data_mod
 from train import rundir
-from train.config import TrainConfig, TrainError, validate
+from train.config import TrainConfig, TrainError, check_seq_len, validate
 from train.metrics import Metrics, plot_metrics
-from train.rundir import METRICS_FILE, PLOT_FILE, RUN_DIR, RUN_TOKENIZER, STATE_DIR
+from train.rundir import METRICS_FILE, PLOT_FILE, RUN_DIR, STATE_DIR
 from train.trainer import Trainer
 
 KILL_ENV = "SPARK_TRAIN_KILL_AT_STEP"  # tests: SIGKILL self right after this step's save
@@ -98,32 +97,57 @@ def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
     tokenizer = None
     if stored is not None:
         rundir.check_resume_settings(TrainConfig.from_json_dict(stored["settings"]), tc, out)
-        from spark_model.tokenizer import Tokenizer
-        tokenizer = Tokenizer.load(out / RUN_DIR / RUN_TOKENIZER)
+        tokenizer = rundir.load_run_tokenizer(out)
+    init_model = _load_start(tc, stored, out, say)
+    if init_model is not None and tokenizer is None:
+        tokenizer = init_model.tokenizer
+    if tc.init is not None:  # the model's own config; a resumed run reads it from run.json
+        cfg = init_model.cfg if init_model is not None else ModelConfig.from_dict(stored["model"])
+        check_seq_len(tc, cfg)
     tokenizer, data, info = prepare_data(tc, tokenizer, cache_dir, say)
     if stored is not None:
         for k in ("train_fingerprint", "val_fingerprint"):
             if stored["data"].get(k) != info[k]:
                 raise TrainError(f"the corpus changed since the run in {out} started "
                                  f"({k.split('_')[0]} documents differ); cannot resume exactly")
-    cfg = tc.model_config(tokenizer.vocab_size)
-    trainer = Trainer(cfg, tc, mesh)
+    if tc.init is None:
+        cfg = tc.model_config(tokenizer.vocab_size)
+    trainer = Trainer(cfg, tc, mesh, base=init_model.params if tc.lora_rank else None)
     if stored is not None and tc.steps != stored["settings"]["steps"]:
         stored = rundir.record_extension(out, stored, tc.steps, lead, say)
 
     manager_dir = out / RUN_DIR / STATE_DIR
     if stored is None and lead:
-        rundir.start_run(out, tc, cfg, tokenizer, info)
+        rundir.start_run(out, tc, cfg, tokenizer, info, None if init_model is None else {
+            "source": init_model.source, "description": init_model.description,
+            "fingerprint": init_model.fingerprint})
     rundir.sync("spark-train-run-written")
     options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True)
     manager = ocp.CheckpointManager(manager_dir, options=options)
     try:
-        return _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say)
+        return _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say,
+                    init_model.params if init_model is not None and not tc.lora_rank else None)
     finally:
         manager.close()
 
 
-def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say) -> dict:
+def _load_start(tc: TrainConfig, stored: dict | None, out: Path, say):
+    """The --init model (None without --init): loaded when a run starts, and when a LoRA
+    run resumes (its frozen base weights live only there; they must not have changed)."""
+    if tc.init is None or (stored is not None and not tc.lora_rank):
+        return None
+    from train.init import load_init
+    t0 = time.perf_counter()
+    start = load_init(tc.init)
+    say(f"init: {start.description} ({time.perf_counter() - t0:.1f}s)")
+    if stored is not None and stored.get("init", {}).get("fingerprint") != start.fingerprint:
+        raise TrainError(f"--init {tc.init} no longer holds the weights the LoRA run in {out} "
+                         "started from; cannot resume it")
+    return start
+
+
+def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say,
+         start_params=None) -> dict:
     import orbax.checkpoint as ocp
 
     start = 0
@@ -150,18 +174,22 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
                              f"{data.n_sequences}; cannot resume exactly")
         say(f"resumed from step {start} (data position {position})")
     else:
-        params, opt_state = trainer.init(tc.seed)
+        params, opt_state = trainer.init(tc.seed, start_params)
     it = data_mod.BatchIterator(data, tc.batch_size, tc.seed, position)
     metrics = Metrics(out / METRICS_FILE, lead, start)
     eval_small = data_mod.eval_set(data, tc.eval_tokens)
     eval_full = data_mod.eval_set(data)
     tokens_per_step = tc.batch_size * tc.seq_len
     compile_s = trainer.compile(params, opt_state)
-    say(f"model: {sum(math.prod(s) for s, _ in trainer.tree.shapes.values()):,} parameters, "
+    trained = (f" ({trainer.n_trained:,} trained: LoRA rank {tc.lora_rank})"
+               if tc.lora_rank else "")
+    say(f"model: {trainer.n_params:,} parameters{trained}, "
         f"{trainer.n_dev} device(s), {'FSDP' if tc.fsdp else 'data parallel'}; "
         f"compiled the step in {compile_s:.1f}s")
     extra = {"train": {"steps": tc.steps, "seq_len": tc.seq_len, "train_seq_len": tc.seq_len,
-                       "preset": tc.preset, "bf16": tc.bf16}}
+                       "preset": None if tc.init else tc.preset, "bf16": tc.bf16}}
+    if tc.init:
+        extra["train"].update(init=tc.init, lora_rank=tc.lora_rank or None)
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
 
     def save(step: int) -> None:
@@ -192,6 +220,11 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
     t_last, step_last = time.perf_counter(), start
     last_train: dict = {}
     last_eval: dict = {}
+    before: dict = {}
+    if tc.init is not None and start == 0:  # where fine-tuning starts from, on held-out files
+        before = do_eval(0, eval_full, True)
+        say(f"before training: validation loss {before['val_loss']:.4f} nats/token, "
+            f"{before['val_bpb']:.4f} bits/byte on {before['val_docs']} held-out files")
     t_begin = time.perf_counter()
     try:
         for step in range(start + 1, tc.steps + 1):
@@ -231,7 +264,8 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
         manager.wait_until_finished()
     final = do_eval(tc.steps, eval_full, True)  # the whole validation split
     say(f"done: step {tc.steps}, validation loss {final['val_loss']:.4f} nats/token, "
-        f"{final['val_bpb']:.4f} bits/byte on {final['val_docs']} held-out files")
+        f"{final['val_bpb']:.4f} bits/byte on {final['val_docs']} held-out files"
+        + (f" (before training: {before['val_bpb']:.4f})" if before else ""))
     plotted = False
     host = trainer.host_params(params)
     if lead:
@@ -242,5 +276,6 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
         if not plotted:
             say("note: matplotlib is not installed; no loss.png written")
     return {"out": str(out), "step": tc.steps, "start_step": start, "final": final,
+            "before": before,
             "last_train": last_train, "compile_s": compile_s, "plotted": plotted,
             "params": params}

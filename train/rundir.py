@@ -8,7 +8,9 @@ Run directory (``out``)::
     <out>/metrics.jsonl                     one JSON object per log / eval interval
     <out>/loss.png                          loss and bits-per-byte curves (end of run)
     <out>/training/run.json                 the run's settings: marks a training directory
-    <out>/training/tokenizer.model          the tokenizer this run trains with
+    <out>/training/tokenizer.model          the tokenizer this run trains with (SentencePiece;
+    <out>/training/tokenizer/               another kind, e.g. an --init model's BPE, is a
+                                            directory of its own files)
     <out>/training/checkpoints/<step>/      orbax CheckpointManager: params, optimizer
                                             state (item "state") and step + data position
                                             (item "data"); the last `keep` are kept
@@ -36,6 +38,7 @@ RUN_DIR = "training"
 RUN_FILE = "run.json"
 STATE_DIR = "checkpoints"
 RUN_TOKENIZER = "tokenizer.model"
+RUN_TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 RUN_FORMAT = "spark-training-run"
@@ -100,12 +103,31 @@ def write_run_file(out: Path, run_info: dict) -> None:
     os.replace(tmp, out / RUN_DIR / RUN_FILE)
 
 
-def start_run(out: Path, tc: TrainConfig, cfg: ModelConfig, tokenizer, info: dict) -> None:
-    """Make <out>/training/ with the run's tokenizer and run.json (process 0 only)."""
+def start_run(out: Path, tc: TrainConfig, cfg: ModelConfig, tokenizer, info: dict,
+              init: dict | None = None) -> None:
+    """Make <out>/training/ with the run's tokenizer and run.json (process 0 only); `init`
+    describes the model an --init run starts from."""
     (out / RUN_DIR).mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out / RUN_DIR / RUN_TOKENIZER)
-    write_run_file(out, {"format": RUN_FORMAT, "settings": tc.to_json_dict(),
-                         "model": cfg.to_dict(), "data": info})
+    from spark_model.tokenizer import Tokenizer
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer.save(out / RUN_DIR / RUN_TOKENIZER)
+    else:
+        tokenizer.save_to_dir(out / RUN_DIR / RUN_TOKENIZER_DIR)
+    run = {"format": RUN_FORMAT, "settings": tc.to_json_dict(), "model": cfg.to_dict(),
+           "data": info}
+    if init is not None:
+        run["init"] = init
+    write_run_file(out, run)
+
+
+def load_run_tokenizer(out: Path):
+    """The tokenizer a run in `out` trains with."""
+    from spark_model.tokenizer import Tokenizer
+    from spark_model.tokenizers_io import load_tokenizer
+
+    if (out / RUN_DIR / RUN_TOKENIZER).is_file():
+        return Tokenizer.load(out / RUN_DIR / RUN_TOKENIZER)
+    return load_tokenizer(out / RUN_DIR / RUN_TOKENIZER_DIR)
 
 
 def record_extension(out: Path, stored: dict, steps: int, lead: bool, say) -> dict:
