@@ -7,41 +7,23 @@ from __future__ import annotations
 import json
 
 import pytest
-from sentencepiece import sentencepiece_model_pb2 as pb
 from tokenizers import Tokenizer as LibTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from spark_model import ModelConfig, init_model
 from spark_model import fim
 from spark_model.api import SparkModel
 from spark_model.bpe import BPETokenizer, TokenizerError
 from spark_model.tokenizer import Tokenizer, stdlib_python_files
 
-FIM_PIECES = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>"]
+from fim_models import random_model as _model, with_fim_pieces  # noqa: E402
+
 PREFIX = "def add(a, b):\n    "
 SUFFIX = "\n    return c\n"
 
 
-def _model(vocab: int, seed: int = 0):
-    """A random model whose greedy chains vary (at the default init_std they repeat one id)."""
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      head_dim=8, d_ff=64, max_seq_len=256, rope_theta=10_000.0,
-                      rope_scaling=None, init_std=0.5)
-    return init_model(cfg, seed=seed)
-
-
 @pytest.fixture(scope="module")
 def sp_fim(small_tokenizer) -> tuple[Tokenizer, int]:
-    """The session's SentencePiece tokenizer with the four FIM pieces appended as
-    user-defined symbols (as a FIM-trained vocabulary has them); returns it and the id of
-    the first appended piece."""
-    proto = pb.ModelProto()
-    proto.ParseFromString(small_tokenizer.serialized())
-    base = len(proto.pieces)
-    for s in FIM_PIECES:
-        p = proto.pieces.add()
-        p.piece, p.score, p.type = s, 0.0, pb.ModelProto.SentencePiece.USER_DEFINED
-    return Tokenizer.from_bytes(proto.SerializeToString()), base
+    return with_fim_pieces(small_tokenizer)
 
 
 def _cut(ids: list[int], ends) -> list[int]:

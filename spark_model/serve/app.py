@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from spark_model.api import SparkModel
-from spark_model.serve import http_api, protocol, websocket
+from spark_model.serve import http_api, infill_api, protocol, websocket
 from spark_model.serve.scheduler import Engine
 
 log = logging.getLogger("spark.serve")
@@ -68,6 +68,7 @@ def create_app(model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
                 Route("/v1/models/{model:path}", http_api.get_model),
                 Route("/v1/completions", http_api.completions, methods=["POST"]),
                 Route("/v1/chat/completions", http_api.chat_completions, methods=["POST"]),
+                Route("/infill", infill_api.infill, methods=["POST"]),
                 WebSocketRoute("/v1/ws", websocket.endpoint)],
         exception_handlers={protocol.APIError: _api_error, HTTPException: _http_error,
                             Exception: _internal},

@@ -68,6 +68,8 @@ class Job:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    fim: bool = False  # an infill: its infill end tokens end it too
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
     sink: Callable[[dict], None] = lambda event: None
     # Filled in by the engine:
     cancelled: bool = False
@@ -88,7 +90,8 @@ class _Live:
         self.job = job
         self.decoder = model.tokenizer.stream_decoder()
         self.cutter = generation.StopCutter(job.stop)
-        self.end_ids = () if job.ignore_eos else model.end_ids
+        self.end_ids = () if job.ignore_eos else \
+            model.fim_end_ids() if job.fim else model.end_ids
 
     def feed(self, tokens: list[int]) -> str:
         """Take new tokens; return the text that may be shown now (an end id that ends
@@ -258,7 +261,7 @@ class Engine:
         t0 = time.perf_counter()
         rows = [slots_mod.RowSettings.make(
             job.temperature, job.top_k, job.top_p, job.seed, list(job.stop), job.max_tokens,
-            m.end_id_vector(job.ignore_eos)) for _, job in group]
+            m.end_id_vector(job.ignore_eos, job.fim)) for _, job in group]
         slot_n = np.array([s for s, _ in group], np.int32)
         len_n = np.array([len(job.ids) for _, job in group], np.int32)
         if self._packs(int(len_n.sum())):
@@ -363,9 +366,12 @@ class Engine:
         self.finished[reason] += 1
         self._post(job, {"type": "done", "finish_reason": reason,
                   "usage": {"prompt_tokens": len(job.ids), "completion_tokens": job.count,
-                            "total_tokens": len(job.ids) + job.count},
+                            "total_tokens": len(job.ids) + job.count,
+                            "prompt_tokens_details": {"cached_tokens": job.cached}},
                   "ttft_ms": ((job.t_first or now) - job.t_submit) * 1e3,
-                  "engine_ms": (now - job.t_submit) * 1e3})
+                  "engine_ms": (now - job.t_submit) * 1e3,
+                  "stop_word": live.cutter.hit,
+                  "hit_end": job.count > 0 and job.last_token in live.end_ids})
 
     def _fail_all(self, message: str) -> None:
         """Tell every job in flight or waiting that it failed, and start from clean slots."""
