@@ -131,7 +131,7 @@ def test_prompts_that_differ_by_one_token_recompute_the_divergent_block(server, 
     tok = reference.tokenizer
     a = SOURCE[3000:4200]
     ids_a = tok.encode(a, bos=True)
-    at = len(tok.decode(ids_a[1:2 * BLOCK + 17]))  # a character inside the third block
+    at = len(tok.decode(ids_a[1:2 * BLOCK + BLOCK // 2]))  # a character in the third block
     b = a[:at] + ("Q" if a[at] != "Q" else "R") + a[at + 1:]
     ids_b = tok.encode(b, bos=True)
     same = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y)

@@ -33,7 +33,13 @@ from flax import struct
 
 from spark_model.kv_cache import KVCache
 
-BLOCK = 64  # tokens per block
+# Tokens per block. A reuse stops at the last whole block inside the shared prefix, so the
+# request prefills what is left of that prefix plus its own new tokens: smaller blocks
+# leave less (with 64, a 2,000-token prefix and 20 new tokens left 37 tokens, a 64-token
+# prefill; with 16, 21 tokens, a 32-token one, about half the time), while copying blocks
+# in and out costs about the same (125 blocks of 16 restore in 1.0 ms, 31 of 64 in 0.7 ms,
+# for spark-tiny on the development machine).
+BLOCK = 16
 _ROOT = 0x5EED  # the parent key of a prompt's first block
 
 

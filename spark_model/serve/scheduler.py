@@ -188,7 +188,7 @@ class Engine:
         finally:
             self._prefix = prefix
         if prefix is not None:
-            for p in (8, 16, 32, 64, 128):  # a reuse leaves under one block plus a suffix
+            for p in (8, 16, 32, 64):  # a reuse leaves under one block plus what is new
                 if p < m.capacity:
                     self._admit_group([(0, Job(ids=[m.tokenizer.pad_id] * p, max_tokens=1))],
                                       cached=True)
