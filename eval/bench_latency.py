@@ -196,6 +196,8 @@ def infill(run: Run) -> dict:
     holes = _holes(run, run.runs + 1)
     probe = _infill_once(run.port, *holes[0][:2])  # also compiles
     if probe["status"] != 200:
+        if probe["error"].get("code") != "no_fim_tokens":
+            raise RuntimeError(f"/infill answered {probe['status']}: {probe['error']}")
         return {"applicable": False, "status": probe["status"],
                 "reason": probe["error"]["message"]}
     results = [dict(_infill_once(run.port, p, s), line=line) for p, s, line in holes[1:]]
