@@ -145,16 +145,30 @@ def prefix_reuse(run: Run) -> dict:
 
 # ---- infilling round trip --------------------------------------------------------------
 
+HOLE_BEFORE, HOLE_AFTER = 160, 48  # tokens of code around each hole (one prompt bucket)
+
+
 def _holes(run: Run, n: int) -> list[tuple[str, str, str]]:
     """n one-line holes in the held-out code: (prefix, suffix, the removed line), each a
-    non-blank indented line with about 30 lines of code before it and 10 after it."""
+    non-blank indented line with about HOLE_BEFORE tokens of code before it (from a line
+    start) and HOLE_AFTER after it, so every prompt is about as long (one compiled size)."""
+    tok = run.tokenizer
     lines = "\n".join(run.code).split("\n")
     out = []
     for i in range(40, len(lines) - 10, 97):
-        if lines[i].startswith("    ") and len(lines[i].strip()) > 8:
-            before = "\n".join(lines[i - 30:i]) + "\n"
-            out.append((before + lines[i][:len(lines[i]) - len(lines[i].lstrip())],
-                        "\n" + "\n".join(lines[i + 1:i + 11]) + "\n", lines[i].strip()))
+        line = lines[i]
+        if not line.startswith("    ") or len(line.strip()) <= 8:
+            continue
+        try:
+            before = tok.encode("\n".join(lines[i - 40:i]) + "\n")
+            after = tok.encode("\n" + "\n".join(lines[i + 1:i + 12]) + "\n")
+        except ValueError:  # a character this vocabulary cannot encode
+            continue
+        head = tok.decode(before[-HOLE_BEFORE:], errors="replace")
+        head = head[head.find("\n") + 1:]  # from a line start
+        indent = line[:len(line) - len(line.lstrip())]
+        out.append((head + indent, tok.decode(after[:HOLE_AFTER], errors="replace"),
+                    line.strip()))
         if len(out) == n:
             return out
     raise ValueError(f"the held-out code has fewer than {n} holes")
