@@ -70,7 +70,9 @@ class PrefixIndex:
         self.key_fn = key_fn  # replaceable, so tests can force collisions
         self._free = list(range(n_blocks - 1, -1, -1))
         self._blocks: collections.OrderedDict[int, Block] = collections.OrderedDict()  # LRU first
-        self.counts: collections.Counter[str] = collections.Counter()
+        # Every key present from the start: /health reads them from another thread.
+        self.counts: collections.Counter[str] = collections.Counter(dict.fromkeys(
+            ("lookups", "hits", "tokens_reused", "blocks_inserted", "blocks_evicted"), 0))
 
     def __len__(self) -> int:
         return len(self._blocks)
