@@ -1,9 +1,10 @@
-"""`spark bench decode|serve|compile`: the speed benchmarks, one subcommand.
+"""`spark bench decode|serve|latency|compile|import`: the speed benchmarks, one subcommand.
 
 decode: the engine against its roofline and the peer (`eval.bench_decode`); serve: the
-server's overhead, TTFT and throughput under load (`eval.bench_serve`); compile: compile
-times of tiny, llama3-8b and llama3-70b (`eval.bench_compile`). Each is imported only when
-it runs.
+server's overhead, TTFT and throughput under load (`eval.bench_serve`); latency: prefix
+reuse and infilling round trips, section by section (`eval.bench_latency`); compile:
+compile times of tiny, llama3-8b and llama3-70b (`eval.bench_compile`). Each is imported
+only when it runs.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from spark_model.cli import Command
 
 
 def add_arguments(bench: argparse.ArgumentParser) -> None:
-    bench.add_argument("what", choices=["decode", "compile", "serve", "import"],
+    bench.add_argument("what", choices=["decode", "compile", "serve", "latency", "import"],
                        help="decode: the engine against its roofline and the peer; "
+                            "latency: time to first token with a reused prefix, and /infill "
+                            "round trips; "
                             "import: an imported model against llama.cpp and transformers "
                             "on the same float32 weights; "
                             "serve: the server's overhead, TTFT and throughput under load; "
@@ -29,6 +32,9 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                        help="skip the Hugging Face transformers comparison")
     bench.add_argument("--max-batch", type=int, default=8, metavar="N",
                        help="serve: the server's batch slots (default 8)")
+    bench.add_argument("--sections", metavar="NAMES", default=None,
+                       help="latency: comma-separated sections (default all: edit_workload, "
+                            "fresh_code, prefix_reuse, infill)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,9 +53,16 @@ def run(args: argparse.Namespace) -> int:
         from eval import bench_serve
 
         return bench_serve.main(args.checkpoint, args.json, args.max_batch)
+    if args.what == "latency":
+        from eval import bench_latency
+
+        sections = args.sections.split(",") if args.sections else None
+        models = None if args.checkpoint is None else [args.checkpoint]
+        return bench_latency.main(models, args.json, args.runs, sections)
     from eval import bench_compile
 
     return bench_compile.main(args.json)
 
 
-command = Command("run a speed benchmark (decode, serve or compile)", add_arguments, run)
+command = Command("run a speed benchmark (decode, serve, latency, import or compile)",
+                  add_arguments, run)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from spark_model import chat as chat_format
 from spark_model import checkpoint, engine, generation, scoring, stops
+from spark_model import fim as fim_tokens
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import KVCache, cache_length, init_cache
 from spark_model.bpe import BPETokenizer
@@ -63,6 +64,11 @@ class SparkModel:
             self._end_vec = generation.end_id_vector(tokenizer.end_ids, model.cfg.vocab_size)
         except ValueError as e:
             raise ValueError(f"tokenizer end_ids {tuple(tokenizer.end_ids)}: {e}") from None
+        fim = getattr(tokenizer, "fim", None)
+        # An infill also ends at the vocabulary's infill end tokens (<fim_pad>, <file_sep>,
+        # ...): the model's own end ids first, then those, as many as the engine takes.
+        self._fim_end_vec = None if fim is None else generation.end_id_vector(
+            _merged(tokenizer.end_ids, fim.stops)[:engine.MAX_END_IDS], model.cfg.vocab_size)
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
@@ -85,15 +91,52 @@ class SparkModel:
         """Every id that ends generation (the tokenizer's `end_ids`)."""
         return tuple(int(i) for i in self._end_vec if i >= 0)
 
-    def end_id_vector(self, ignore_eos: bool = False) -> np.ndarray:
-        """The engine's (MAX_END_IDS,) end ids, -1 padded; all -1 with ignore_eos."""
-        return generation.end_id_vector(()) if ignore_eos else self._end_vec.copy()
+    @property
+    def supports_infill(self) -> bool:
+        """Whether the vocabulary has fill-in-the-middle tokens (`generate(..., suffix=)`)."""
+        return self._fim_end_vec is not None
 
-    def text_ids(self, ids: Sequence[int]) -> list[int]:
+    def fim_end_ids(self) -> tuple[int, ...]:
+        """Every id that ends an infill: the model's end ids, then its infill end tokens."""
+        fim_tokens.require(self.tokenizer)
+        return tuple(int(i) for i in self._fim_end_vec if i >= 0)
+
+    def end_id_vector(self, ignore_eos: bool = False, fim: bool = False) -> np.ndarray:
+        """The engine's (MAX_END_IDS,) end ids, -1 padded; all -1 with ignore_eos; fim:
+        those of an infill (`fim_end_ids`)."""
+        if ignore_eos:
+            return generation.end_id_vector(())
+        if fim:
+            fim_tokens.require(self.tokenizer)
+            return self._fim_end_vec.copy()
+        return self._end_vec.copy()
+
+    def text_ids(self, ids: Sequence[int], fim: bool = False) -> list[int]:
         """Generated ids as text shows them: without the end id that ended them (a
-        tokenizer may give special tokens a text form, such as "<|im_end|>")."""
+        tokenizer may give special tokens a text form, such as "<|im_end|>"); fim: the
+        ids of an infill, which its infill end tokens end too."""
         ids = list(ids)
-        return ids[:-1] if ids and ids[-1] in self.end_ids else ids
+        ends = self.fim_end_ids() if fim else self.end_ids
+        return ids[:-1] if ids and ids[-1] in ends else ids
+
+    def fim_prompt_ids(self, prefix: str, suffix: str, middle: str = "",
+                       extra: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The infilling prompt for the text around a gap (`spark_model.fim.prompt_ids`);
+        raises fim.NoFimTokens (a ValueError) for a model without infilling tokens."""
+        return fim_tokens.prompt_ids(self.tokenizer, prefix, suffix, middle, extra)
+
+    def _fim_ids(self, prompts, suffix) -> list[list[int]]:
+        """Infilling prompts for `generate(prompts, suffix=...)`: one suffix per prompt."""
+        fim_tokens.require(self.tokenizer)
+        one = isinstance(prompts, str)
+        if one != isinstance(suffix, str):
+            raise TypeError("give one suffix string with one prompt string, or a list of "
+                            "suffixes as long as the list of prompts")
+        prefixes = [prompts] if one else list(prompts)
+        suffixes = [suffix] if one else list(suffix)
+        if len(prefixes) != len(suffixes):
+            raise ValueError(f"{len(prefixes)} prompts but {len(suffixes)} suffixes")
+        return [self.fim_prompt_ids(p, s) for p, s in zip(prefixes, suffixes)]
 
     @property
     def graphdef(self):
@@ -140,7 +183,7 @@ class SparkModel:
 
     # ---- generation ------------------------------------------------------------------
 
-    def _prepare(self, prompts, ids=None, ignore_eos=False, room=None, **kw):
+    def _prepare(self, prompts, ids=None, ignore_eos=False, room=None, fim=False, **kw):
         req = generation.check_request(prompts, **kw)
         if ids is None:
             ids = [self.tokenizer.encode(p, bos=True) for p in req.prompts]
@@ -155,7 +198,7 @@ class SparkModel:
                 f"the KV-cache capacity of {room} tokens")
         prompt_bp, len_b = generation.pad_prompts(ids, self.tokenizer.pad_id)
         consts = generation.constants(req, len(ids), self._token_table,
-                                      self.end_id_vector(ignore_eos))
+                                      self.end_id_vector(ignore_eos, fim))
         return req, jnp.asarray(prompt_bp), jnp.asarray(len_b), consts
 
     def _take_cache(self, batch: int) -> KVCache:
@@ -167,28 +210,41 @@ class SparkModel:
             cache = init_cache(self.config, batch, self.capacity)
         return cache
 
-    def _texts(self, state: engine.DecodeState, req: generation.Request) -> list[str]:
+    def _texts(self, state: engine.DecodeState, req: generation.Request, fim: bool = False
+               ) -> list[str]:
         tokens, counts = jax.device_get((state.tokens_bn, state.count_b))
         out = []
         for row, n in zip(tokens, counts):
             cutter = generation.StopCutter(req.stop)
-            text = self.tokenizer.decode(self.text_ids(row[:n].tolist()), errors="replace")
+            text = self.tokenizer.decode(self.text_ids(row[:n].tolist(), fim),
+                                         errors="replace")
             out.append(cutter.push(text) + cutter.finish())
         return out
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 256, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop: str | Sequence[str] | None = None) -> str | list[str]:
+                 stop: str | Sequence[str] | None = None,
+                 suffix: str | Sequence[str] | None = None) -> str | list[str]:
         """Complete one prompt (returns str) or a batch (returns list[str]).
 
         temperature 0 is greedy; stop strings end a sequence and are not included.
         The whole batch runs as one compiled program: prefill, then the token loop.
+        suffix: fill in the middle: the text that follows the gap, one per prompt (the
+        prompt is the text before it); needs a model with infilling tokens
+        (`supports_infill`), else fim.NoFimTokens.
         """
+        fim = suffix is not None
+        ids = self._fim_ids(prompts, suffix) if fim else None
         req, prompt_bp, len_b, consts = self._prepare(
-            prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop=stop)
-        texts = self._texts(self._run(req, prompt_bp, len_b, consts), req)
+            prompts, ids=ids, fim=fim, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        texts = self._texts(self._run(req, prompt_bp, len_b, consts), req, fim)
         return texts[0] if isinstance(prompts, str) else texts
+
+    def infill(self, prefixes: str | Sequence[str], suffixes: str | Sequence[str],
+               max_new_tokens: int = 256, **kw) -> str | list[str]:
+        """The text between each prefix and suffix: `generate(prefixes, suffix=suffixes)`."""
+        return self.generate(prefixes, max_new_tokens, suffix=suffixes, **kw)
 
     def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -310,20 +366,24 @@ class SparkModel:
 
     def stream(self, prompt: str, max_new_tokens: int = 256, *, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-               stop: str | Sequence[str] | None = None) -> Iterator[str]:
+               stop: str | Sequence[str] | None = None,
+               suffix: str | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated (never splitting a character).
 
         The compiled loop runs in chunks of 1, 2, 4 ... 32 tokens, so the first piece
         arrives after prefill plus one step and later chunks amortise the dispatch.
+        suffix: fill in the middle, as in `generate`.
         """
         if not isinstance(prompt, str):
             raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
+        fim = suffix is not None
+        ids = self._fim_ids(prompt, suffix) if fim else None
         req, prompt_bp, len_b, consts = self._prepare(
-            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop=stop)
-        return self._stream(req, prompt_bp, len_b, consts)
+            prompt, ids=ids, fim=fim, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        return self._stream(req, prompt_bp, len_b, consts, fim)
 
-    def _stream(self, req, prompt_bp, len_b, consts) -> Iterator[str]:
+    def _stream(self, req, prompt_bp, len_b, consts, fim: bool = False) -> Iterator[str]:
         t0 = time.perf_counter()
         state = engine.prefill_jit(self._graphdef, self._params, self._take_cache(1), prompt_bp,
                                    len_b, consts, engine.bucket(req.max_new_tokens))
@@ -334,7 +394,8 @@ class SparkModel:
             while True:
                 tokens, count, done = jax.device_get(
                     (state.tokens_bn[0], state.count_b[0], state.done_b[0]))
-                text = cutter.push(decoder.feed(self.text_ids(tokens[sent:count].tolist())))
+                text = cutter.push(decoder.feed(self.text_ids(tokens[sent:count].tolist(),
+                                                              fim)))
                 sent = int(count)
                 if text:
                     ttft = time.perf_counter() - t0 if ttft is None else ttft
@@ -360,6 +421,15 @@ class SparkModel:
         c = self.config
         return (f"SparkModel(path={str(self.path)!r}, d_model={c.d_model}, "
                 f"n_layers={c.n_layers}, vocab_size={c.vocab_size})")
+
+
+def _merged(*groups: Sequence[int]) -> tuple[int, ...]:
+    """The ids of every group, in order, each once."""
+    out: list[int] = []
+    for i in (int(i) for g in groups for i in g):
+        if i not in out:
+            out.append(i)
+    return tuple(out)
 
 
 def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,

@@ -42,6 +42,7 @@ from spark_model.bpe_bytes import (  # noqa: F401 - byte_to_unicode re-exported
     BYTE_LEVEL, META, METASPACE, byte_to_unicode, id_tables, unencodable_bytes)
 from spark_model.bpe_pretokenizers import (_PRE, PRE_TOKENIZERS, build_pre_tokenizer,
                                            gguf_pre_name)
+from spark_model import fim as fim_tokens
 from spark_model.tokenizer import ByteTableDecoding, TokenizerError
 from spark_model.versioned_json import read_versioned_json
 
@@ -98,7 +99,8 @@ class BPETokenizer(ByteTableDecoding):
     def __init__(self, tokenizer: _LibTokenizer, *, kind: str, bos_id: int | None,
                  end_ids: Sequence[int], pad_id: int | None, add_bos: bool,
                  chat_template: str | None, vocab_size: int | None = None,
-                 source: str = "<tokenizer>", pre: str | None = None) -> None:
+                 source: str = "<tokenizer>", pre: str | None = None,
+                 fim: fim_tokens.FimTokens | None | str = "detect") -> None:
         if kind not in (BYTE_LEVEL, METASPACE):
             raise TokenizerError(f"{source}: unknown tokenizer kind {kind!r}")
         self._source = source
@@ -149,6 +151,16 @@ class BPETokenizer(ByteTableDecoding):
             self._lib.encode("a", add_special_tokens=False).ids) == b" a"
         self._bare = self._without_prefix() if self.prefix_space else None
         self._probe()
+        # Fill-in-the-middle markers: given (from a GGUF file or tokenizer_meta.json), or
+        # found from the vocabulary's spellings ("detect"); None when it has none.
+        if isinstance(fim, str):
+            if fim != "detect":
+                raise TokenizerError(f"{source}: fim must be a FimTokens, None or 'detect'")
+            fim = fim_tokens.detect(self.token_to_id)
+        try:
+            self.fim = fim.check(size, source) if fim is not None else None
+        except ValueError as e:
+            raise TokenizerError(str(e)) from None
 
     # ---- construction helpers --------------------------------------------------------
 
@@ -227,14 +239,14 @@ class BPETokenizer(ByteTableDecoding):
             text = " " + text if first and not special else text
         return lib.encode(text, add_special_tokens=False).ids if text else []
 
-    def _encode_one(self, text: str, special: bool) -> list[int]:
+    def _encode_one(self, text: str, special: bool, start: bool = True) -> list[int]:
         if not text:
             return []
         if self._meta_ids is None or META not in text:
-            return self._encode_part(text, special, True)
+            return self._encode_part(text, special, start)
         # A literal "▁" would read as a space: emit its UTF-8 bytes, encode the parts.
         first, *rest = text.split(META)
-        ids = self._encode_part(first, special, True)
+        ids = self._encode_part(first, special, start)
         for part in rest:
             ids += self._meta_ids + self._encode_part(part, special, False)
         return ids
@@ -247,11 +259,13 @@ class BPETokenizer(ByteTableDecoding):
         return ids
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False,
-               special: bool = False) -> list[int]:
+               special: bool = False, continues: bool = False) -> list[int]:
         """Text -> ids. bos prepends BOS only where the model adds one (`add_bos`); eos
-        appends `eos_id`; special lets special-token text ("<|im_end|>") become its id."""
+        appends `eos_id`; special lets special-token text ("<|im_end|>") become its id;
+        continues: the text goes on from earlier text, so it gets no dummy prefix space
+        (the suffix of a fill-in-the-middle prompt)."""
         self._check_text(text)
-        return self._wrap(list(self._encode_one(text, special)), bos, eos)
+        return self._wrap(list(self._encode_one(text, special, not continues)), bos, eos)
 
     def encode_batch(self, texts: Iterable[str], *, bos: bool = False, eos: bool = False,
                      special: bool = False) -> list[list[int]]:
@@ -282,7 +296,7 @@ class BPETokenizer(ByteTableDecoding):
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id,
                 "end_ids": list(self.end_ids), "pad_id": self.pad_id, "add_bos": self.add_bos,
                 "chat_template": self.chat_template, "special_ids": list(self.special_ids),
-                "pre": self.pre}
+                "pre": self.pre, "fim": self.fim.to_json() if self.fim is not None else None}
 
     def save_to_dir(self, path: str | os.PathLike[str]) -> None:
         """Write tokenizer.json (the library's JSON) and tokenizer_meta.json into `path`."""
@@ -306,11 +320,17 @@ class BPETokenizer(ByteTableDecoding):
                 raise FileNotFoundError(f"tokenizer file not found: {root / name}")
         meta = read_versioned_json(root / META_JSON, META_FORMAT, META_VERSION, TokenizerError)
         lib = _read_lib(root / TOKENIZER_JSON)
+        fim: fim_tokens.FimTokens | None | str = "detect"  # files written before "fim"
         try:
+            if "fim" in meta:
+                fim = None if meta["fim"] is None else fim_tokens.FimTokens.from_json(
+                    meta["fim"], meta["vocab_size"], f"{root / META_JSON}: fim")
             tok = cls(lib, kind=meta["kind"], bos_id=meta["bos_id"], end_ids=meta["end_ids"],
                       pad_id=meta["pad_id"], add_bos=meta["add_bos"],
                       chat_template=meta["chat_template"], vocab_size=meta["vocab_size"],
-                      source=str(root), pre=meta.get("pre"))
+                      source=str(root), pre=meta.get("pre"), fim=fim)
+        except ValueError as e:
+            raise TokenizerError(str(e)) from None
         except (KeyError, TypeError) as e:
             raise TokenizerError(f"{root / META_JSON} lacks or garbles field {e}") from None
         if list(tok.special_ids) != list(meta.get("special_ids", tok.special_ids)):
@@ -425,9 +445,13 @@ class BPETokenizer(ByteTableDecoding):
         ends = _dedup([eos, opt_id("tokenizer.ggml.eot_token_id"),
                        opt_id("tokenizer.ggml.eom_token_id"),
                        *(vocab.get(t) for t in END_TEXTS if vocab.get(t) in special_ids)])
+        try:
+            fim = fim_tokens.from_gguf_metadata(meta, len(tokens), vocab.get, source)
+        except ValueError as e:
+            raise TokenizerError(str(e)) from None
         return cls(lib, kind=BYTE_LEVEL, bos_id=opt_id("tokenizer.ggml.bos_token_id"),
                    end_ids=ends, pad_id=opt_id("tokenizer.ggml.padding_token_id"),
-                   add_bos=add_bos, chat_template=template, source=source, pre=pre)
+                   add_bos=add_bos, chat_template=template, source=source, pre=pre, fim=fim)
 
     # ---- Hugging Face ------------------------------------------------------------------
 

@@ -84,7 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     model = spark_model.load(args.checkpoint, capacity=args.capacity)
     server.serve(model, host=args.host, port=args.port, max_batch=args.max_batch,
-                 max_queue=args.max_queue, log_level=args.log_level)
+                 max_queue=args.max_queue, log_level=args.log_level,
+                 prefix_cache_mb=args.prefix_cache_mb)
     return 0
 
 
@@ -125,6 +126,9 @@ def _serve_arguments(srv: argparse.ArgumentParser) -> None:
                      help="requests that may wait for a slot before new ones get 429")
     srv.add_argument("--capacity", type=int, default=4096,
                      help="KV-cache positions per slot, prompt plus completion (default 4096)")
+    srv.add_argument("--prefix-cache-mb", type=float, default=256, metavar="N",
+                     help="MiB kept for the keys and values of recent prompts, reused by "
+                          "requests that start the same way (default 256; 0: off)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"],
                      help="info logs every HTTP request; warning only problems")

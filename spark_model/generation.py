@@ -127,15 +127,17 @@ class StopCutter:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.buffer = ""
         self.stopped = False
+        self.hit: str | None = None  # the stop string that ended the text
 
     def push(self, text: str) -> str:
         """Text that is now safe to show (never part of a stop string)."""
         if self.stopped:
             return ""
         self.buffer += text
-        hits = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
+        hits = [(i, s) for i, s in ((self.buffer.find(s), s) for s in self.stop) if i >= 0]
         if hits:
-            out, self.buffer, self.stopped = self.buffer[:min(hits)], "", True
+            at, self.hit = min(hits)
+            out, self.buffer, self.stopped = self.buffer[:at], "", True
             return out
         safe = max(0, len(self.buffer) - self.hold)
         out, self.buffer = self.buffer[:safe], self.buffer[safe:]

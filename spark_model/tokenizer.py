@@ -33,6 +33,8 @@ from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
+from spark_model import fim as fim_tokens
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 META = "\u2581"  # SentencePiece's whitespace marker "▁"
 MIN_VOCAB_SIZE = 320  # 256 byte pieces + 4 specials + room for characters/merges
@@ -138,6 +140,8 @@ class Tokenizer(ByteTableDecoding):
         self.chat_template: str | None = None
         self._meta_ids = [byte_ids[b] for b in META.encode("utf-8")]
         self._threads = _cpu_count()
+        # Fill-in-the-middle markers, when the vocabulary has them as user-defined symbols.
+        self.fim: fim_tokens.FimTokens | None = fim_tokens.detect(self.token_to_id)
         if self.decode(self.encode(_PROBE)) != _PROBE:
             raise TokenizerError(f"{source}: model does not round-trip text exactly "
                                  "(trained with normalisation or whitespace collapsing?)")
@@ -189,6 +193,11 @@ class Tokenizer(ByteTableDecoding):
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(self._check_ids([token_id])[0])
 
+    def token_to_id(self, piece: str) -> int | None:
+        """The id of a vocabulary piece ("<fim_prefix>", "▁▁▁▁return"), else None."""
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
     def piece_table(self) -> list[tuple[str, float, int]]:
         """(piece, score, type) for every id, as the model file stores them; type is
         SentencePiece's piece type (1 normal, 2 unknown, 3 control, 4 user-defined,
@@ -218,9 +227,11 @@ class Tokenizer(ByteTableDecoding):
         return ids
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False,
-               special: bool = False) -> list[int]:
+               special: bool = False, continues: bool = False) -> list[int]:
         """Text -> ids. `special` is accepted for the common interface: this model's
-        control ids (pad, unk, bos, eos) have no text form, so text never produces them."""
+        control ids (pad, unk, bos, eos) have no text form, so text never produces them.
+        So is `continues` (the text goes on from earlier text): this model adds no dummy
+        prefix space, so a text encodes the same wherever it stands."""
         segments = self._segments(text)
         parts = [self._sp.encode(segments[0])] if len(segments) == 1 else self._sp.encode(segments)
         return self._join(parts, bos, eos)

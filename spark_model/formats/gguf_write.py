@@ -32,7 +32,9 @@ _FLOAT_LIST_KEYS = {"tokenizer.ggml.scores"}
 _ID_KEYS = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
             "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id",
             "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
-            "tokenizer.ggml.seperator_token_id"}
+            "tokenizer.ggml.seperator_token_id", "tokenizer.ggml.fim_pre_token_id",
+            "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id",
+            "tokenizer.ggml.fim_rep_token_id", "tokenizer.ggml.fim_sep_token_id"}
 _BOOL_KEYS = {"tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
               "tokenizer.ggml.add_space_prefix"}
 

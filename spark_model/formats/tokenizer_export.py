@@ -95,9 +95,15 @@ def _sentencepiece_gguf(tok: Tokenizer) -> dict[str, Any]:
 def gguf_tokenizer_meta(tokenizer: Any) -> dict[str, Any]:
     """The GGUF `tokenizer.*` keys describing `tokenizer` (FormatError if it has none)."""
     _check_kind(tokenizer)
-    if isinstance(tokenizer, BPETokenizer):
-        return _bpe_gguf(tokenizer)
-    return _sentencepiece_gguf(tokenizer)
+    meta = _bpe_gguf(tokenizer) if isinstance(tokenizer, BPETokenizer) \
+        else _sentencepiece_gguf(tokenizer)
+    fim = getattr(tokenizer, "fim", None)
+    if fim is not None:  # llama.cpp's /infill finds the fill-in-the-middle tokens by these
+        for key, i in (("fim_pre", fim.prefix), ("fim_suf", fim.suffix), ("fim_mid", fim.middle),
+                       ("fim_rep", fim.repo), ("fim_sep", fim.file_sep)):
+            if i is not None:
+                meta[f"tokenizer.ggml.{key}_token_id"] = i
+    return meta
 
 
 # ---- Hugging Face ----------------------------------------------------------------------

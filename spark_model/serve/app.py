@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from spark_model.api import SparkModel
-from spark_model.serve import http_api, protocol, websocket
+from spark_model.serve import http_api, infill_api, protocol, websocket
 from spark_model.serve.scheduler import Engine
 
 log = logging.getLogger("spark.serve")
@@ -40,10 +40,18 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
-               model_id: str | None = None, warmup: bool = True) -> Starlette:
+               model_id: str | None = None, warmup: bool = True,
+               prefix_cache_mb: float = 0) -> Starlette:
     """The app; its engine thread starts and stops with the app's lifespan. warmup
-    compiles the programs short prompts need before the first request arrives."""
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
+    compiles the programs short prompts need before the first request arrives.
+    prefix_cache_mb: memory for the keys and values of recent prompts (0: no prefix cache;
+    `spark_model.serve.prefix_cache`)."""
+    if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
+            or not prefix_cache_mb >= 0:
+        raise ValueError(f"the prefix cache budget must be a number of MiB >= 0 (0: off), "
+                         f"got {prefix_cache_mb!r}")
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue,
+                    prefix_cache_bytes=int(prefix_cache_mb * 2**20))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -68,6 +76,7 @@ def create_app(model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
                 Route("/v1/models/{model:path}", http_api.get_model),
                 Route("/v1/completions", http_api.completions, methods=["POST"]),
                 Route("/v1/chat/completions", http_api.chat_completions, methods=["POST"]),
+                Route("/infill", infill_api.infill, methods=["POST"]),
                 WebSocketRoute("/v1/ws", websocket.endpoint)],
         exception_handlers={protocol.APIError: _api_error, HTTPException: _http_error,
                             Exception: _internal},

@@ -14,7 +14,7 @@ import math
 import secrets
 from typing import Any
 
-from spark_model import chat
+from spark_model import chat, fim
 from spark_model.serve.scheduler import Job
 from spark_model.serve.slots import STOP_WIDTH
 
@@ -22,9 +22,10 @@ MAX_STOPS = 4  # as OpenAI's completions endpoint allows
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 # Fields a completion request may carry. `top_k` and `ignore_eos` are extensions (the
-# benchmark uses ignore_eos to get exact lengths); the rest are OpenAI's.
+# benchmark uses ignore_eos to get exact lengths); the rest are OpenAI's (`suffix`: the text
+# after the gap, for fill-in-the-middle).
 COMMON_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
-                 "seed", "ignore_eos"}
+                 "seed", "ignore_eos", "suffix"}
 HTTP_FIELDS = COMMON_FIELDS | {"stream", "stream_options", "n", "user"}
 WS_FIELDS = COMMON_FIELDS | {"type", "id"}
 # /v1/chat/completions: `messages` in place of `prompt`; `top_k` is the one extension.
@@ -165,15 +166,33 @@ def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise bad("'ignore_eos' must be true or false", "ignore_eos")
-    try:
-        ids = limits.tokenizer.encode(prompt, bos=True)
-    except Exception as e:  # e.g. a lone surrogate from a JSON "\ud800" escape
-        raise bad(f"cannot tokenize the prompt: {e}", "prompt")
+    suffix = body.get("suffix")
+    if suffix is not None:
+        if not isinstance(suffix, str):
+            raise bad("'suffix' must be a string", "suffix")
+        ids = infill_ids(limits, prompt, suffix)
+    else:
+        try:
+            ids = limits.tokenizer.encode(prompt, bos=True)
+        except Exception as e:  # e.g. a lone surrogate from a JSON "\ud800" escape
+            raise bad(f"cannot tokenize the prompt: {e}", "prompt")
     if not ids:
         raise bad("the prompt is empty and this model adds no BOS token: give at least "
                   "one character", "prompt")
     _check_fits(ids, settings["max_tokens"], limits, "prompt")
-    return Job(ids=ids, ignore_eos=ignore_eos, **settings)
+    return Job(ids=ids, ignore_eos=ignore_eos, fim=suffix is not None, **settings)
+
+
+def infill_ids(limits: Limits, prefix: str, suffix: str, middle: str = "",
+               extra: list[tuple[str, str]] | tuple = (), param: str = "suffix") -> list[int]:
+    """The fill-in-the-middle prompt (`spark_model.fim.prompt_ids`); 400 `no_fim_tokens`
+    for a model without infilling tokens, 400 for text the tokenizer refuses."""
+    try:
+        return fim.prompt_ids(limits.tokenizer, prefix, suffix, middle, extra)
+    except fim.NoFimTokens as e:
+        raise bad(str(e), param, "no_fim_tokens")
+    except Exception as e:  # e.g. a lone surrogate from a JSON "\ud800" escape
+        raise bad(f"cannot tokenize the request: {e}", param)
 
 
 def parse_chat(body: Any, limits: Limits) -> Job:

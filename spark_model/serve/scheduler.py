@@ -39,6 +39,7 @@ import numpy as np
 
 from spark_model import generation
 from spark_model.api import SparkModel
+from spark_model.serve import prefix_cache
 from spark_model.serve import slots as slots_mod
 
 log = logging.getLogger("spark.serve")
@@ -68,6 +69,8 @@ class Job:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    fim: bool = False  # an infill: its infill end tokens end it too
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
     sink: Callable[[dict], None] = lambda event: None
     # Filled in by the engine:
     cancelled: bool = False
@@ -88,7 +91,8 @@ class _Live:
         self.job = job
         self.decoder = model.tokenizer.stream_decoder()
         self.cutter = generation.StopCutter(job.stop)
-        self.end_ids = () if job.ignore_eos else model.end_ids
+        self.end_ids = () if job.ignore_eos else \
+            model.fim_end_ids() if job.fim else model.end_ids
 
     def feed(self, tokens: list[int]) -> str:
         """Take new tokens; return the text that may be shown now (an end id that ends
@@ -108,7 +112,7 @@ class Engine:
 
     def __init__(self, model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
                  call_budget_s: float = 0.008, refill_budget_s: float = 0.002,
-                 refill_window_s: float = 0.010):
+                 refill_window_s: float = 0.010, prefix_cache_bytes: int = 0):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.model = model
@@ -121,6 +125,10 @@ class Engine:
         self.widths = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self._slots = slots_mod.init_slots(model.config, max_batch, model.capacity,
                                            model.token_table, model.end_id_vector())
+        # Keys and values of recent prompts, by blocks of tokens (0 bytes: none).
+        self._prefix = None if not prefix_cache_bytes else prefix_cache.PrefixCache(
+            model.config, prefix_cache_bytes, self._slots.state.cache.length, max_batch)
+        self._reused: dict[int, list[prefix_cache.Block]] = {}  # slot -> blocks it reused
         self._live: list[_Live | None] = [None] * max_batch
         self._pending: collections.deque[Job] = collections.deque()
         self._outbox: list[tuple[Job, dict]] = []  # events not yet handed to their sinks
@@ -162,17 +170,31 @@ class Engine:
         return {"active": sum(x is not None for x in self._live),
                 "queued": len(self._pending), "max_batch": self.max_batch,
                 "max_queue": self.max_queue, "finished": dict(self.finished),
-                "timing": {k: round(v, 6) for k, v in self.timing.items()}}
+                "timing": {k: round(v, 6) for k, v in self.timing.items()},
+                "prefix_cache": self._prefix.stats() if self._prefix else {"enabled": False}}
 
     def warmup(self, prompt_buckets=(PROMPT_MIN,)) -> None:
-        """Compile the programs a short request needs (before the thread starts)."""
+        """Compile the programs a short request needs (before the thread starts), and with
+        a prefix cache those that reuse it for one request with a short rest."""
         m = self.model
-        for p in prompt_buckets:
-            n = min(p, m.capacity - 1)
-            start = m.tokenizer.encode("", bos=True)  # [BOS], or nothing without one
-            ids = start + [m.tokenizer.pad_id] * (n - len(start))
-            for w in self.widths:
-                self._admit([(i, Job(ids=ids, max_tokens=1)) for i in range(w)])
+        prefix, self._prefix = self._prefix, None  # warm-up prompts are not cached
+        try:
+            for p in prompt_buckets:
+                n = min(p, m.capacity - 1)
+                start = m.tokenizer.encode("", bos=True)  # [BOS], or nothing without one
+                ids = start + [m.tokenizer.pad_id] * (n - len(start))
+                for w in self.widths:
+                    self._admit([(i, Job(ids=ids, max_tokens=1)) for i in range(w)])
+        finally:
+            self._prefix = prefix
+        if prefix is not None:
+            for p in (8, 16, 32, 64):  # a reuse leaves under one block plus what is new
+                if p < m.capacity:
+                    self._admit_group([(0, Job(ids=[m.tokenizer.pad_id] * p, max_tokens=1))],
+                                      cached=True)
+            prefix.pool = prefix_cache.save_jit(prefix.pool, self._slots.state.cache,
+                                                *jax.tree.leaves(prefix_cache.Copies.make(
+                                                    [], prefix.copy_length)))
         keep = jnp.zeros((self.max_batch,), bool)
         for w in self.widths:
             for k in STEP_CHOICES:
@@ -242,26 +264,55 @@ class Engine:
         keeps a long prompt from putting short ones into its larger bucket.
         """
         admits = sorted(admits, key=lambda a: len(a[1].ids))
-        if self._packs(sum(len(job.ids) for _, job in admits)):
+        hits = []
+        if self._prefix is not None:  # requests that reuse cached blocks go their own way
+            for slot, job in admits:
+                self._reused[slot] = self._prefix.reuse(job.ids, self._bucket)
+                job.cached = len(self._reused[slot]) * self._prefix.block
+            hits = [(slot, job) for slot, job in admits if job.cached]
+            admits = [(slot, job) for slot, job in admits if not job.cached]
+        if admits and self._packs(sum(len(job.ids) for _, job in admits)):
             self._admit_group(admits)
-            return
+            admits = []
         while admits:
             size = max(w for w in self.widths if w <= len(admits))
             self._admit_group(admits[:size])
             admits = admits[size:]
+        while hits:
+            size = max(w for w in self.widths if w <= len(hits))
+            width = self._bucket(max(len(job.ids) - job.cached for _, job in hits[:size]))
+            if not self._prefix.fits([job.cached for _, job in hits[:size]], width):
+                size = 1  # one of them would run past its row at this width: alone it fits
+            self._admit_group(hits[:size], cached=True)
+            hits = hits[size:]
+
+    @staticmethod
+    def _bucket(n: int) -> int:
+        return generation.bucket(n, PROMPT_MIN)
 
     def _packs(self, n_tokens: int) -> bool:
         return generation.bucket(n_tokens, PROMPT_MIN) <= min(PACK_MAX, self.model.capacity)
 
-    def _admit_group(self, group: list[tuple[int, Job]]) -> None:
+    def _admit_group(self, group: list[tuple[int, Job]], cached: bool = False) -> None:
+        """Prefill a group (packed, batched, or after its cached blocks), save its prompts'
+        blocks in the prefix cache, and deliver the first tokens."""
         m = self.model
         t0 = time.perf_counter()
         rows = [slots_mod.RowSettings.make(
             job.temperature, job.top_k, job.top_p, job.seed, list(job.stop), job.max_tokens,
-            m.end_id_vector(job.ignore_eos)) for _, job in group]
+            m.end_id_vector(job.ignore_eos, job.fim)) for _, job in group]
         slot_n = np.array([s for s, _ in group], np.int32)
         len_n = np.array([len(job.ids) for _, job in group], np.int32)
-        if self._packs(int(len_n.sum())):
+        if cached:
+            self.timing["admit_cached_calls"] += 1
+            start_n = np.array([job.cached for _, job in group], np.int32)
+            prompt_np, len_n = generation.pad_prompts(
+                [job.ids[job.cached:] for _, job in group], m.tokenizer.pad_id, PROMPT_MIN)
+            blocks = self._prefix.restore_list([self._reused.get(s, []) for s, _ in group])
+            self._slots, first, done = slots_mod.admit_cached_jit(
+                m.graphdef, m.params, self._slots, self._prefix.pool, slot_n, start_n,
+                prompt_np, len_n, slots_mod.RowSettings.stack(rows), blocks)
+        elif self._packs(int(len_n.sum())):
             self.timing["admit_packed_calls"] += 1
             tokens = np.full((generation.bucket(int(len_n.sum()), PROMPT_MIN),),
                              m.tokenizer.pad_id, np.int32)
@@ -282,6 +333,12 @@ class Engine:
             self._slots, first, done = slots_mod.admit_jit(
                 m.graphdef, m.params, self._slots, slot_n, prompt_np, len_n,
                 slots_mod.RowSettings.stack(rows))
+        if self._prefix is not None:  # queued behind the prefill, before any later call
+            pinned = {id(b) for chain in self._reused.values() for b in chain}
+            self.timing["prefix_blocks_saved"] += self._prefix.save(
+                self._slots.state.cache,
+                [(s, job.ids, self._reused.pop(s, [])) for s, job in group
+                 if self._live[s] is not None], pinned)  # not warm-up prompts
         self._flush()
         first, done = jax.device_get((first, done))
         t1 = time.perf_counter()
@@ -363,9 +420,12 @@ class Engine:
         self.finished[reason] += 1
         self._post(job, {"type": "done", "finish_reason": reason,
                   "usage": {"prompt_tokens": len(job.ids), "completion_tokens": job.count,
-                            "total_tokens": len(job.ids) + job.count},
+                            "total_tokens": len(job.ids) + job.count,
+                            "prompt_tokens_details": {"cached_tokens": job.cached}},
                   "ttft_ms": ((job.t_first or now) - job.t_submit) * 1e3,
-                  "engine_ms": (now - job.t_submit) * 1e3})
+                  "engine_ms": (now - job.t_submit) * 1e3,
+                  "stop_word": live.cutter.hit,
+                  "hit_end": job.count > 0 and job.last_token in live.end_ids})
 
     def _fail_all(self, message: str) -> None:
         """Tell every job in flight or waiting that it failed, and start from clean slots."""
@@ -376,6 +436,9 @@ class Engine:
             self._live = [None] * self.max_batch
         for job in jobs:
             job.sink({"type": "error", "message": message})
+        self._reused.clear()
+        if self._prefix is not None:  # a failed call may have left blocks half written
+            self._prefix.clear()
         if not self._closing:
             m = self.model
             self._slots = slots_mod.init_slots(m.config, self.max_batch, m.capacity,

@@ -12,6 +12,7 @@ import uvicorn
 from spark_model.api import SparkModel
 
 DEFAULT_CAPACITY = 4096  # KV positions per slot: every slot holds a full cache row
+DEFAULT_PREFIX_CACHE_MB = 256  # `spark serve`'s prefix cache (ServerThread's default: off)
 # uvicorn's sans-I/O binding of `websockets`: the same protocol code without the legacy
 # asyncio layer, about 60 us less per request round trip on loopback.
 WS_IMPL = "websockets-sansio"
@@ -24,10 +25,12 @@ def build(model: SparkModel, **kw):
 
 
 def serve(model: SparkModel, *, host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = 8, max_queue: int = 64, log_level: str = "info") -> None:
+          max_batch: int = 8, max_queue: int = 64, log_level: str = "info",
+          prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> None:
     """Serve until interrupted."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO))
-    app = build(model, max_batch=max_batch, max_queue=max_queue)
+    app = build(model, max_batch=max_batch, max_queue=max_queue,
+                prefix_cache_mb=prefix_cache_mb)
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws=WS_IMPL,
                 ws_max_size=1 << 20)
 

@@ -32,6 +32,7 @@ from spark_model.engine import Constants, DecodeState
 from spark_model.kv_cache import KVCache, init_cache
 from spark_model.modules import masked_attention
 from spark_model.sampling import SamplingParams, sample
+from spark_model.serve import prefix_cache
 
 STOP_WIDTH = 64  # bytes per stop string (the tail each slot keeps for matching)
 
@@ -183,17 +184,51 @@ def admit_packed_jit(graphdef, params, slots: Slots, slot_n: jax.Array, tokens_p
     return new, first.last_b, first.done_b
 
 
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def admit_cached_jit(graphdef, params, slots: Slots, pool: prefix_cache.Pool,
+                     slot_n: jax.Array, start_n: jax.Array, prompt_np: jax.Array,
+                     prompt_len_n: jax.Array, rows: RowSettings, blocks: prefix_cache.Copies
+                     ) -> tuple[Slots, jax.Array, jax.Array]:
+    """`admit_jit` for prompts whose first start_n[i] positions the prefix cache holds:
+    prompt_np holds only the rest of each prompt (prompt_len_n tokens).
+
+    The cached blocks (`blocks`: row_m is the request's index i, pos_m where the block
+    starts, pool_m its pool block) are copied into the scratch rows, the rest is prefilled
+    after them, and each slot's row gets the cached blocks, again from the pool, and the
+    P prefilled positions from start_n[i] (the caller keeps start_n[i] + P within the
+    cache, so no slice is clamped).
+    """
+    model = engine.merge(graphdef, params)
+    n, p = prompt_np.shape
+    c = rows.to_constants(slots.consts)
+    scratch = prefix_cache.restore(slots.scratch, pool, blocks.row_m, blocks.pos_m,
+                                   blocks.pool_m, blocks.count)
+    first = engine.prefill(model, scratch, prompt_np, prompt_len_n, c,
+                           slots.state.tokens_bn.shape[1], start_n)
+    big = prefix_cache.restore(slots.state.cache, pool, slot_n[blocks.row_m], blocks.pos_m,
+                               blocks.pool_m, blocks.count)
+    zero = jnp.zeros((), jnp.int32)
+
+    def install(big_x, small_x):  # request i's P new positions, from start_n[i]
+        for i in range(n):
+            at = (slot_n[i], zero, start_n[i], zero)
+            new = jax.lax.dynamic_slice(small_x, (i + zero, zero, start_n[i], zero),
+                                        (1, small_x.shape[1], p, small_x.shape[3]))
+            big_x = jax.lax.dynamic_update_slice(big_x, new, at)
+        return big_x
+
+    cache = KVCache(k=tuple(install(b, s) for b, s in zip(big.k, first.cache.k)),
+                    v=tuple(install(b, s) for b, s in zip(big.v, first.cache.v)))
+    new = _install_rows(slots, slot_n, first, c, cache)
+    return new.replace(scratch=first.cache), first.last_b, first.done_b
+
+
 def _install(slots: Slots, slot_n, first: DecodeState, c: Constants, layers) -> Slots:
     """Copy n admitted requests into their slots: each layer's keys and values
     (row_kv(x, i) gives request i's block, written from position 0 of its row), the
     per-row decode state, and the per-row settings."""
     big = slots.state.cache
     n = slot_n.shape[0]
-
-    def put_rows(big_x, rows_x):
-        for i in range(n):
-            big_x = _put_row(big_x, rows_x[i:i + 1], slot_n[i])
-        return big_x
 
     def install(big_x, row_kv, small_x):
         for i in range(n):
@@ -202,6 +237,20 @@ def _install(slots: Slots, slot_n, first: DecodeState, c: Constants, layers) -> 
 
     cache = KVCache(k=tuple(install(bk, f, k) for bk, (f, k, _) in zip(big.k, layers)),
                     v=tuple(install(bv, f, v) for bv, (f, _, v) in zip(big.v, layers)))
+    return _install_rows(slots, slot_n, first, c, cache)
+
+
+def _install_rows(slots: Slots, slot_n, first: DecodeState, c: Constants, cache: KVCache
+                  ) -> Slots:
+    """The slots with the batch cache `cache` and, in slot_n[i], request i's decode state
+    and settings."""
+    n = slot_n.shape[0]
+
+    def put_rows(big_x, rows_x):
+        for i in range(n):
+            big_x = _put_row(big_x, rows_x[i:i + 1], slot_n[i])
+        return big_x
+
     state = slots.state.replace(cache=cache, **{
         f: put_rows(getattr(slots.state, f), getattr(first, f)) for f in _ROW_FIELDS})
     consts = slots.consts.replace(**{
