@@ -1,8 +1,12 @@
 """Line completion: the model's next line against the real one, on held-out code.
 
 Each sample cuts a source file at the start of a non-blank line; the model gets up to
-`context` tokens of the file before the cut and completes greedily up to the first
-newline. The completion is compared with the real line (trailing whitespace ignored,
+`context` tokens of the file before the cut, ending at the end of the previous line's text
+(the newlines before the cut are left for the model to write), and completes greedily; its
+line is what follows those newlines, up to the next one. Ending the prompt after the newline
+would split a token most BPE vocabularies keep whole: SmolLM2's merges a newline with the
+next line's indentation ("\n   " then " return"), so a prompt that ends in a bare newline is
+one it never saw before an indented line, and it then writes no indentation at all. The completion is compared with the real line (trailing whitespace ignored,
 indentation kept, since it is part of Python's syntax): exact match, and edit similarity,
 1 - Levenshtein distance / length of the longer line (rapidfuzz computes the distance).
 
@@ -27,6 +31,7 @@ from rapidfuzz.distance import Levenshtein
 from eval.sources import default_code
 
 RESULTS_FILE = "line_results.jsonl"
+PROMPT_VERSION = 2  # 2: the prompt ends before the cut's newlines (stored results of 1 rerun)
 
 
 class LineTaskError(ValueError):
@@ -89,6 +94,12 @@ def _prompt(model: Any, before: str, context: int) -> tuple[str, int]:
     return "", 0
 
 
+def completed_line(text: str) -> str:
+    """The line a completion writes after the prompt's last line: past the newlines that
+    end that line (and any blank lines), up to the next newline, trailing space dropped."""
+    return text.lstrip("\n").split("\n", 1)[0].rstrip()
+
+
 def _stored(path: Path, key: dict) -> dict[tuple[str, int], dict]:
     done: dict[tuple[str, int], dict] = {}
     if path.exists():
@@ -116,7 +127,8 @@ def run(model: Any, samples: Sequence[LineSample], out_dir: str | Path, *, model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE
-    key = {"model": model_id, "context": context, "max_new_tokens": max_new_tokens}
+    key = {"model": model_id, "context": context, "max_new_tokens": max_new_tokens,
+           "prompt": PROMPT_VERSION}
     done = _stored(path, key)
     for s in samples:  # a stored result counts only for the very same cut
         r = done.get((s.source, s.index))
@@ -132,11 +144,11 @@ def run(model: Any, samples: Sequence[LineSample], out_dir: str | Path, *, model
         with open(path, "a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                prompts = [_prompt(model, s.before, context) for s in batch]
+                prompts = [_prompt(model, s.before.rstrip("\n"), context) for s in batch]
                 texts = model.generate([p for p, _ in prompts], max_new_tokens=max_new_tokens,
-                                       temperature=0.0, stop=["\n"])
+                                       temperature=0.0)
                 for s, (_, n_ctx), text in zip(batch, prompts, texts):
-                    pred = text.split("\n", 1)[0].rstrip()
+                    pred = completed_line(text)
                     r = {**key, "source": s.source, "index": s.index, "file": s.file,
                          "line_no": s.line_no, "context_tokens": n_ctx, "line": s.line,
                          "completion": pred, "exact": pred == s.line,

@@ -66,7 +66,12 @@ class Oracle:
     capacity = 4096
 
     def __init__(self, samples, wrong=None):
-        self.answers = {s.before: s.line for s in samples}
+        # The prompt ends at the previous line's text; the oracle writes the newlines
+        # that were cut off (blank lines included), then the line, then more.
+        self.answers = {}
+        for s in samples:
+            cut = s.before.rstrip("\n")
+            self.answers[cut] = "\n" * (len(s.before) - len(cut)) + s.line
         self.wrong = wrong
         self.prompts = []
 
@@ -75,7 +80,7 @@ class Oracle:
         out = []
         for p in prompts:
             line = next(v for k, v in self.answers.items() if k.endswith(p))
-            out.append((self.wrong if self.wrong is not None else line) + "\nnext")
+            out.append(("\n" + self.wrong if self.wrong is not None else line) + "\nnext")
         return out
 
 
@@ -85,7 +90,7 @@ def test_scorer_gives_the_oracle_full_marks_and_truncates_context(tmp_path):
                  progress=False)
     assert got["sources"]["t"]["exact_match"] == 1.0
     assert got["sources"]["t"]["edit_similarity"] == 1.0
-    wrong = Oracle(samples, wrong="")
+    wrong = Oracle(samples, wrong="\x00")  # no character in common with any line
     got = lc.run(wrong, samples, tmp_path / "w", model_id="w", context=5, progress=False)
     assert got["sources"]["t"]["exact_match"] == 0.0
     assert got["sources"]["t"]["edit_similarity"] == 0.0
@@ -94,6 +99,13 @@ def test_scorer_gives_the_oracle_full_marks_and_truncates_context(tmp_path):
     assert again["reused"] == len(samples) and again["evaluated"] == 0
     with pytest.raises(lc.LineTaskError, match="capacity"):
         lc.run(wrong, samples, tmp_path / "w", model_id="w", context=4090, progress=False)
+
+
+@pytest.mark.parametrize("text,line", [
+    ("\n    return x\nmore", "    return x"), ("\n\n\ndef f():  \n", "def f():"),
+    ("    x = 1", "    x = 1"), ("", ""), ("\n", "")])
+def test_completed_line_skips_the_cut_newlines(text, line):
+    assert lc.completed_line(text) == line
 
 
 def test_runs_through_the_real_model(tmp_path, small_model, small_tokenizer):
