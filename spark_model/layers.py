@@ -47,10 +47,12 @@ def linear(x_mk: jax.Array, w: Weight, *, transposed: bool = False,
 
 
 def linear_many(x_mk: jax.Array, ws: list[Weight]) -> list[jax.Array]:
-    """[linear(x, w) for w in ws] for float (K, N_i) or packed (N_i, K) weights; float ones
-    all together in one native call that reads x once."""
+    """[linear(x, w) for w in ws] for float (K, N_i) or packed (N_i, K) weights: all float
+    or all packed ones together in one native call that reads x once."""
     if not any(isinstance(w, PackedWeight) for w in ws):
         return kernels.linear_many(x_mk, ws)
+    if all(isinstance(w, PackedWeight) for w in ws):
+        return [y.astype(x_mk.dtype) for y in kernels.packed_linear_many(x_mk, ws)]
     return [linear(x_mk, w) for w in ws]
 
 

@@ -11,7 +11,7 @@ from spark_model.formats.export import export
 from spark_model.formats.gguf import read_gguf, read_gguf_metadata
 from test_formats_gguf import config, random_params
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*U+2581")  # the SentencePiece caveat
+pytestmark = pytest.mark.filterwarnings("ignore:.*U\\+2581")  # the SentencePiece caveat
 
 TEXT = "def add(a, b):\n    return a + b\n"
 
