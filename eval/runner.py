@@ -158,7 +158,9 @@ def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
                                   retrieval_trials=args.retrieval_trials)
     if "humaneval" in tasks:
         check_run_settings(out, settings)
-    model = load_model(args.checkpoint, args.capacity, getattr(args, "weights", None))
+    weights = getattr(args, "weights", None)
+    model = (load_model(args.checkpoint, args.capacity, weights) if weights
+             else load_model(args.checkpoint, args.capacity))
     report["model"] = {"checkpoint": str(getattr(model, "path", None) or checkpoint),
                        "description": repr(model)}
     if "humaneval" in tasks:
