@@ -2,11 +2,12 @@
 
 For each model, the same held-out files (the standard library's validation split, the files
 `spark eval --tasks bpb` reads) are scored with the model's weight matrices in f32, q8_0,
-q4_1 and q4_0 (spark_model/packing.py; norms stay f32), in one table:
+q4_1 and q4_0 (spark_model/packing.py; norms stay f32), and "stored" (as the source holds
+them: a GGUF file's own mix of formats), in one table:
 
     python -m eval.quant_quality [--models checkpoints/spark-tiny smollm2-135m]
-                                 [--formats f32,q8_0,q4_1,q4_0] [--files 48] [--seq-len T]
-                                 [--json out.json]
+                                 [--formats f32,q8_0,q4_1,q4_0,stored] [--files 48]
+                                 [--seq-len T] [--json out.json]
 
 A model whose source is already packed (SmolLM2's Q4_1 GGUF file) has no float original
 here: its "f32" row is the file's weights dequantized, a wider format is quantized from
@@ -31,12 +32,13 @@ DEFAULT_MODELS = ("checkpoints/spark-tiny", "smollm2-135m")
 
 
 def _load(model: str, fmt: str):
-    """The model at `fmt`; widening a packed source goes through its dequantized weights."""
+    """The model at `fmt` ("stored": as its source holds it); widening a packed source goes
+    through its dequantized weights."""
     import spark_model
     from spark_model import packing
 
     try:
-        return spark_model.load(model, weights=fmt), None
+        return spark_model.load(model, weights=None if fmt == "stored" else fmt), None
     except Exception as e:  # noqa: BLE001 - a refused widening, named below
         if "wider" not in str(e):
             raise

@@ -54,6 +54,11 @@ MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's M
 # assumes. -march=native is safe because the cache key includes the CPU's feature flags.
 CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-std=c++17",
           "-fPIC")
+# Sources compiled with exact floating point on top of CFLAGS: the packed product promises
+# that a row's result is bitwise the same whatever the number of rows in the call, which the
+# reassociation -ffast-math allows would break (it reorders sums differently in the code for
+# each row count).
+EXACT_FP = {"qmatvec.cc": ("-fno-fast-math", "-ffp-contract=off")}
 # Link flags: no -ffast-math here. Linking a shared library with it pulls in crtfastmath.o,
 # whose initialiser sets flush-to-zero / denormals-are-zero in MXCSR when the library loads,
 # and so changes floating point for the whole importing process (GCC bug 55522).
@@ -92,6 +97,7 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     key = hashlib.sha256(b"\0".join([
         *(f.read_bytes() for f in SOURCES + HEADERS), " ".join(CFLAGS + LDFLAGS).encode(),
+        repr(sorted(EXACT_FP.items())).encode(),
         cxx.encode(),
         jax.__version__.encode(), _cpu_tag().encode()])).hexdigest()[:16]
     out = _cache_dir() / f"spark_kernels-{key}.so"
@@ -102,7 +108,8 @@ def _build() -> Path:
         objects = []
         for src in SOURCES:  # compile each source with the kernels' flags ...
             obj = os.path.join(work, src.stem + ".o")
-            _run([cxx, *CFLAGS, "-I", jax.ffi.include_dir(), "-c", str(src), "-o", obj])
+            _run([cxx, *CFLAGS, *EXACT_FP.get(src.name, ()), "-I", jax.ffi.include_dir(),
+                  "-c", str(src), "-o", obj])
             objects.append(obj)
         tmp = os.path.join(work, out.name)
         _run([cxx, *LDFLAGS, *objects, "-o", tmp])  # ... and link without them
