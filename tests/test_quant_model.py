@@ -137,3 +137,29 @@ def test_load_quantizes_a_float_checkpoint_and_dequantizes_a_packed_one(tmp_path
     assert cfg == back.config
     with pytest.raises(quant.QuantError, match=r"unknown weight format 'q5_0'"):
         spark_model.load(path, weights="q5_0")
+
+
+def test_packed_shipped_model_batches_and_serves_what_generate_returns():
+    """spark-tiny at q8_0: a batch of prompts decodes each as it would alone (the kernel's
+    rows are independent), and the server (batched decode steps) serves generate's text."""
+    import httpx
+
+    from spark_model.serve.server import ServerThread
+
+    m = spark_model.load(weights="q8_0", capacity=256)
+    assert m.weights == "q8_0"
+    prompts = ["def fibonacci(n):", "import os\n", "class Stack:\n    def __init__(self):"]
+    alone = [m.generate(p, max_new_tokens=24) for p in prompts]
+    assert m.generate(prompts, max_new_tokens=24) == alone
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ServerThread(spark_model.load(weights="q8_0", capacity=256), max_batch=4,
+                      max_queue=8, warmup=False) as srv:
+        def ask(p):  # all at once: they share the server's decode steps
+            return httpx.post(srv.url + "/v1/completions", timeout=120,
+                              json={"prompt": p, "max_tokens": 24, "temperature": 0})
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            replies = list(pool.map(ask, prompts))
+    for r, want in zip(replies, alone):
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
