@@ -60,7 +60,7 @@ def _generate(args: argparse.Namespace) -> int:
     import spark_model
 
     t0 = time.perf_counter()
-    model = spark_model.load(args.checkpoint, capacity=args.capacity)
+    model = spark_model.load(args.checkpoint, capacity=args.capacity, weights=args.weights)
     load_s = time.perf_counter() - t0
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None)
@@ -82,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     import spark_model
     from spark_model.serve import server
 
-    model = spark_model.load(args.checkpoint, capacity=args.capacity)
+    model = spark_model.load(args.checkpoint, capacity=args.capacity, weights=args.weights)
     server.serve(model, host=args.host, port=args.port, max_batch=args.max_batch,
                  max_queue=args.max_queue, log_level=args.log_level)
     return 0
@@ -112,6 +112,14 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="KV-cache positions per sequence (default: the model's 131072)")
     gen.add_argument("--warmup", action="store_true",
                      help="compile with one untimed run first, then time a second")
+    _weights_argument(gen)
+
+
+def _weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", metavar="FORMAT", choices=["f32", "q8_0", "q4_0", "q4_1"],
+                   default=None,
+                   help="the weight matrices' format: f32, or packed q8_0, q4_0, q4_1 "
+                        "(default: as the model holds them; a GGUF file's blocks stay packed)")
 
 
 def _serve_arguments(srv: argparse.ArgumentParser) -> None:
@@ -128,6 +136,7 @@ def _serve_arguments(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"],
                      help="info logs every HTTP request; warning only problems")
+    _weights_argument(srv)
 
 
 def _fetch(args: argparse.Namespace) -> int:
