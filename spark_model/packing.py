@@ -126,9 +126,11 @@ def convert_one(name: str, value: Any, shape: tuple[int, ...], fmt: str | None,
                 notes: list[str] | None = None) -> Any:
     """One parameter in weight format `fmt` (None: as it is).
 
-    f32 dequantizes a packed tensor; a packed format quantizes a float matrix, requantizes
-    a narrower-bound packed one through float32, and keeps one already in `fmt` as it is
-    (bit for bit). Parameters that cannot be packed stay float32 (noted in `notes`).
+    "f32" dequantizes a packed tensor. A packed format quantizes a float matrix, keeps one
+    already in `fmt` as it is (bit for bit), requantizes one packed in a wider format
+    through float32, and refuses one packed in a narrower format. Parameters that cannot be
+    packed stay float32 (a weight matrix whose K is not a multiple of 32 is noted in
+    `notes`).
     """
     if fmt is None:
         return value

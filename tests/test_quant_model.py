@@ -163,3 +163,30 @@ def test_packed_shipped_model_batches_and_serves_what_generate_returns():
             replies = list(pool.map(ask, prompts))
     for r, want in zip(replies, alone):
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+
+
+def test_matrices_whose_input_is_not_whole_blocks_stay_float_and_say_so():
+    """d_model 48: every matrix reading the residual stream stays f32 (noted); the down
+    projections (K = d_ff = 64) pack; the mixed model still matches the float64 forward."""
+    cfg = CFG.replace(d_model=48, n_heads=2, n_kv_heads=1, head_dim=24, d_ff=64)
+    notes: list[str] = []
+    model = packing.convert_model(_peaky(cfg, seed=5), "q4_1", notes)
+    flat = flat_params(model)
+    packed = sorted(n for n, v in flat.items() if packing.is_packed(v))
+    assert packed == [f"blocks.{i}.mlp.down" for i in range(2)]  # o reads N*H = 48 too
+    assert any(n.startswith("blocks.0.attn.q stays f32: its input dimension 48") for n in notes)
+    assert len(notes) == len(flat) - len(packed) - 5  # not the norms
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 20)
+    ours = np.asarray(full_logits(model, jnp.asarray(tokens[None])))[0]
+    ref = reference_forward(_dequantized(model), cfg, tokens)
+    np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())
+    # One token per step through the KV cache: the native products, packed and float mixed
+    # in one layer, within the packed kernel's activation rounding of the same forward.
+    from spark_model.kv_cache import init_cache
+
+    step = jax.jit(lambda m, t, p, c: (lambda x, c2: (m.logits(x), c2))(*m.cached(t, p, c)))
+    cache, steps = init_cache(cfg, 1, 64), []
+    for i, t in enumerate(tokens):
+        logits, cache = step(model, jnp.asarray([[t]]), jnp.asarray([[i]]), cache)
+        steps.append(np.asarray(logits[0, 0]))
+    np.testing.assert_allclose(np.stack(steps), ref, atol=0.05 * np.abs(ref).max(), rtol=0)
