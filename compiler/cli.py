@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
         # Load first: the plan is compiled from the very model it is checked on.
         import spark_model
 
-        model = spark_model.load(args.checkpoint)  # its engine's cache is never allocated
+        # Float weights: the plan's own --weights says how the cores store them (a GGUF
+        # file's packed blocks would otherwise stay packed in the model).
+        model = spark_model.load(args.checkpoint, weights="f32")  # no cache is allocated
     try:
         plan = compiler.compile(model or args.checkpoint or args.preset, args.target,
                                 args.context, wafers=args.wafers, seed=args.seed,

@@ -1,10 +1,10 @@
 """`spark bench decode|serve|latency|compile|import`: the speed benchmarks, one subcommand.
 
-decode: the engine against its roofline and the peer (`eval.bench_decode`); serve: the
-server's overhead, TTFT and throughput under load (`eval.bench_serve`); latency: prefix
-reuse and infilling round trips, section by section (`eval.bench_latency`); compile:
-compile times of tiny, llama3-8b and llama3-70b (`eval.bench_compile`). Each is imported
-only when it runs.
+decode: the engine against its roofline and its peers, llama.cpp and transformers
+(`eval.bench_decode`, `--weights` for packed formats); serve: the server's overhead, TTFT
+and throughput under load (`eval.bench_serve`); latency: prefix reuse and infilling round
+trips, section by section (`eval.bench_latency`); compile: compile times of tiny, llama3-8b
+and llama3-70b (`eval.bench_compile`). Each is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bench.add_argument("--runs", type=int, default=5, help="timed runs per figure (best kept)")
     bench.add_argument("--no-peer", action="store_true",
-                       help="skip the Hugging Face transformers comparison")
+                       help="decode: skip the llama.cpp and Hugging Face transformers peers")
+    bench.add_argument("--weights", metavar="FORMAT", default=None,
+                       choices=["f32", "q8_0", "q4_0", "q4_1"],
+                       help="decode: run the model's weight matrices in this format (a GGUF "
+                            "file of that type runs as stored; default: as the model holds "
+                            "them)")
     bench.add_argument("--max-batch", type=int, default=8, metavar="N",
                        help="serve: the server's batch slots (default 8)")
     bench.add_argument("--sections", metavar="NAMES", default=None,
@@ -41,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "decode":
         from eval import bench_decode
 
-        return bench_decode.main(args.checkpoint, args.json, args.runs, not args.no_peer)
+        return bench_decode.main(args.checkpoint, args.json, args.runs, not args.no_peer,
+                                 args.weights)
     if args.what == "import":
         from eval import bench_import
 

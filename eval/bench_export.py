@@ -76,7 +76,7 @@ def run(model: str, *, prompt_tokens: int = 256, new_tokens: int = 128, threads:
     import spark_model
     from spark_model.formats.export import export
 
-    m = spark_model.load(model, capacity=prompt_tokens + new_tokens + 16)
+    m = spark_model.load(model, capacity=prompt_tokens + new_tokens + 16, weights="f32")
     prompt = bench_import._prompt_ids(m, prompt_tokens)
     ours = m.generate_tokens([prompt], new_tokens, ignore_eos=True)[0]
     seq = prompt + ours

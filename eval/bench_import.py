@@ -92,7 +92,7 @@ def run(model: str, *, prompt_tokens: int = 768, new_tokens: int = 256, threads:
     from spark_model.formats.export import export
 
     path = resolve(model)
-    m = spark_model.load(model, capacity=prompt_tokens + new_tokens + 16)
+    m = spark_model.load(model, capacity=prompt_tokens + new_tokens + 16, weights="f32")
     prompt = _prompt_ids(m, prompt_tokens)
     ours_tokens = m.generate_tokens([prompt], new_tokens, ignore_eos=True)[0]
     seq = prompt + ours_tokens

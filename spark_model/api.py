@@ -87,6 +87,20 @@ class SparkModel:
         return self.model.cfg
 
     @property
+    def weights(self) -> str:
+        """The weight matrices' format: "f32", "q8_0", "q4_0", "q4_1" or "mixed (...)"."""
+        from spark_model import packing
+
+        return packing.weights_label(checkpoint.flat_params(self.model))
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of the parameters as held (packed matrices at their block sizes)."""
+        from spark_model import packing
+
+        return packing.param_bytes(checkpoint.flat_params(self.model))
+
+    @property
     def end_ids(self) -> tuple[int, ...]:
         """Every id that ends generation (the tokenizer's `end_ids`)."""
         return tuple(int(i) for i in self._end_vec if i >= 0)
@@ -433,15 +447,24 @@ def _merged(*groups: Sequence[int]) -> tuple[int, ...]:
 
 
 def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,
-         verify: bool = True) -> SparkModel:
+         verify: bool = True, weights: str | None = None) -> SparkModel:
     """Load a model onto the default device: a Spark checkpoint directory (default: the
     shipped one), a GGUF file, a Hugging Face model directory, or the name of a fetched
     model (`spark fetch --list`). What it is comes from the files, not from the name.
 
     capacity: KV-cache positions per sequence (prompt plus generated tokens); default the
     model's max_seq_len (128K for every preset; an imported model's own context).
+    weights: the weight matrices' format (spark_model/packing.py). None (default) keeps
+    what the source holds: a GGUF file's Q8_0/Q4_0/Q4_1 blocks stay packed (other block
+    types become the nearest of those), a packed checkpoint stays packed, float stays
+    float32. "f32" dequantizes; "q8_0", "q4_0" or "q4_1" quantizes a float model at load
+    (a tensor already packed in a narrower format is refused rather than widened).
     """
+    from spark_model import packing
     from spark_model.formats import detect, load as formats_load
+
+    if weights is not None:
+        packing.check_weight_format(weights)
 
     if path is None:
         root = default_checkpoint()
@@ -453,12 +476,17 @@ def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,
         root = detect.resolve(path)
     kind = detect.detect(root)
     if kind != "checkpoint":
-        model, tokenizer, info = formats_load.load_imported(root, kind)
+        model, tokenizer, info = formats_load.load_imported(root, kind, weights)
         capacity = model.cfg.max_seq_len if capacity is None else capacity
         out = SparkModel(model, tokenizer, root.absolute(), capacity=capacity)
         out.source_info = info
         return out
     _, model = checkpoint.load_params(root, verify_hashes=verify)
+    notes: list[str] = []
+    try:
+        model = packing.convert_model(model, weights, notes)
+    except packing.QuantError as e:
+        raise checkpoint.CheckpointError(f"{root}: {e}") from None
     try:
         tokenizer = load_tokenizer(root)
     except Exception as e:
@@ -471,6 +499,7 @@ def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,
     if isinstance(train_info.get("train_seq_len"), int):
         out.train_seq_len = train_info["train_seq_len"]  # scoring windows match training
     out.source_info = {"source": str(root.absolute()), "kind": "checkpoint",
+                       "weights": out.weights, **({"notes": notes} if notes else {}),
                        **({"imported_from": extra["imported_from"]}
                           if isinstance(extra.get("imported_from"), dict) else {})}
     return out

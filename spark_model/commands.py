@@ -1,5 +1,5 @@
 """The model package's own `spark` subcommands: `info`, `generate`, `serve`, `fetch`,
-`import` and `export`.
+`import`, `export` and `quantize`.
 
 Registered in pyproject.toml under the entry-point group `spark.commands` (see
 `spark_model/cli.py`). Importing this module imports no JAX; each command imports what it
@@ -60,7 +60,7 @@ def _generate(args: argparse.Namespace) -> int:
     import spark_model
 
     t0 = time.perf_counter()
-    model = spark_model.load(args.checkpoint, capacity=args.capacity)
+    model = spark_model.load(args.checkpoint, capacity=args.capacity, weights=args.weights)
     load_s = time.perf_counter() - t0
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None)
@@ -82,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     import spark_model
     from spark_model.serve import server
 
-    model = spark_model.load(args.checkpoint, capacity=args.capacity)
+    model = spark_model.load(args.checkpoint, capacity=args.capacity, weights=args.weights)
     server.serve(model, host=args.host, port=args.port, max_batch=args.max_batch,
                  max_queue=args.max_queue, log_level=args.log_level,
                  prefix_cache_mb=args.prefix_cache_mb)
@@ -113,6 +113,14 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="KV-cache positions per sequence (default: the model's 131072)")
     gen.add_argument("--warmup", action="store_true",
                      help="compile with one untimed run first, then time a second")
+    _weights_argument(gen)
+
+
+def _weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", metavar="FORMAT", choices=["f32", "q8_0", "q4_0", "q4_1"],
+                   default=None,
+                   help="the weight matrices' format: f32, or packed q8_0, q4_0, q4_1 "
+                        "(default: as the model holds them; a GGUF file's blocks stay packed)")
 
 
 def _serve_arguments(srv: argparse.ArgumentParser) -> None:
@@ -132,6 +140,7 @@ def _serve_arguments(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"],
                      help="info logs every HTTP request; warning only problems")
+    _weights_argument(srv)
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -231,6 +240,63 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace an existing PATH (only once the new export is complete)")
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    import time
+
+    from spark_model import checkpoint, packing
+    from spark_model.formats import detect, load as formats_load
+    from spark_model.tokenizers_io import load_tokenizer
+
+    source = detect.resolve(args.checkpoint)
+    kind = detect.detect(source)
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    if kind == "checkpoint":
+        meta = checkpoint.check(source)
+        _, model = checkpoint.load_params(source)
+        before = packing.weights_label(checkpoint.flat_params(model))
+        try:
+            tokenizer = load_tokenizer(source)
+        except Exception as e:
+            raise checkpoint.CheckpointError(f"cannot read the tokenizer in {source}: {e}") \
+                from e
+        extra = dict(meta.get("extra") or {})
+        try:
+            model = packing.convert_model(model, args.to, notes)
+        except packing.QuantError as e:
+            raise checkpoint.CheckpointError(f"{source}: {e}") from None
+    else:  # a GGUF file or Hugging Face directory, converted tensor by tensor as it is read
+        model, tokenizer, info = formats_load.load_imported(source, kind, args.to)
+        before = info.get("file_type") or info.get("dtype") or kind
+        extra = {"imported_from": info}
+    bytes_of = packing.param_bytes(checkpoint.flat_params(model))
+    extra["quantized"] = {"from": str(before), "to": args.to,
+                          **({"notes": notes} if notes else {})}
+    out = checkpoint.save(args.out, model, tokenizer, overwrite=args.overwrite, extra=extra)
+    for note in notes:
+        print(f"spark quantize: note: {note}", file=sys.stderr)
+    print(f"quantized {source} ({before}) to {args.to} in {out}: {bytes_of / 2**20:,.1f} MiB "
+          f"of parameters, in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _quantize_arguments(p: argparse.ArgumentParser) -> None:
+    from spark_model.packing import WEIGHT_FORMATS
+
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="a Spark checkpoint directory (or a GGUF file, a Hugging Face "
+                        "directory or a fetched model's name)")
+    p.add_argument("--to", required=True, choices=WEIGHT_FORMATS,
+                   help="the weight matrices' format: q8_0 (8 bits, 1.06 bytes per weight), "
+                        "q4_1 (0.62), q4_0 (0.56), or f32 to dequantize; norms stay f32. A "
+                        "tensor already packed narrower than this is refused, not widened")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the Spark checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at --out (only once the new one is "
+                        "completely written)")
+
+
 info = Command("print a model's config and parameter count", _info_arguments, _info)
 generate = Command("stream a completion of a prompt to the terminal", _generate_arguments,
                    _generate)
@@ -245,3 +311,8 @@ import_ = Command("write a Spark checkpoint from a GGUF file or a Hugging Face d
                   _import_arguments, _import)
 export = Command("write a model as a GGUF file (llama.cpp) or a Hugging Face directory",
                  _export_arguments, _export)
+quantize = Command("write a checkpoint with its weight matrices packed (q8_0, q4_0, q4_1)",
+                   _quantize_arguments, _quantize,
+                   description="Write a Spark checkpoint whose weight matrices are packed in "
+                               "a GGUF block format (docs/checkpoint-format.md), for faster "
+                               "decoding in less memory. Never half-writes --out.")

@@ -1,5 +1,5 @@
 """Small building blocks: RMSNorm, rotary position embedding with Llama 3.1 scaling, and the
-row-wise product every projection uses."""
+products every projection uses (float weights, or packed ones: spark_model/quant.py)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,57 @@ from flax import nnx
 
 from spark_model import kernels
 from spark_model.config import RopeScaling
+from spark_model.quant import PackedWeight
+
+# A weight as the products take it: a float array, or a packed (N out, K in) matrix.
+Weight = jax.Array | PackedWeight
 
 
-def rows_linear(x_btk: jax.Array, w: jax.Array, *, transposed: bool = False,
-                preferred_element_type=None) -> jax.Array:
-    """(B, T, K) times a (K, N) weight, or a (N, K) one when `transposed`: (B, T, N).
+def as_weight(param: nnx.Variable, dtype, pattern: str | None = None) -> Weight:
+    """A parameter ready for `linear`: a float one cast to `dtype` (and rearranged by the
+    einops `pattern`, if given), a packed one as it is (its layout is always (N, K))."""
+    w = param.get_value()
+    if isinstance(w, PackedWeight):
+        return w
+    w = w.astype(dtype)
+    return rearrange(w, pattern) if pattern else w
 
-    One 2-D product over the B*T rows (`kernels.linear`): native threads for a decode step's
-    few rows on CPU, an XLA dot otherwise.
+
+def linear(x_mk: jax.Array, w: Weight, *, transposed: bool = False,
+           preferred_element_type=None) -> jax.Array:
+    """x (M, K) times a weight: float (K, N), float (N, K) when `transposed`, or packed
+    (N, K) whatever `transposed` says; (M, N).
+
+    Float weights go to `kernels.linear`, packed ones to `kernels.packed_linear` (native for
+    a decode step's few rows on CPU, else dequantize-then-dot). A packed product is float32;
+    it is returned in x's dtype unless `preferred_element_type` is given.
     """
-    y = kernels.linear(rearrange(x_btk, "b t k -> (b t) k"), w, transposed=transposed,
-                       preferred_element_type=preferred_element_type)
+    if isinstance(w, PackedWeight):
+        y = kernels.packed_linear(x_mk, w)
+        return y.astype(preferred_element_type or x_mk.dtype)
+    return kernels.linear(x_mk, w, transposed=transposed,
+                          preferred_element_type=preferred_element_type)
+
+
+def linear_many(x_mk: jax.Array, ws: list[Weight]) -> list[jax.Array]:
+    """[linear(x, w) for w in ws] for float (K, N_i) or packed (N_i, K) weights: all float
+    or all packed ones together in one native call that reads x once."""
+    if not any(isinstance(w, PackedWeight) for w in ws):
+        return kernels.linear_many(x_mk, ws)
+    if all(isinstance(w, PackedWeight) for w in ws):
+        return [y.astype(x_mk.dtype) for y in kernels.packed_linear_many(x_mk, ws)]
+    return [linear(x_mk, w) for w in ws]
+
+
+def rows_linear(x_btk: jax.Array, w: Weight, *, transposed: bool = False,
+                preferred_element_type=None) -> jax.Array:
+    """(B, T, K) times a (K, N) weight, or a (N, K) one when `transposed` or packed: (B, T, N).
+
+    One 2-D product over the B*T rows (`linear`): native threads for a decode step's few rows
+    on CPU, an XLA dot otherwise.
+    """
+    y = linear(rearrange(x_btk, "b t k -> (b t) k"), w, transposed=transposed,
+               preferred_element_type=preferred_element_type)
     return rearrange(y, "(b t) n -> b t n", b=x_btk.shape[0])
 
 

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from spark_model import kernels
 from spark_model.config import ModelConfig
-from spark_model.layers import RMSNorm, apply_rope, rope_frequencies, rows_linear
+from spark_model.layers import (RMSNorm, apply_rope, as_weight, linear_many, rope_frequencies,
+                                rows_linear)
 
 # attend(q_btnh, k_btkh, v_btkh) -> (o_btnh, aux): aux carries e.g. an updated cache.
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -78,12 +78,12 @@ class Attention(nnx.Module):
         dt = self.dtype
         # Plain 2-D products, (B*T, D) x (D, heads*H): the form XLA:CPU runs fastest, and
         # one native call for all three in a decode step (reads x once, one thread hand-off).
+        # A packed weight is already (heads*H, D): see spark_model/packing.py.
         x = rearrange(x_btd, "b t d -> (b t) d")
-
-        ws = [self.q[...], self.k[...], self.v[...]]
-        ys = kernels.linear_many(x, [rearrange(w.astype(dt), "d n h -> d (n h)") for w in ws])
-        q, k, v = (rearrange(y, "(b t) (n h) -> b t n h", b=x_btd.shape[0], h=w.shape[2])
-                   for y, w in zip(ys, ws))
+        ys = linear_many(x, [as_weight(p, dt, "d n h -> d (n h)")
+                             for p in (self.q, self.k, self.v)])
+        q, k, v = (rearrange(y, "(b t) (n h) -> b t n h", b=x_btd.shape[0], h=self.rope[0])
+                   for y in ys)
         if self.bias:
             q, k, v = (y + b[...].astype(dt) for y, b in
                        zip((q, k, v), (self.q_bias, self.k_bias, self.v_bias)))
@@ -93,7 +93,8 @@ class Attention(nnx.Module):
     def project_out(self, o_btnh: jax.Array) -> jax.Array:
         # Flatten (N, H) on both sides first: contracting two axes at once made XLA copy
         # the whole o weight into a new layout on every decode step.
-        w_nh_d = rearrange(self.o[...].astype(self.dtype), "n h d -> (n h) d")
+        # A packed o is (D, N*H).
+        w_nh_d = as_weight(self.o, self.dtype, "n h d -> (n h) d")
         return rows_linear(rearrange(o_btnh, "b t n h -> b t (n h)"), w_nh_d)
 
 
@@ -112,9 +113,9 @@ class MLP(nnx.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dt = self.dtype
         x = rearrange(x_btd, "b t d -> (b t) d")
-        g, u = kernels.linear_many(x, [self.gate[...].astype(dt), self.up[...].astype(dt)])
+        g, u = linear_many(x, [as_weight(self.gate, dt), as_weight(self.up, dt)])
         h = rearrange(jax.nn.silu(g) * u, "(b t) f -> b t f", b=x_btd.shape[0])
-        return rows_linear(h, self.down[...].astype(dt))
+        return rows_linear(h, as_weight(self.down, dt))
 
 
 class Block(nnx.Module):

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spark_model import kv_cache
+from spark_model import kv_cache, quant
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import KVCache
-from spark_model.layers import RMSNorm, rows_linear
+from spark_model.layers import RMSNorm, as_weight, rows_linear
 from spark_model.modules import AttendFn, Block, causal_attention
 
 
@@ -34,15 +34,22 @@ class Transformer(nnx.Module):
                 jax.random.normal(k_head, (cfg.d_model, cfg.vocab_size), pd) * cfg.init_std)
 
     def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], tokens_bt, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        dt = jnp.dtype(self.cfg.dtype)
+        table = self.embed.get_value()
+        if isinstance(table, quant.PackedWeight):  # gather the rows, expand only those
+            rows = jax.tree.map(lambda a: jnp.take(a, tokens_bt.reshape(-1), axis=0), table)
+            x = quant.dequantize_jnp(rows)
+            return x.reshape(*tokens_bt.shape, x.shape[-1]).astype(dt)
+        return jnp.take(table, tokens_bt, axis=0).astype(dt)
 
     def logits(self, x_btd: jax.Array) -> jax.Array:
         """Final norm and output projection; logits are always f32."""
         x_btd = self.final_norm(x_btd)
         if self.cfg.tie_embeddings:  # (V, D): the embedding table, used transposed
-            w_vd = self.embed[...].astype(x_btd.dtype)
+            w_vd = as_weight(self.embed, x_btd.dtype)
             return rows_linear(x_btd, w_vd, transposed=True, preferred_element_type=jnp.float32)
-        return rows_linear(x_btd, self.lm_head[...].astype(x_btd.dtype),
+        # A packed lm_head is (V, D).
+        return rows_linear(x_btd, as_weight(self.lm_head, x_btd.dtype),
                            preferred_element_type=jnp.float32)
 
     def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array,

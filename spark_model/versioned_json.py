@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 
-def read_versioned_json(path: Path, fmt: str, version: int, error: type[Exception], *,
-                        what: str = "") -> dict[str, Any]:
-    """The JSON object at `path`, whose "format" must be `fmt` and "version" `version`.
+def read_versioned_json(path: Path, fmt: str, version: int | tuple[int, ...],
+                        error: type[Exception], *, what: str = "") -> dict[str, Any]:
+    """The JSON object at `path`, whose "format" must be `fmt` and "version" `version` (or
+    one of several).
 
     Every problem raises `error` with a one-line message naming the file; `what` names the
     thing a wrong version belongs to ("checkpoint format"), default the file itself.
@@ -21,7 +22,9 @@ def read_versioned_json(path: Path, fmt: str, version: int, error: type[Exceptio
         raise error(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise error(f"{path} is not a {fmt} file")
-    if data.get("version") != version:
+    versions = version if isinstance(version, tuple) else (version,)
+    if data.get("version") not in versions or isinstance(data.get("version"), bool):
         owner = f"{path.parent} has {what} version" if what else f"{path} has version"
-        raise error(f"{owner} {data.get('version')}; this release reads version {version}")
+        readable = " and ".join(str(v) for v in versions)
+        raise error(f"{owner} {data.get('version')}; this release reads version {readable}")
     return data

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from spark_model import packing, quant
 from spark_model.checkpoint import model_from_flat
 from spark_model.config import ModelConfig, RopeScaling
 from spark_model.formats import gguf as gg
@@ -487,14 +488,60 @@ def test_quantized_files_round_trip(tmp_path, qtype):
     cfg = config(d_model=256, d_ff=256, n_layers=1, head_dim=64, vocab_size=16,
                  tie_embeddings=False)
     p = random_params(cfg, seed=10)
-    imp = gg.read_gguf(write_gguf(tmp_path / "q.gguf", "llama", cfg,
-                                  gguf_tensors(cfg, p, permute=True), qtype=qtype))
+    path = write_gguf(tmp_path / "q.gguf", "llama", cfg, gguf_tensors(cfg, p, permute=True),
+                      qtype=qtype)
+    imp = gg.read_gguf(path, weights="f32")
     assert imp.info["tensor_types"][qtype.name] == 9  # the 2-D tensors
     for name, a in p.items():
         err = np.abs(imp.params[name] - a).max() / np.abs(a).max()
         assert err < TOLERANCE[qtype], (name, err)
         if a.ndim == 1:  # norms stay F32
             np.testing.assert_array_equal(imp.params[name], a)
+    # As stored: Q8_0/Q4_0/Q4_1 matrices stay packed, holding exactly the values the float
+    # read gives; other block types become the nearest of those, said so in the info.
+    packed = gg.read_gguf(path)
+    fmt = gg.NEAREST.get(qtype, "f32")
+    assert packing.summary(packed.params) == {fmt: 9, "f32": 3} if fmt != "f32" else \
+        packing.summary(packed.params) == {"f32": 12}
+    assert packed.info["weights"] == fmt
+    for name, a in packed.params.items():
+        if packing.is_packed(a) and fmt.upper() == qtype.name:  # the file's own blocks
+            np.testing.assert_array_equal(
+                packing.unpack(name, a, p[name].shape).view(np.uint32),
+                imp.params[name].view(np.uint32))
+        elif packing.is_packed(a):  # converted: the nearest format's rounding on top
+            err = np.abs(packing.unpack(name, a, p[name].shape) - p[name]).max()
+            assert err / np.abs(p[name]).max() < TOLERANCE[qtype] + TOLERANCE[Q[fmt.upper()]]
+    converted = {} if fmt in ("f32", qtype.name.lower()) else {f"{qtype.name} -> {fmt}": 9}
+    assert packed.info.get("converted", {}) == converted
+
+
+@pytest.mark.parametrize("want", ["q8_0", "q4_0", "q4_1", "f32"])
+def test_gguf_weights_option_converts_or_refuses_widening(tmp_path, want):
+    """weights= puts every matrix in one format; a Q4_1 file cannot be widened to q8_0."""
+    cfg = config(d_model=64, d_ff=96, n_layers=1, head_dim=16, vocab_size=32)
+    p = random_params(cfg, seed=11)
+    path = write_gguf(tmp_path / "q.gguf", "llama", cfg, gguf_tensors(cfg, p, permute=True),
+                      qtype=Q.Q4_1)
+    if want == "q8_0":
+        with pytest.raises(FormatError, match=r"already quantized to q4_1; quantizing it to "
+                                              r"the wider q8_0") as e:
+            gg.read_gguf(path, weights=want)
+        assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+        return
+    imp = gg.read_gguf(path, weights=want)
+    dense = gg.read_gguf(path, weights="f32").params
+    assert imp.info["weights"] == want
+    for name, a in imp.params.items():
+        if want == "f32" or not packing.packable(name):
+            np.testing.assert_array_equal(a, dense[name])
+        elif want == "q4_1":  # the file's blocks, as they are
+            np.testing.assert_array_equal(packing.unpack(name, a, p[name].shape), dense[name])
+        else:  # q4_0 from the dequantized q4_1 values: the reference quantizer on them
+            ref = packing.pack(name, dense[name], "q4_0")
+            np.testing.assert_array_equal(quant.to_gguf_blocks(a), quant.to_gguf_blocks(ref))
+    with pytest.raises(FormatError, match=r"unknown weight format 'q3'"):
+        gg.read_gguf(path, weights="q3")
 
 
 # ---- bad input -------------------------------------------------------------------------
@@ -847,7 +894,7 @@ def test_smollm2_gguf_matches_reference_and_predicts_code():
     from train.corpus import validation_files
 
     start = time.perf_counter()
-    imp = gg.read_gguf(SMOLLM2)
+    imp = gg.read_gguf(SMOLLM2, weights="f32")  # the float64 reference needs floats
     seconds = time.perf_counter() - start
     cfg = imp.cfg
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,

@@ -107,30 +107,31 @@ def _blocks(a: np.ndarray) -> np.ndarray:
 
 def _float_bound(x64: np.ndarray, w64: np.ndarray, mins: np.ndarray) -> np.ndarray:
     """float32 rounding of the kernel's per-block terms and their sums: a few units of
-    roundoff per block over the sum of the terms' magnitudes."""
+    roundoff per block over the sum of the terms' magnitudes (the quants' part, d q, and the
+    minimum's part, m times the block's activation sum)."""
     nb = x64.shape[1] // quant.BLOCK
     shifted = np.abs(_blocks(w64) - mins[..., None]).reshape(w64.shape)
-    mag = np.abs(x64) @ shifted.T + np.abs(_blocks(x64).sum(-1)) @ np.abs(mins).T
+    mag = np.abs(x64) @ shifted.T + np.abs(_blocks(x64)).sum(-1) @ np.abs(mins).T
     return (nb + 40) * 4 * U * mag + _flush_floor(w64)
 
 
 def _kernel_bound(x64, w64, mins):
     """|y - exact|: activations are rounded per block to d_x q with d_x = amax/127, so each
-    element is off by at most d_x/2 = amax/254 (amax floored at 1e-30); the block minimum's
-    term uses the exact sum of x, so only w - m multiplies the error."""
+    element is off by at most d_x/2 = amax/254 (amax floored at 1e-30); every term of the
+    product, q4_1's minimum included, uses the rounded activations."""
     amax = np.maximum(np.abs(_blocks(x64)).max(-1), 1e-30)  # (M, K/32)
-    spread = np.abs(_blocks(w64) - mins[..., None]).sum(-1)  # (N, K/32)
+    spread = np.abs(_blocks(w64)).sum(-1)  # (N, K/32)
     return amax / 254 * 1.0001 @ spread.T + _float_bound(x64, w64, mins)
 
 
-def _emulated(x: np.ndarray, w64: np.ndarray, mins: np.ndarray) -> np.ndarray:
-    """The kernel's arithmetic in float64: x rounded per block (half to even) as it does."""
+def _emulated(x: np.ndarray, w64: np.ndarray) -> np.ndarray:
+    """The kernel's arithmetic in float64: x rounded per block (half to even) as it does,
+    times the weights."""
     xb = _blocks(x)
     amax = np.maximum(np.abs(xb).max(-1, keepdims=True), np.float32(1e-30))
     q = np.clip(np.rint(xb * (np.float32(127) / amax)), -127, 127)
     xhat = (q * (amax / np.float32(127)).astype(np.float64)).reshape(x.shape)
-    y = xhat @ (_blocks(w64) - mins[..., None]).reshape(w64.shape).T
-    return y + xb.astype(np.float64).sum(-1) @ mins.T
+    return xhat @ w64.T
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -155,7 +156,7 @@ def test_packed_product_kernel_fallback_and_float64_agree(fmt, n, k):
     run = jax.jit(kernels.packed_linear)
     native = {m: np.asarray(run(jnp.asarray(x[:m]), pj)) for m in range(1, 9)}
     assert (np.abs(native[8] - exact) <= _kernel_bound(x64, w64, mins)).all()
-    assert (np.abs(native[8] - _emulated(x, w64, mins)) <= _float_bound(x64, w64, mins)).all()
+    assert (np.abs(native[8] - _emulated(x, w64)) <= _float_bound(x64, w64, mins)).all()
     for m in range(1, 9):  # row i of an m-row call is the 1-row call on that row, bitwise
         for i in range(m):
             one = np.asarray(run(jnp.asarray(x[i:i + 1]), pj))[0]
@@ -183,6 +184,28 @@ def test_quantized_real_weights_product(fmt):
     gamma = 576 * U * (np.abs(many.astype(np.float64)) @ np.abs(w64).T) + _flush_floor(w64)
     got = np.asarray(kernels.packed_linear(jnp.asarray(many), packed))
     assert (np.abs(got - many.astype(np.float64) @ w64.T) <= gamma).all()
+
+
+def test_weights_sharing_x_in_one_call_match_separate_calls():
+    """packed_linear_many: several weights (formats mixed, shapes differing) give bitwise the
+    results of one call each, at every row count."""
+    if not kernels.usable(jnp.zeros((1,), jnp.float32)):
+        pytest.skip(kernels.status())
+    rng = np.random.default_rng(7)
+    ws = [jax.tree.map(jnp.asarray, quant.quantize(
+        rng.standard_normal((n, 96)).astype(np.float32), fmt))
+        for n, fmt in [(40, "q4_1"), (7, "q8_0"), (130, "q4_1"), (1, "q4_1"), (33, "q4_0")]]
+    x = _activations(8, 96, seed=8)
+    many = jax.jit(kernels.packed_linear_many)
+    one = jax.jit(kernels.packed_linear)
+    for m in (1, 3, 8):
+        got = many(jnp.asarray(x[:m]), ws)
+        for y, w in zip(got, ws):
+            want = one(jnp.asarray(x[:m]), w)
+            np.testing.assert_array_equal(np.asarray(y).view(np.uint32),
+                                          np.asarray(want).view(np.uint32))
+    text = jax.jit(kernels.packed_linear_many).lower(jnp.asarray(x[:1]), ws).as_text()
+    assert text.count("spark_qmatvec") == 3  # one call per format
 
 
 def test_bad_inputs_get_one_line_errors():
@@ -218,3 +241,30 @@ def test_bad_inputs_get_one_line_errors():
             np.concatenate([np.ones((1, 32)), np.full((1, 32), 1e7)], 1), "q8_0", name="w")
     packed = quant.quantize(np.ones((2, 64), np.float32), "q8_0")
     refuses(r"x must be \(M, 64\)", kernels.packed_linear, jnp.zeros((1, 32)), packed)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_native_dequantize_gives_the_reference_values(fmt):
+    """kernels.dequantize (the prefill's expansion) against the gguf package's values:
+    q8_0 and q4_0 bit for bit, q4_1's d*q + m within one unit in the last place; and a
+    many-row product through it within a float32 dot's rounding of the float64 one."""
+    if not kernels.usable(jnp.zeros((1,), jnp.float32)):
+        pytest.skip(kernels.status())
+    packed = _random_packed(fmt, 37, 4096, seed=9)  # extreme scales, zero blocks
+    want = gguf.quants.dequantize(quant.to_gguf_blocks(packed), _gguf_type(fmt))
+    pj = jax.tree.map(jnp.asarray, packed)
+    got = np.asarray(jax.jit(kernels.dequantize)(pj))
+    if fmt == "q4_1":
+        np.testing.assert_array_max_ulp(got, want, 1)
+    else:
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    w = _weights(300, 96, seed=10)
+    pw = jax.tree.map(jnp.asarray, quant.quantize(w, fmt))
+    w64 = quant.dequantize(pw).astype(np.float64)
+    x = _activations(40, 96, seed=11)  # more rows than the decode kernel takes
+    x64 = x.astype(np.float64)
+    text = jax.jit(kernels.packed_linear).lower(jnp.asarray(x), pw).as_text()
+    assert "spark_dequantize" in text and "spark_qmatvec" not in text
+    y = np.asarray(jax.jit(kernels.packed_linear)(jnp.asarray(x), pw))
+    gamma = 96 * U * (np.abs(x64) @ np.abs(w64).T) * 1.01 + _flush_floor(w64)
+    assert (np.abs(y - x64 @ w64.T) <= gamma).all()

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from spark_model import packing
 from spark_model.atomic import move_into_place
 from spark_model.config import ModelConfig
 from spark_model.formats.mapping import FormatError
@@ -37,7 +38,7 @@ def _source(model_or_path: Any) -> tuple[ModelConfig, dict[str, np.ndarray], Any
         from spark_model.checkpoint import flat_params
 
         m = model_or_path
-        params = {k: np.asarray(v) for k, v in flat_params(m.model).items()}
+        params = {k: packing.map_arrays(v, np.asarray) for k, v in flat_params(m.model).items()}
         name = Path(str(getattr(m, "path", None) or "spark")).name
         return m.model.cfg, params, m.tokenizer, name
     from spark_model.formats import detect, load as formats_load
@@ -49,7 +50,8 @@ def _source(model_or_path: Any) -> tuple[ModelConfig, dict[str, np.ndarray], Any
         from spark_model.tokenizers_io import load_tokenizer
 
         _, model = checkpoint.load_params(path)
-        params = {k: np.asarray(v) for k, v in checkpoint.flat_params(model).items()}
+        params = {k: packing.map_arrays(v, np.asarray)
+                  for k, v in checkpoint.flat_params(model).items()}
         return model.cfg, params, load_tokenizer(path), path.name
     imported = formats_load.read(path, kind)
     tokenizer = formats_load.tokenizer_of(imported)
@@ -82,7 +84,9 @@ def export(model_or_path: Any, to: str, out: str | os.PathLike, *, dtype: str = 
 
     model_or_path: a loaded `SparkModel` or anything `spark_model.load` takes (a Spark
     checkpoint, a GGUF file, a Hugging Face directory, a fetched model's name). dtype:
-    "float32" (exact) or "float16" for the weight matrices. Returns the written path.
+    "float32" (exact) or "float16" for the float weight matrices. Packed weight matrices
+    (spark_model/packing.py) go to GGUF as they are (Q8_0, Q4_0, Q4_1 tensors) and to a
+    Hugging Face directory dequantized, with a warning. Returns the written path.
     """
     if to not in FORMATS:
         raise FormatError(f"export format must be one of {', '.join(FORMATS)}, got {to!r}")
@@ -109,7 +113,15 @@ def export(model_or_path: Any, to: str, out: str | os.PathLike, *, dtype: str = 
         caveats = [SENTENCEPIECE_CAVEAT] if meta["tokenizer.ggml.model"] == "llama" else []
         write_gguf(dest, cfg, params, meta, dtype=dtype, name=name, overwrite=overwrite)
     else:
-        caveats = _hf_into(dest, cfg, params, tokenizer, dtype)
+        if any(packing.is_packed(v) for v in params.values()):  # no block formats there
+            from spark_model.checkpoint import param_shapes
+
+            params = packing.convert(params, param_shapes(cfg), packing.F32)
+            caveats = [f"packed weights written as {dtype} (a Hugging Face directory holds "
+                       "no GGUF block format)"]
+        else:
+            caveats = []
+        caveats += _hf_into(dest, cfg, params, tokenizer, dtype)
     for caveat in caveats:
         warnings.warn(f"{dest}: {caveat}", stacklevel=2)
     return dest

@@ -12,9 +12,16 @@ Three steps read a file, cheapest first:
    `read_gguf_metadata` (also in `formats.gguf_header`) gives the metadata as plain
    Python values.
 3. `read_gguf` (here) builds the `ModelConfig` from the `{arch}.*` keys, checks every
-   tensor's name, type and shape and the memory the float32 copy needs, then dequantizes
-   tensor by tensor (`dequantize`) into Hugging Face-named arrays that
-   `mapping.spark_params` turns into Spark's layout.
+   tensor's name, type and shape and the memory the parameters need, then reads tensor by
+   tensor into Hugging Face-named arrays that `mapping.spark_params` turns into Spark's
+   layout.
+
+Weight matrices stored as Q8_0, Q4_0 or Q4_1 stay packed (`quant.PackedWeight`, the file's
+bytes regrouped; spark_model/packing.py): they are never expanded to float32. Matrices of
+other block types are converted to the nearest of those (`NEAREST`: Q5_0, Q5_1, Q5_K and
+Q6_K to q8_0, Q4_K to q4_1), and F32, F16 and BF16 ones read as float32 (exact); the
+model's `source_info` counts each conversion. `weights=` asks for one format instead
+(see `read_gguf`).
 
 The header layer's public names (`inspect_gguf`, `read_gguf_metadata`, `GGUFHeader`,
 `TensorInfo`, `ArrayInfo` and its constants) stay importable from this module.
@@ -40,6 +47,7 @@ import gguf as gguflib
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from spark_model import packing, quant
 from spark_model.config import ConfigError, ModelConfig, RopeScaling
 from spark_model.formats.gguf_header import (  # noqa: F401 - public names re-exported
     DEFAULT_ALIGNMENT, HEADER_BYTES, INT64_MAX, MAGIC, MAX_DIMS, MAX_NAME_BYTES,
@@ -53,6 +61,12 @@ ARCHITECTURES = ("llama", "qwen2")
 T = GGMLQuantizationType
 SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
                    T.Q4_K, T.Q5_K, T.Q6_K)
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+# The packed format a matrix of each block type becomes: its own where Spark has it, else
+# the nearest one that keeps at least its precision class (5 and 6 bits -> 8; Q4_K, which
+# carries a minimum per sub-block, -> q4_1).
+NEAREST = {T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q5_0: "q8_0", T.Q5_1: "q8_0",
+           T.Q5_K: "q8_0", T.Q6_K: "q8_0", T.Q4_K: "q4_1"}
 
 
 # ---- the config ------------------------------------------------------------------------
@@ -345,11 +359,12 @@ def _check_types(tensors: Mapping[str, TensorInfo], path: str) -> None:
                               f"{', '.join(t.name for t in SUPPORTED_TYPES)})")
 
 
-def _check_memory(infos: list[TensorInfo], path: str) -> None:
-    """Refuse before dequantizing if the float32 parameters cannot fit in memory.
+def _check_memory(infos: list[TensorInfo], targets: Mapping[str, str], path: str) -> None:
+    """Refuse before reading if the parameters cannot fit in memory.
 
-    The need counted: every parameter in float32, plus twice the largest tensor (its
-    dequantized copy and the re-laid-out copy exist together while it is converted).
+    The need counted: every parameter as it will be held (float32, or the bytes of its
+    packed format), plus twice the largest tensor in float32 (a converted tensor's float32
+    copy and its re-laid-out or quantized copy exist together while it is converted).
     """
     avail = available_memory()
     if avail is None:
@@ -359,10 +374,44 @@ def _check_memory(infos: list[TensorInfo], path: str) -> None:
         raise FormatError(f"{path}: tensor {largest.name} needs "
                           f"{size_text(largest.n_elements * 4)} in float32, more than the "
                           f"{size_text(avail)} of memory available")
-    need = sum(t.n_elements for t in infos) * 4 + 2 * largest.n_elements * 4
+    held = sum(t.n_elements * (4 if targets.get(t.name, packing.F32) == packing.F32
+                               else quant.FORMATS[targets[t.name]].bytes_per_weight)
+               for t in infos)
+    need = int(held) + 2 * largest.n_elements * 4
     if need > avail:
-        raise FormatError(f"{path}: reading needs about {size_text(need)} of memory (float32 "
-                          f"parameters), only {size_text(avail)} is available")
+        raise FormatError(f"{path}: reading needs about {size_text(need)} of memory (the "
+                          f"parameters as held), only {size_text(avail)} is available")
+
+
+def _converts(info: TensorInfo, target: str) -> bool:
+    """Whether reading the tensor into `target` changes its values (float to float32 does
+    not; a packed format read as itself does not)."""
+    qtype = GGMLQuantizationType(info.ggml_type)
+    if target == packing.F32:
+        return qtype not in FLOAT_TYPES
+    return quant.FORMATS[target].ggml_type != info.ggml_type
+
+
+def _targets(infos: Mapping[str, TensorInfo], names: Mapping[str, str], weights: str | None,
+             path: str) -> dict[str, str]:
+    """GGUF name -> the weight format it is read into ("f32" or a packed one)."""
+    out = {}
+    for name in names:
+        info = infos[name]
+        qtype = GGMLQuantizationType(info.ggml_type)
+        if len(info.shape) != 2 or info.shape[-1] % quant.BLOCK:  # norms, biases
+            out[name] = packing.F32
+            continue
+        stored = packing.F32 if qtype in FLOAT_TYPES else NEAREST[qtype]
+        if weights is None:
+            out[name] = stored
+        else:
+            try:
+                packing.check_not_wider(name, stored, weights)
+            except quant.QuantError as e:
+                raise FormatError(f"{path}: {e}") from None
+            out[name] = weights
+    return out
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -410,22 +459,55 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
         w.reshape(n_heads, h // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape))
 
 
-class _LazyHF(Mapping[str, np.ndarray]):
-    """Hugging Face name -> float32 array, dequantized when asked for (one at a time).
+class _LazyHF(Mapping[str, Any]):
+    """Hugging Face name -> float32 array or packed (out, in) weight, read when asked for
+    (one at a time), in the format `targets` gives each GGUF name.
 
     `mapping.spark_params` asks for each tensor once, so at most one tensor's float32
     copy exists beside the Spark parameters being built.
     """
 
     def __init__(self, path: str, cfg: ModelConfig, arch: str, names: Mapping[str, str],
-                 infos: Mapping[str, TensorInfo], reader_tensors: Mapping[str, Any]):
+                 infos: Mapping[str, TensorInfo], reader_tensors: Mapping[str, Any],
+                 targets: Mapping[str, str]):
         self.path, self.cfg, self.arch = path, cfg, arch
         self.by_hf = {hf: g for g, hf in names.items()}
-        self.infos, self.reader_tensors = infos, reader_tensors
+        self.infos, self.reader_tensors, self.targets = infos, reader_tensors, targets
 
-    def __getitem__(self, hf: str) -> np.ndarray:
+    def _rope_heads(self, name: str) -> int | None:
+        """The head count whose q/k rows llama.cpp reordered (None: not reordered)."""
+        if self.arch == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
+            return self.cfg.n_heads if ".attn_q." in name else self.cfg.n_kv_heads
+        return None
+
+    def __getitem__(self, hf: str) -> Any:
         name = self.by_hf[hf]
         info = self.infos[name]
+        target = self.targets[name]
+        if target != packing.F32 and quant.FORMATS[target].ggml_type == info.ggml_type:
+            return self._packed(name, info, target)
+        out = self._float(name, info)
+        if target != packing.F32:
+            try:
+                return quant.quantize(out, target, name=name)
+            except quant.QuantError as e:
+                raise FormatError(f"{self.path}: {e}") from None
+        return out
+
+    def _packed(self, name: str, info: TensorInfo, fmt: str) -> quant.PackedWeight:
+        """The tensor's blocks as they are, rows put back in rotate-half order for q/k."""
+        raw = np.ascontiguousarray(self.reader_tensors[name].data).reshape(-1).view(np.uint8)
+        try:
+            w = quant.from_gguf_blocks(raw, fmt, info.shape, name=name)
+        except quant.QuantError as e:
+            raise FormatError(f"{self.path}: {e}") from None
+        heads = self._rope_heads(name)
+        if heads is not None:
+            order = unpermute_rows(np.arange(info.shape[0]), heads)
+            w = packing.permute_rows(w, order)
+        return w
+
+    def _float(self, name: str, info: TensorInfo) -> np.ndarray:
         try:
             out = dequantize(self.reader_tensors[name].data, info.ggml_type, info.shape)
         except FormatError as e:
@@ -436,10 +518,8 @@ class _LazyHF(Mapping[str, np.ndarray]):
         if not np.isfinite(out).all():
             raise FormatError(f"{self.path}: tensor {name} holds non-finite values "
                               f"(NaN or infinity)")
-        if self.arch == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
-            heads = self.cfg.n_heads if ".attn_q." in name else self.cfg.n_kv_heads
-            out = unpermute_rows(out, heads)
-        return out
+        heads = self._rope_heads(name)
+        return out if heads is None else unpermute_rows(out, heads)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.by_hf)
@@ -477,13 +557,27 @@ def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
     return _open(os.fspath(path))[-1]
 
 
-def read_gguf(path: str | os.PathLike) -> Imported:
-    """Read a llama or qwen2 GGUF file into a Spark config and float32 parameters."""
+def read_gguf(path: str | os.PathLike, *, weights: str | None = None) -> Imported:
+    """Read a llama or qwen2 GGUF file into a Spark config and parameters.
+
+    weights: None keeps Q8_0/Q4_0/Q4_1 matrices packed as stored, converts other block
+    types to the nearest of those (`NEAREST`) and reads float ones as float32; "f32"
+    dequantizes everything; "q8_0", "q4_0" or "q4_1" puts every weight matrix in that
+    format (a matrix already in it is kept bit for bit; one packed in a narrower format is
+    refused rather than widened).
+    """
     path = os.fspath(path)
+    if weights is not None:
+        try:
+            packing.check_weight_format(weights)
+        except quant.QuantError as e:
+            raise FormatError(f"{path}: {e}") from None
     header, arch, infos, reader_tensors, meta, tokenizer, cfg = _open(path)
     names = _check_tensor_set(cfg, arch, infos, path)
-    _check_memory([infos[n] for n in names], path)
-    params = spark_params(cfg, _LazyHF(path, cfg, arch, names, infos, reader_tensors))
+    targets = _targets(infos, names, weights, path)
+    _check_memory([infos[n] for n in names], targets, path)
+    params = spark_params(cfg, _LazyHF(path, cfg, arch, names, infos, reader_tensors,
+                                       targets))
     file_type = meta.get("general.file_type")
     try:
         file_type_name = gguflib.LlamaFileType(file_type).name if file_type is not None else None
@@ -494,6 +588,10 @@ def read_gguf(path: str | os.PathLike) -> Imported:
             "tensor_types": dict(collections.Counter(t.type_name for t in header.tensors)),
             "n_tensors": len(header.tensors),
             "n_params": sum(infos[n].n_elements for n in names),
-            "file_bytes": header.file_size}
+            "file_bytes": header.file_size, "weights": packing.weights_label(params)}
+    converted = collections.Counter(
+        f"{infos[n].type_name} -> {t}" for n, t in targets.items() if _converts(infos[n], t))
+    if converted:  # e.g. {"Q6_K -> q8_0": 1}: what was not kept as the file holds it
+        info["converted"] = dict(converted)
     return Imported(cfg=cfg, params=params, tokenizer_source=("gguf", tokenizer), source=path,
                     info=info)

@@ -1,7 +1,8 @@
 """Writing a Spark model as a GGUF file that llama.cpp (and `formats.gguf`) read.
 
 Architecture `llama` (or `qwen2` when the model has q/k/v biases), tensors in float32 or
-float16 (norms and biases always float32). Linear rope scaling is written as
+float16 (norms and biases always float32); packed weight matrices (`quant.PackedWeight`,
+spark_model/packing.py) are written as they are, as Q8_0, Q4_0 or Q4_1 tensors. Linear rope scaling is written as
 `rope.scaling.*`; Llama 3.1 (llama3) scaling as llama.cpp's `rope_freqs.weight` tensor of
 per-frequency divisors (llama architecture only). llama.cpp's `llama` graph applies RoPE to
 interleaved pairs (2i, 2i+1) while Spark and Hugging Face pair (i, i + H/2), so the rows of
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from spark_model import packing, quant
 from spark_model.config import ModelConfig
 from spark_model.formats.mapping import FormatError
 
@@ -62,39 +64,64 @@ def rope_divisors(cfg: ModelConfig) -> np.ndarray:
             ).astype(np.float32)
 
 
-def _gguf_tensors(cfg: ModelConfig, params: Mapping[str, np.ndarray], arch: str
-                  ) -> dict[str, np.ndarray]:
-    """Spark parameters -> GGUF tensor names and (out, in) float32 arrays."""
-    d, nh, kh = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+def _gguf_tensors(cfg: ModelConfig, params: Mapping[str, Any], arch: str
+                  ) -> dict[str, Any]:
+    """Spark parameters -> GGUF tensor names and (out, in) float32 arrays, or packed
+    weights (already (out, in))."""
+    nh, kh = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
 
     def get(name: str) -> np.ndarray:
         return np.asarray(params[name], np.float32)
 
-    rope_rows = ((lambda w, n: interleave_rope_rows(w, n)) if arch == "llama"
-                 else (lambda w, n: w))
-    out = {"token_embd.weight": get("embed"), "output_norm.weight": get("final_norm.scale")}
+    def mat(name: str) -> Any:  # a weight matrix in (out, in) orientation
+        w = params[name]
+        if packing.is_packed(w):
+            return w
+        return np.ascontiguousarray(packing.to_matrix(name, get(name)))
+
+    def rope_rows(w: Any, n: int) -> Any:
+        if arch != "llama":
+            return w
+        if packing.is_packed(w):  # whole rows of blocks move: nothing is requantized
+            return packing.permute_rows(w, interleave_rope_rows(np.arange(w.shape[0]), n))
+        return interleave_rope_rows(w, n)
+
+    out = {"token_embd.weight": mat("embed"), "output_norm.weight": get("final_norm.scale")}
     if not cfg.tie_embeddings:
-        out["output.weight"] = get("lm_head").T
+        out["output.weight"] = mat("lm_head")
     for i in range(cfg.n_layers):
         src, dst = f"blocks.{i}.", f"blk.{i}."
         out[dst + "attn_norm.weight"] = get(src + "attn_norm.scale")
         out[dst + "ffn_norm.weight"] = get(src + "mlp_norm.scale")
-        out[dst + "attn_q.weight"] = rope_rows(get(src + "attn.q").reshape(d, nh).T,
-                                               cfg.n_heads)
-        out[dst + "attn_k.weight"] = rope_rows(get(src + "attn.k").reshape(d, kh).T,
-                                               cfg.n_kv_heads)
-        out[dst + "attn_v.weight"] = get(src + "attn.v").reshape(d, kh).T
-        out[dst + "attn_output.weight"] = get(src + "attn.o").reshape(nh, d).T
+        out[dst + "attn_q.weight"] = rope_rows(mat(src + "attn.q"), cfg.n_heads)
+        out[dst + "attn_k.weight"] = rope_rows(mat(src + "attn.k"), cfg.n_kv_heads)
+        out[dst + "attn_v.weight"] = mat(src + "attn.v")
+        out[dst + "attn_output.weight"] = mat(src + "attn.o")
         if cfg.attn_bias:
             out[dst + "attn_q.bias"] = rope_rows(get(src + "attn.q_bias").reshape(nh),
                                                  cfg.n_heads)
             out[dst + "attn_k.bias"] = rope_rows(get(src + "attn.k_bias").reshape(kh),
                                                  cfg.n_kv_heads)
             out[dst + "attn_v.bias"] = get(src + "attn.v_bias").reshape(kh)
-        out[dst + "ffn_gate.weight"] = get(src + "mlp.gate").T
-        out[dst + "ffn_up.weight"] = get(src + "mlp.up").T
-        out[dst + "ffn_down.weight"] = get(src + "mlp.down").T
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+        out[dst + "ffn_gate.weight"] = mat(src + "mlp.gate")
+        out[dst + "ffn_up.weight"] = mat(src + "mlp.up")
+        out[dst + "ffn_down.weight"] = mat(src + "mlp.down")
+    return {k: v if packing.is_packed(v) else np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _file_type(tensors: Mapping[str, Any], dtype: str):
+    """GGUF's general.file_type: the format most of the matrices are in."""
+    import collections
+
+    import gguf
+
+    counts = collections.Counter(v.fmt if packing.is_packed(v) else dtype
+                                 for v in tensors.values() if packing.is_packed(v) or
+                                 np.ndim(v) == 2)
+    top = counts.most_common(1)[0][0] if counts else dtype
+    return {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+            "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[top]
 
 
 def _add_tokenizer(writer, meta: Mapping[str, Any]) -> None:
@@ -127,8 +154,9 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, n
                name: str | None = None, overwrite: bool = False) -> Path:
     """Write `params` (Spark flat names) of `cfg` with `tokenizer_meta` as a GGUF file.
 
-    dtype: "float32" or "float16" for the matrices. Written to a temporary sibling and
-    renamed into place, so an interrupted write never leaves a half file at `path`.
+    dtype: "float32" or "float16" for the float matrices; packed ones are written as their
+    block format, byte for byte. Written to a temporary sibling and renamed into place, so
+    an interrupted write never leaves a half file at `path`.
     """
     import gguf
 
@@ -176,10 +204,14 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, n
             writer.add_rope_scaling_factor(float(cfg.rope_scaling.factor))
         writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
         writer.add_vocab_size(cfg.vocab_size)
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32"
-                             else gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_file_type(_file_type(tensors, dtype))
         _add_tokenizer(writer, tokenizer_meta)
         for tname, array in tensors.items():
+            if packing.is_packed(array):
+                writer.add_tensor(tname, quant.to_gguf_blocks(array),
+                                  raw_dtype=gguf.GGMLQuantizationType(
+                                      quant.FORMATS[array.fmt].ggml_type))
+                continue
             if dtype == "float16" and array.ndim == 2:
                 array = array.astype(np.float16)
             writer.add_tensor(tname, array)

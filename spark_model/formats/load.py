@@ -8,16 +8,34 @@ from typing import Any
 from spark_model.formats.mapping import FormatError
 
 
-def read(path: Path, kind: str):
-    """Read a GGUF file ('gguf') or a Hugging Face directory ('hf'): an `Imported`."""
+def read(path: Path, kind: str, weights: str | None = None):
+    """Read a GGUF file ('gguf') or a Hugging Face directory ('hf'): an `Imported`.
+
+    weights: the format of the weight matrices (spark_model/packing.py): None as the source
+    holds them (a GGUF file's Q8_0/Q4_0/Q4_1 blocks stay packed), "f32", or a packed format.
+    """
     if kind == "gguf":
         from spark_model.formats.gguf import read_gguf
 
-        return read_gguf(path)
+        return read_gguf(path, weights=weights)
     if kind == "hf":
+        import dataclasses
+
+        from spark_model import packing, quant
+        from spark_model.checkpoint import param_shapes
         from spark_model.formats.hf import read_hf
 
-        return read_hf(path)
+        imported = read_hf(path)
+        if weights is None:
+            return imported
+        notes: list[str] = []
+        try:
+            params = packing.convert(imported.params, param_shapes(imported.cfg), weights, notes)
+        except quant.QuantError as e:
+            raise FormatError(f"{path}: {e}") from None
+        info = {**imported.info, "weights": packing.weights_label(params),
+                **({"notes": notes} if notes else {})}
+        return dataclasses.replace(imported, params=params, info=info)
     raise FormatError(f"cannot import a {kind!r} model")
 
 
@@ -60,11 +78,12 @@ def tokenizer_of(imported) -> Any:
     return BPETokenizer.from_hf_dir(source, vocab_size=imported.cfg.vocab_size)
 
 
-def load_imported(path: Path, kind: str):
-    """(Transformer, tokenizer, info) for a GGUF file or Hugging Face directory."""
+def load_imported(path: Path, kind: str, weights: str | None = None):
+    """(Transformer, tokenizer, info) for a GGUF file or Hugging Face directory (`weights`
+    as in `read`)."""
     from spark_model.checkpoint import model_from_flat
 
-    imported = read(path, kind)
+    imported = read(path, kind, weights)
     tokenizer = tokenizer_of(imported)  # before the model: a tokenizer error costs nothing
     if tokenizer.vocab_size != imported.cfg.vocab_size:
         raise FormatError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the "

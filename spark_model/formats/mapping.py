@@ -4,6 +4,10 @@ Hugging Face stores every projection as a torch Linear weight, (out, in); Spark 
 (in, out) einsum weights with the head axes split out: q (D, N, H), k and v (D, K, H),
 o (N, H, D). Both use the rotate-half RoPE pairing, so no row permutation happens here
 (GGUF's permuted q/k rows are undone by the GGUF reader before it gets here).
+
+A matrix may arrive packed (`quant.PackedWeight`, from a GGUF file's Q8_0/Q4_0/Q4_1 blocks):
+packed weights keep the (out, in) orientation for every matrix (spark_model/packing.py), so
+it passes through under its Spark name unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from spark_model.config import ModelConfig
+from spark_model.quant import PackedWeight
 
 
 class FormatError(ValueError):
@@ -72,32 +77,37 @@ def check_tensors(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], sourc
                               f"the config needs {shape}")
 
 
-def spark_params(cfg: ModelConfig, hf: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Hugging Face-named (out, in) arrays -> Spark's flat parameters (float32 copies)."""
+def spark_params(cfg: ModelConfig, hf: Mapping[str, np.ndarray | PackedWeight]
+                 ) -> dict[str, np.ndarray | PackedWeight]:
+    """Hugging Face-named (out, in) arrays -> Spark's flat parameters (float32 copies;
+    packed matrices as they are)."""
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def get(name: str) -> np.ndarray:
         return np.asarray(hf[name], np.float32)
 
-    p = {"embed": get("model.embed_tokens.weight"), "final_norm.scale": get("model.norm.weight")}
+    def mat(name: str, layout) -> np.ndarray | PackedWeight:
+        w = hf[name]
+        if isinstance(w, PackedWeight):
+            return w
+        return np.ascontiguousarray(layout(np.asarray(w, np.float32)))
+
+    p = {"embed": mat("model.embed_tokens.weight", lambda w: w),
+         "final_norm.scale": get("model.norm.weight")}
     if not cfg.tie_embeddings:
-        p["lm_head"] = np.ascontiguousarray(get("lm_head.weight").T)
+        p["lm_head"] = mat("lm_head.weight", lambda w: w.T)
     for i in range(cfg.n_layers):
         src, dst = f"model.layers.{i}.", f"blocks.{i}."
         p[dst + "attn_norm.scale"] = get(src + "input_layernorm.weight")
         p[dst + "mlp_norm.scale"] = get(src + "post_attention_layernorm.weight")
-        p[dst + "attn.q"] = np.ascontiguousarray(get(src + "self_attn.q_proj.weight").T
-                                                 .reshape(d, n, h))
-        p[dst + "attn.k"] = np.ascontiguousarray(get(src + "self_attn.k_proj.weight").T
-                                                 .reshape(d, k, h))
-        p[dst + "attn.v"] = np.ascontiguousarray(get(src + "self_attn.v_proj.weight").T
-                                                 .reshape(d, k, h))
-        p[dst + "attn.o"] = np.ascontiguousarray(get(src + "self_attn.o_proj.weight").T
-                                                 .reshape(n, h, d))
+        p[dst + "attn.q"] = mat(src + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, n, h))
+        p[dst + "attn.k"] = mat(src + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, h))
+        p[dst + "attn.v"] = mat(src + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, h))
+        p[dst + "attn.o"] = mat(src + "self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d))
         if cfg.attn_bias:
             p[dst + "attn.q_bias"] = get(src + "self_attn.q_proj.bias").reshape(n, h)
             p[dst + "attn.k_bias"] = get(src + "self_attn.k_proj.bias").reshape(k, h)
             p[dst + "attn.v_bias"] = get(src + "self_attn.v_proj.bias").reshape(k, h)
         for part in ("gate", "up", "down"):
-            p[dst + f"mlp.{part}"] = np.ascontiguousarray(get(src + f"mlp.{part}_proj.weight").T)
+            p[dst + f"mlp.{part}"] = mat(src + f"mlp.{part}_proj.weight", lambda w: w.T)
     return p

@@ -1,13 +1,15 @@
 """Native CPU kernels called from inside the compiled programs (XLA FFI custom calls).
 
-Four kernels, each with a comment at the top of its source that says why it exists:
+Five kernels, each with a comment at the top of its source that says why it exists:
 
 - `decode_attention` (decode_attention.cc): single-query attention over the KV cache;
 - `linear` (matvec.cc): the layer products of a decode step, (M <= 8, K) x (K, N) on all
   intra-op threads; larger products (prefill, training) stay XLA dots;
 - `argmax` (argmax.cc): the greedy token of each row of logits;
-- `packed_linear` (qmatvec.cc): (M <= 8, K) x a block-quantized (N, K) weight
-  (spark_model/quant.py), as integer dot products on all intra-op threads.
+- `packed_linear`, `packed_linear_many` (qmatvec.cc): (M <= 8, K) x block-quantized (N, K)
+  weights (spark_model/quant.py), as integer dot products on all intra-op threads; several
+  weights that share x in one call. With more rows (prefill) `dequantize` (dequant.cc)
+  expands the weight to float32 for an XLA dot.
 
 They are built from source with the machine's C++ compiler on first use, into one library
 under ``$SPARK_CACHE_DIR/kernels`` (default ``~/.cache/spark``), keyed by the sources, the
@@ -40,18 +42,23 @@ import numpy as np
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc",
-           HERE / "qmatvec.cc")
+           HERE / "qmatvec.cc", HERE / "dequant.cc")
 HEADERS = (HERE / "parallel.h",)
 TARGETS = {  # XLA target name -> exported symbol
     "spark_decode_attention": "SparkDecodeAttention", "spark_matvec": "SparkMatVec",
     "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax",
-    "spark_qmatvec": "SparkQMatVec"}
+    "spark_qmatvec": "SparkQMatVec", "spark_dequantize": "SparkDequantize"}
 MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
 # Compile flags. -ffast-math lets the compiler vectorise the exp and the dot-product
 # reductions; the kernels never form an infinity or a NaN from finite inputs, which that flag
 # assumes. -march=native is safe because the cache key includes the CPU's feature flags.
 CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-std=c++17",
           "-fPIC")
+# Sources compiled with exact floating point on top of CFLAGS: the packed product promises
+# that a row's result is bitwise the same whatever the number of rows in the call, which the
+# reassociation -ffast-math allows would break (it reorders sums differently in the code for
+# each row count).
+EXACT_FP = {"qmatvec.cc": ("-fno-fast-math", "-ffp-contract=off")}
 # Link flags: no -ffast-math here. Linking a shared library with it pulls in crtfastmath.o,
 # whose initialiser sets flush-to-zero / denormals-are-zero in MXCSR when the library loads,
 # and so changes floating point for the whole importing process (GCC bug 55522).
@@ -90,6 +97,7 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     key = hashlib.sha256(b"\0".join([
         *(f.read_bytes() for f in SOURCES + HEADERS), " ".join(CFLAGS + LDFLAGS).encode(),
+        repr(sorted(EXACT_FP.items())).encode(),
         cxx.encode(),
         jax.__version__.encode(), _cpu_tag().encode()])).hexdigest()[:16]
     out = _cache_dir() / f"spark_kernels-{key}.so"
@@ -100,7 +108,8 @@ def _build() -> Path:
         objects = []
         for src in SOURCES:  # compile each source with the kernels' flags ...
             obj = os.path.join(work, src.stem + ".o")
-            _run([cxx, *CFLAGS, "-I", jax.ffi.include_dir(), "-c", str(src), "-o", obj])
+            _run([cxx, *CFLAGS, *EXACT_FP.get(src.name, ()), "-I", jax.ffi.include_dir(),
+                  "-c", str(src), "-o", obj])
             objects.append(obj)
         tmp = os.path.join(work, out.name)
         _run([cxx, *LDFLAGS, *objects, "-o", tmp])  # ... and link without them
@@ -213,21 +222,61 @@ def packed_linear(x_mk: jax.Array, w) -> jax.Array:
     """x (M, K) @ w.T for a `quant.PackedWeight` w (N, K) -> (M, N) float32.
 
     Up to MAX_ROWS rows in f32 on CPU this is the native kernel (activations rounded to
-    8 bits per 32-block; see qmatvec.cc for the error bound); anything else is the XLA
-    product `quant.packed_linear` (dequantize, then dot). Not differentiable: packed
-    weights are for inference.
+    8 bits per 32-block; see qmatvec.cc for the error bound); more rows on CPU expand the
+    weight natively (`dequantize`) for an XLA dot; anything else is the XLA product
+    `quant.packed_linear` (dequantize, then dot). Not differentiable: packed weights are
+    for inference.
+    """
+    return packed_linear_many(x_mk, [w])[0]
+
+
+def packed_linear_many(x_mk: jax.Array, ws: Sequence) -> list[jax.Array]:
+    """[packed_linear(x, w) for w in ws]; natively, weights of one format share one call
+    (x rounded once, one hand-off to the threads)."""
+    from spark_model import quant
+
+    for w in ws:
+        if x_mk.ndim != 2 or x_mk.shape[1] != w.shape[1]:
+            raise quant.QuantError(f"packed_linear: x must be (M, {w.shape[1]}) for a {w.fmt} "
+                                   f"weight of shape {w.shape}, got {tuple(x_mk.shape)}")
+    if not usable(x_mk):
+        return [quant.packed_linear(x_mk, w) for w in ws]
+    if x_mk.shape[0] > MAX_ROWS:  # many rows: expand natively, then one float32 dot each
+        return [jnp.einsum("mk,nk->mn", x_mk, dequantize(w, after=x_mk)) for w in ws]
+    out: list = [None] * len(ws)
+    for fmt in dict.fromkeys(w.fmt for w in ws):  # one call per format, in first-seen order
+        idx = [i for i, w in enumerate(ws) if w.fmt == fmt]
+        shapes = tuple(jax.ShapeDtypeStruct((x_mk.shape[0], ws[i].shape[0]), jnp.float32)
+                       for i in idx)
+        # The kernel reads m for q4_1 only; the other formats pass d in its place.
+        args = [a for i in idx for a in (ws[i].qs, ws[i].d,
+                                         ws[i].m if ws[i].m is not None else ws[i].d)]
+        ys = jax.ffi.ffi_call("spark_qmatvec", shapes, vmap_method="sequential")(
+            x_mk, *args, fmt=np.int32(_QMATVEC_FMT[fmt]))
+        for i, y in zip(idx, ys):
+            out[i] = y
+    return out
+
+
+def dequantize(w, after: jax.Array | None = None) -> jax.Array:
+    """The (N, K) float32 matrix a `quant.PackedWeight` holds: the native expansion on CPU
+    (quant.dequantize's values; q4_1's d q + m within one unit in the last place), else
+    `quant.dequantize_jnp`.
+
+    `after`: an array the expansion waits for (not read), normally the activations the
+    weight is about to multiply. Without it XLA is free to expand every weight of the model
+    at once (it hoists them out of the prefill's loop over chunks, or schedules them all
+    first), into hundreds of MB of fresh memory per call, whose page faults cost more than
+    expanding each weight again per chunk into a buffer the next weight reuses.
     """
     from spark_model import quant
 
-    if x_mk.ndim != 2 or x_mk.shape[1] != w.shape[1]:
-        raise quant.QuantError(f"packed_linear: x must be (M, {w.shape[1]}) for a {w.fmt} "
-                               f"weight of shape {w.shape}, got {tuple(x_mk.shape)}")
-    if x_mk.shape[0] <= MAX_ROWS and usable(x_mk):
-        out = jax.ShapeDtypeStruct((x_mk.shape[0], w.shape[0]), jnp.float32)
-        m = w.m if w.m is not None else w.d  # the kernel reads m for q4_1 only
-        return jax.ffi.ffi_call("spark_qmatvec", out, vmap_method="sequential")(
-            x_mk, w.qs, w.d, m, fmt=np.int32(_QMATVEC_FMT[w.fmt]))
-    return quant.packed_linear(x_mk, w)
+    if not usable(jnp.zeros((), jnp.float32)):
+        return quant.dequantize_jnp(w)
+    out = jax.ShapeDtypeStruct(w.shape, jnp.float32)
+    after = jnp.zeros((), jnp.float32) if after is None else after
+    return jax.ffi.ffi_call("spark_dequantize", out, vmap_method="sequential")(
+        w.qs, w.d, w.m if w.m is not None else w.d, after, fmt=np.int32(_QMATVEC_FMT[w.fmt]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -6,20 +6,28 @@
 // reading and writing more than the float32 product would. This kernel streams the packed
 // bytes once and multiplies them as integers.
 //
-//   SparkQMatVec: x (M, K) f32 (M <= 8), qs, d (N, K/32) f16, m (N, K/32) f16, attr fmt
-//                 -> y (M, N) f32, y[i, n] = sum_k x[i, k] w[n, k]; N split over threads.
+//   SparkQMatVec: x (M, K) f32 (M <= 8), then for each of W weights of one format (attr
+//                 fmt) qs_i, d_i (N_i, K/32) f16, m_i (N_i, K/32) f16
+//                 -> y_i (M, N_i) f32, y_i[r, n] = sum_k x[r, k] w_i[n, k].
 //
-// The activation rows are quantized once per call, per 32-block, to int8 with their own
-// scale d_x = amax/127 (round to nearest), as llama.cpp does; then each block's product is
-// an integer dot product (AVX512-VNNI vpdpbusd: unsigned bytes x signed bytes) scaled by
+// Several weights that share x (a block's q, k and v; gate and up) go in one call: x is
+// rounded once, and the rows of all of them are split over the threads together, so one
+// thread hand-off serves them all (a decode step of SmolLM2 makes 4 calls per layer, not 7).
+//
+// The activation rows are rounded once per call, per 32-block, to int8 with their own
+// scale d_x = amax/127 (round to nearest even), as llama.cpp does; then each block's product
+// is an integer dot product (AVX512-VNNI vpdpbusd: unsigned bytes x signed bytes) scaled by
 // d_w * d_x. The unsigned operand is the weight: the 4-bit quants are 0..15 as stored, and
 // q8_0's int8 quants become q + 128 by flipping their sign bit; the offsets (8 for q4_0,
 // 128 for q8_0) times the block's sum of activation quants are subtracted in the integer
-// accumulator. q4_1's minimum adds m * (float sum of the activation block).
+// accumulator. q4_1's minimum adds m * d_x * (sum of the block's activation quants), so the
+// whole product is that of the rounded activations.
 //
 // Error: only the activation rounding, |x - d_x q_x| <= d_x / 2 = amax_b / 254 per element,
-// so |y - exact| <= sum_b amax_b(x) / 254 * sum_j |w_j - m_b| plus float32 rounding of the
-// per-block terms (tests/test_quant.py checks this bound).
+// so |y - exact| <= sum_b amax_b(x) / 254 * sum_j |w_j| plus float32 rounding of the
+// per-block terms (tests/test_quant.py checks this bound). (Adding q4_1's minimum times the
+// exact sum of x instead would leave m * sum_j (x_j - d_x q_x,j) in the error, which on
+// real weights, whose blocks straddle zero, is larger.)
 //
 // Each output row i depends only on x's row i, computed by the same code whatever M is: a
 // row's result is bitwise the same in a call with 1 row or 8 (speculative decoding relies
@@ -27,9 +35,9 @@
 //
 // Measured (eval/bench_quant.py, 2 busy cores, medians of 3 runs), one row: 1536 x 576 in
 // 30 / 25 / 30 us for q8_0 / q4_0 / q4_1 against 56 us for f32 (x1.9, x2.3, x1.8); the
-// 49152 x 576 output projection in 1.08 / 0.54 / 0.75 ms against 4.2 ms. It is bound by
-// instructions, not memory (19-31 GB/s of packed bytes): per 64 bytes of quants a step
-// spends about a dozen 512-bit operations (unpack, scale expansion, dot, convert, scale).
+// 49152 x 576 output projection in 1.08 / 0.54 / 0.75 ms against 4.2 ms. Per 64 bytes of
+// quants a step spends about a dozen 512-bit operations (unpack, scale expansion, dot,
+// convert, scale).
 
 #include <algorithm>
 #include <cmath>
@@ -74,14 +82,16 @@ struct Acts {
   std::vector<float> dx;     // per row, per step: 16 lanes, each its block's d_x
   std::vector<int32_t> off;  // per row, per step: 16 lanes, -offset * sum(q_x) in a
                              // block's first lane, else 0
-  std::vector<float> sx;     // per row, per step: 4 float sums of x's blocks (q4_1)
+  std::vector<float> sx;     // per row, per step: 4 blocks' d_x * sum(q_x) (q4_1)
   int64_t q_row, v_row, s_row;
 };
 
-// Rounds one block of 32 activations to int8 with scale amax/127. Tiny blocks use
-// amax >= 1e-30 so that the reciprocal stays finite (the error stays below 1e-30 / 254).
-inline float quantize_block(const float* x, int8_t* q, int32_t* q_sum, float* x_sum) {
-  float amax = 0.f, s = 0.f;
+// Rounds one block of 32 activations to int8 with scale amax/127 (to nearest even, the
+// default rounding mode, in both versions). Tiny blocks use amax >= 1e-30 so that the
+// reciprocal stays finite (the error stays below 1e-30 / 254).
+[[maybe_unused]] inline float quantize_block_portable(const float* x, int8_t* q,
+                                                      int32_t* q_sum) {
+  float amax = 0.f;
   for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
   amax = std::max(amax, 1e-30f);
   const float inv = 127.f / amax;
@@ -90,11 +100,26 @@ inline float quantize_block(const float* x, int8_t* q, int32_t* q_sum, float* x_
     const int v = std::clamp(static_cast<int>(std::nearbyint(x[j] * inv)), -127, 127);
     q[j] = static_cast<int8_t>(v);
     qs += v;
-    s += x[j];
   }
   *q_sum = qs;
-  *x_sum = s;
   return amax / 127.f;
+}
+
+inline float quantize_block(const float* x, int8_t* q, int32_t* q_sum) {
+#if SPARK_QMATVEC_VNNI
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const float amax = std::max(
+      _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))), 1e-30f);
+  const __m512 inv = _mm512_set1_ps(127.f / amax);
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));  // |.| <= 127: no clamp
+  const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(qb));
+  *q_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  return amax / 127.f;
+#else
+  return quantize_block_portable(x, q, q_sum);
+#endif
 }
 
 void quantize_acts(const float* x, int64_t m_n, int64_t k_n, Fmt f, Acts& a) {
@@ -113,8 +138,7 @@ void quantize_acts(const float* x, int64_t m_n, int64_t k_n, Fmt f, Acts& a) {
   for (int64_t i = 0; i < m_n; ++i) {
     for (int64_t b = 0; b < nb; ++b) {
       int32_t q_sum;
-      float x_sum;
-      const float d = quantize_block(x + i * k_n + b * QK, blk, &q_sum, &x_sum);
+      const float d = quantize_block(x + i * k_n + b * QK, blk, &q_sum);
       const int64_t s = b / g, h = b % g;
       int8_t* qd = a.q.data() + i * a.q_row + s * g * QK;
       if (f == Q8_0) {
@@ -125,7 +149,7 @@ void quantize_acts(const float* x, int64_t m_n, int64_t k_n, Fmt f, Acts& a) {
       }
       for (int64_t l = 0; l < lanes; ++l) a.dx[i * a.v_row + s * 16 + h * lanes + l] = d;
       a.off[i * a.v_row + s * 16 + h * lanes] = -offset * q_sum;
-      a.sx[i * a.s_row + s * 4 + h] = x_sum;
+      a.sx[i * a.s_row + s * 4 + h] = d * static_cast<float>(q_sum);
     }
   }
 }
@@ -263,45 +287,80 @@ void with_rows(int64_t m_n, Fn&& fn) {
   }
 }
 
-ffi::Error QMatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer qs,
-                   ffi::Buffer<ffi::F16> d, ffi::Buffer<ffi::F16> mn, int32_t fmt,
-                   ffi::ResultBuffer<ffi::F32> out) {
+// One weight of a call: its arrays and where its output goes.
+struct Weight {
+  const uint8_t* qs;
+  const uint16_t* d;
+  const uint16_t* m;
+  float* y;
+  int64_t n_n;
+};
+
+void rows(const Acts& a, Fmt f, const Weight& w, int64_t m_n, int64_t k_n, int64_t n0,
+          int64_t n1) {
+#if SPARK_QMATVEC_VNNI
+  with_rows<MAX_M>(m_n, [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    if (f == Q8_0) rows_vnni<M, Q8_0>(a, w.qs, w.d, w.m, w.y, k_n, w.n_n, n0, n1);
+    else if (f == Q4_0) rows_vnni<M, Q4_0>(a, w.qs, w.d, w.m, w.y, k_n, w.n_n, n0, n1);
+    else rows_vnni<M, Q4_1>(a, w.qs, w.d, w.m, w.y, k_n, w.n_n, n0, n1);
+  });
+#else
+  rows_portable(a, f, w.qs, w.d, w.m, w.y, m_n, k_n, w.n_n, n0, n1);
+#endif
+}
+
+ffi::Error QMatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                   ffi::RemainingRets outs, int32_t fmt) {
   if (fmt < Q8_0 || fmt > Q4_1) return ffi::Error::InvalidArgument("qmatvec: unknown format");
   const Fmt f = static_cast<Fmt>(fmt);
-  const auto xd = x.dimensions(), qd = qs.dimensions(), dd = d.dimensions();
-  if (xd.size() != 2 || qd.size() != 2 || dd.size() != 2)
-    return ffi::Error::InvalidArgument("qmatvec: expected x (M, K), qs and d 2-D");
-  const int64_t m_n = xd[0], k_n = xd[1], n_n = qd[0];
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("qmatvec: expected x (M, K)");
+  const int64_t m_n = xd[0], k_n = xd[1];
   if (m_n > MAX_M) return ffi::Error::InvalidArgument("qmatvec: more than 8 rows");
-  if (k_n % QK != 0 || qd[1] != (f == Q8_0 ? k_n : k_n / 2) || dd[0] != n_n ||
-      dd[1] != k_n / QK || mn.dimensions().size() != 2 || mn.dimensions()[0] != n_n ||
-      mn.dimensions()[1] != k_n / QK)
-    return ffi::Error::InvalidArgument("qmatvec: packed weight does not match x's K");
-  if (m_n == 0 || n_n == 0) return ffi::Error::Success();
+  if (k_n % QK != 0) return ffi::Error::InvalidArgument("qmatvec: K is not a multiple of 32");
+  const int64_t n_w = static_cast<int64_t>(outs.size());
+  if (n_w == 0 || static_cast<int64_t>(args.size()) != 3 * n_w)
+    return ffi::Error::InvalidArgument("qmatvec: expected qs, d, m and one output per weight");
+  std::vector<Weight> ws(n_w);
+  std::vector<int64_t> first(n_w + 1, 0);  // first[i]: row of weight i in all the rows
+  for (int64_t i = 0; i < n_w; ++i) {
+    auto qs = args.get<ffi::AnyBuffer>(3 * i);
+    auto d = args.get<ffi::Buffer<ffi::F16>>(3 * i + 1);
+    auto mn = args.get<ffi::Buffer<ffi::F16>>(3 * i + 2);
+    auto y = outs.get<ffi::Buffer<ffi::F32>>(i);
+    if (qs.has_error()) return qs.error();
+    if (d.has_error()) return d.error();
+    if (mn.has_error()) return mn.error();
+    if (y.has_error()) return y.error();
+    const auto qd = qs->dimensions(), dd = d->dimensions(), md = mn->dimensions();
+    if (qd.size() != 2 || dd.size() != 2 || md.size() != 2)
+      return ffi::Error::InvalidArgument("qmatvec: expected qs, d and m 2-D");
+    const int64_t n_n = qd[0];
+    if (qd[1] != (f == Q8_0 ? k_n : k_n / 2) || dd[0] != n_n || dd[1] != k_n / QK ||
+        md[0] != n_n || md[1] != k_n / QK)
+      return ffi::Error::InvalidArgument("qmatvec: packed weight does not match x's K");
+    ws[i] = {static_cast<const uint8_t*>(qs->untyped_data()), d->typed_data(),
+             mn->typed_data(), (*y)->typed_data(), n_n};
+    first[i + 1] = first[i] + n_n;
+  }
+  const int64_t total = first[n_w];
+  if (m_n == 0 || total == 0) return ffi::Error::Success();
   thread_local Acts acts;  // reused between calls: no allocation per decode step
   quantize_acts(x.typed_data(), m_n, k_n, f, acts);
-  const auto* wq = static_cast<const uint8_t*>(qs.untyped_data());
-  const uint16_t* wd = d.typed_data();
-  const uint16_t* wm = mn.typed_data();
-  float* y = out->typed_data();
   int64_t units = 1;
-  if (n_n * k_n >= SERIAL_BELOW)
+  if (total * k_n >= SERIAL_BELOW)
     units = std::clamp<int64_t>(4 * pool.num_threads(), 1,
-                                std::max<int64_t>(n_n / MIN_ROWS_PER_UNIT, 1));
+                                std::max<int64_t>(total / MIN_ROWS_PER_UNIT, 1));
   const int64_t workers = std::min<int64_t>(units, pool.num_threads());
   const Acts& a = acts;
   spark::parallel_units(pool, units, workers, [&](int64_t u) {
-    const int64_t n0 = n_n * u / units, n1 = n_n * (u + 1) / units;
-#if SPARK_QMATVEC_VNNI
-    with_rows<MAX_M>(m_n, [&](auto m) {
-      constexpr int M = decltype(m)::value;
-      if (f == Q8_0) rows_vnni<M, Q8_0>(a, wq, wd, wm, y, k_n, n_n, n0, n1);
-      else if (f == Q4_0) rows_vnni<M, Q4_0>(a, wq, wd, wm, y, k_n, n_n, n0, n1);
-      else rows_vnni<M, Q4_1>(a, wq, wd, wm, y, k_n, n_n, n0, n1);
-    });
-#else
-    rows_portable(a, f, wq, wd, wm, y, m_n, k_n, n_n, n0, n1);
-#endif
+    const int64_t r0 = total * u / units, r1 = total * (u + 1) / units;
+    for (int64_t i = 0; i < n_w; ++i) {  // the part of [r0, r1) in weight i's rows
+      const int64_t n0 = std::max(r0, first[i]) - first[i];
+      const int64_t n1 = std::min(r1, first[i + 1]) - first[i];
+      if (n0 < n1) rows(a, f, ws[i], m_n, k_n, n0, n1);
+    }
   });
   return ffi::Error::Success();
 }
@@ -312,8 +371,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkQMatVec, QMatVec,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x (M, K)
-                                  .Arg<ffi::AnyBuffer>()         // qs (N, K) s8 / (N, K/2) u8
-                                  .Arg<ffi::Buffer<ffi::F16>>()  // d (N, K/32)
-                                  .Arg<ffi::Buffer<ffi::F16>>()  // m (N, K/32), or d again
-                                  .Attr<int32_t>("fmt")          // 0 q8_0, 1 q4_0, 2 q4_1
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // (M, N)
+                                  .RemainingArgs()  // per weight: qs (N, K) s8 / (N, K/2) u8,
+                                                    // d (N, K/32) f16, m (N, K/32) f16 (or d)
+                                  .RemainingRets()  // per weight: (M, N) f32
+                                  .Attr<int32_t>("fmt"));  // 0 q8_0, 1 q4_0, 2 q4_1
