@@ -277,3 +277,17 @@ def test_defaults_fit_the_run_length_and_fine_tuning():
     given = settings_from_args(parser.parse_args(["--out", "x", "--init", "m", "--lr", "0.5",
                                                   "--eval-every", "1"]))
     assert (given.lr, given.eval_every) == (0.5, 1)
+
+
+def test_a_packed_model_trains_from_its_expanded_weights(capsys, tmp_path, sp_base, corpus_dir):
+    packed = tmp_path / "q8"
+    spark_model.load(sp_base, weights="q8_0").save(packed)
+    code, err = _train(capsys, tmp_path / "out", packed, corpus_dir, tmp_path / "cache",
+                       "--steps", "2", "--lr", "0")
+    assert code == 0, err
+    want = checkpoint.flat_params(spark_model.load(packed, weights="f32").model)
+    got = _params(tmp_path / "out")
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        np.testing.assert_array_equal(_bits(got[name]), _bits(np.asarray(w)), err_msg=name)
+    assert any(np.any(got[n] != v) for n, v in _params(sp_base).items())  # q8_0 rounded them

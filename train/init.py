@@ -2,7 +2,8 @@
 
 MODEL is anything `spark_model.load` takes (a Spark checkpoint, a GGUF file, a Hugging Face
 directory, a fetched model's name). The run keeps its config and tokenizer and starts from
-its weights as float32 arrays.
+its weights as float32 arrays (block-quantized weights, such as a Q4_1 GGUF file's, are
+expanded: training updates floats).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def load_init(source: str) -> InitModel:
     from spark_model import checkpoint
 
     try:
-        loaded = spark_model.load(source, capacity=2)
+        loaded = spark_model.load(source, capacity=2, weights="f32")
     except Exception as e:  # noqa: BLE001 - load raises a project error per kind of problem
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainError(f"--init {source}: cannot load it: {first}") from None
