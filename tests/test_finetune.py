@@ -9,6 +9,7 @@ joined by one shared separator, as built by hand from its vocabulary.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def bpe_base(trained, tmp_path_factory) -> Path:  # noqa: F811
 def _train(capsys, out: Path, init: Path, corpus: Path, cache: Path, *extra) -> tuple[int, str]:
     return _cli(capsys, "--init", init, "--data", corpus, "--out", out, "--cache-dir", cache,
                 "--seq-len", "64", "--batch-size", "4", "--val-permille", VAL_PERMILLE,
-                "--eval-tokens", "500", "--no-progress", *extra)
+                "--eval-tokens", "500", "--line-samples", "6", "--no-progress", *extra)
 
 
 def _params(path: Path) -> dict[str, np.ndarray]:
@@ -97,6 +98,13 @@ def test_learning_rate_zero_keeps_every_weight_bit_for_bit(capsys, tmp_path, sp_
     bpb_before = float(b[0].split(",")[1].split()[0])
     assert f"(before training: {bpb_before:.4f})" in d[0]
     assert f"{bpb_before:.4f} bits/byte" in d[0]
+    # ... and the same greedy next lines on the held-out files.
+    lines = b[0].split("; line completion ")[1]
+    assert lines.endswith("(6 held-out lines)") and d[0].endswith("; line completion " + lines)
+    evals = [json.loads(r) for r in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    full = [r for r in evals if r["kind"] == "eval" and r["full"]]
+    assert [r["step"] for r in full] == [0, 3]
+    assert full[0]["line_samples"] == 6 and full[0]["line_exact_match"] == full[1]["line_exact_match"]
     loaded = spark_model.load(tmp_path / "out")
     assert loaded.tokenizer.serialized() == spark_model.load(sp_base).tokenizer.serialized()
 
@@ -271,7 +279,8 @@ def test_defaults_fit_the_run_length_and_fine_tuning():
     long = settings_from_args(parser.parse_args(["--out", "x", "--steps", "5000"]))
     assert (long.warmup, long.eval_every, long.save_every, long.lr) == (100, 250, 250, 2e-3)
     ft = settings_from_args(parser.parse_args(["--out", "x", "--init", "m"]))
-    assert ft.lr == FINETUNE_LR and ft.init == "m"
+    assert ft.lr == FINETUNE_LR and ft.init == "m" and ft.line_samples == 100
+    assert short.line_samples == 0
     lo = settings_from_args(parser.parse_args(["--out", "x", "--init", "m", "--lora", "8"]))
     assert (lo.lr, lo.lora_rank, lo.lora_scale) == (LORA_LR, 8, 2.0)
     given = settings_from_args(parser.parse_args(["--out", "x", "--init", "m", "--lr", "0.5",

@@ -32,12 +32,13 @@ _OPTIONS = {
     "steps": int, "batch_size": int, "seq_len": int, "lr": float, "min_lr_ratio": float,
     "warmup": int, "weight_decay": float, "clip": float, "seed": int, "vocab_size": int,
     "grad_accum": int, "log_every": int, "eval_every": int, "eval_tokens": int,
-    "save_every": int, "keep": int, "val_permille": int,
+    "save_every": int, "keep": int, "val_permille": int, "line_samples": int,
 }
 
 
 FINETUNE_LR = 1e-4  # default peak learning rate with --init (every weight trains)
 LORA_LR = 1e-3  # ... and with --lora (adapters start at zero and need larger steps)
+FINETUNE_LINES = 100  # held-out next-line completions scored before and after, with --init
 
 
 class UsageError(ValueError):
@@ -132,6 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--save-every", type=int, default=None,
                    help=f"steps between checkpoints, 0 = end only (default {d.save_every}, "
                         "at most a quarter of --steps)")
+    m.add_argument("--line-samples", type=int, default=None, metavar="N",
+                   help="next-line completions cut from the held-out files, scored before "
+                        "the first step and after the last (default: 100 with --init, else 0)")
     m.add_argument("--keep", type=int, default=None,
                    help=f"checkpoints kept (default {d.keep})")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -195,6 +199,7 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
                   "save_every": min(base.save_every, max(1, steps // 4))}
         if "init" in given:
             scaled["lr"] = LORA_LR if given.get("lora_rank") else FINETUNE_LR
+            scaled["line_samples"] = FINETUNE_LINES
         for name, value in scaled.items():
             given.setdefault(name, value)
     return dataclasses.replace(base, **given)

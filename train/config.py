@@ -52,6 +52,7 @@ class TrainConfig:
     eval_tokens: int = 65_536  # validation tokens scored at each interval (whole files)
     save_every: int = 250  # 0: only at the end
     keep: int = 3
+    line_samples: int = 0  # held-out next-line completions scored before and after (0: none)
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The model trained and exported: the preset with the overrides and the vocabulary
@@ -109,6 +110,7 @@ def validate(tc: TrainConfig) -> None:
     need(tc.eval_tokens >= 1, f"--eval-tokens must be at least 1, got {tc.eval_tokens}")
     need(tc.save_every >= 0, f"--save-every must be >= 0, got {tc.save_every}")
     need(tc.keep >= 1, f"--keep must be at least 1, got {tc.keep}")
+    need(tc.line_samples >= 0, f"--line-samples must be >= 0, got {tc.line_samples}")
     need(0 <= tc.val_permille < 1000,
          f"--val-permille must be in [0, 1000), got {tc.val_permille}")
     if tc.vocab_size is not None:

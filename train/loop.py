@@ -74,7 +74,8 @@ def prepare_data(tc: TrainConfig, tokenizer=None, cache_dir=None, say=_say):
     info = {"corpus": stats.as_dict(), "train_docs": len(train_docs),
             "val_docs": len(val_docs), "train_fingerprint": corpus_mod.fingerprint(train_docs),
             "val_fingerprint": corpus_mod.fingerprint(val_docs)}
-    return tokenizer, data, info
+    val_files = [d.path for d in val_docs if d.path is not None]
+    return tokenizer, data, info, val_files
 
 
 def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
@@ -104,7 +105,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
     if tc.init is not None:  # the model's own config; a resumed run reads it from run.json
         cfg = init_model.cfg if init_model is not None else ModelConfig.from_dict(stored["model"])
         check_seq_len(tc, cfg)
-    tokenizer, data, info = prepare_data(tc, tokenizer, cache_dir, say)
+    tokenizer, data, info, val_files = prepare_data(tc, tokenizer, cache_dir, say)
     if stored is not None:
         for k in ("train_fingerprint", "val_fingerprint"):
             if stored["data"].get(k) != info[k]:
@@ -126,7 +127,8 @@ def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
     manager = ocp.CheckpointManager(manager_dir, options=options)
     try:
         return _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say,
-                    init_model.params if init_model is not None and not tc.lora_rank else None)
+                    init_model.params if init_model is not None and not tc.lora_rank else None,
+                    val_files)
     finally:
         manager.close()
 
@@ -147,7 +149,7 @@ def _load_start(tc: TrainConfig, stored: dict | None, out: Path, say):
 
 
 def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say,
-         start_params=None) -> dict:
+         start_params=None, val_files=()) -> dict:
     import orbax.checkpoint as ocp
 
     start = 0
@@ -204,9 +206,24 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
             manager.wait_until_finished()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def do_eval(step: int, es: data_mod.EvalSet, full: bool) -> dict:
+    def lines(host: dict) -> dict:
+        """Held-out next-line completion (process 0; {} when not asked for)."""
+        if not (tc.line_samples and lead):
+            return {}
+        from train.line_eval import held_out_lines
+        return held_out_lines(host, trainer.cfg, tokenizer, val_files, tc.line_samples,
+                              tc.seq_len, tc.seed) or {}
+
+    def line_text(r: dict) -> str:
+        return (f"; line completion exact {r['line_exact_match']:.3f}, edit similarity "
+                f"{r['line_edit_similarity']:.3f} ({r['line_samples']} held-out lines)"
+                if "line_exact_match" in r else "")
+
+    def do_eval(step: int, es: data_mod.EvalSet, full: bool, host: dict | None = None) -> dict:
         t0 = time.perf_counter()
         r = trainer.evaluate(params, es)
+        if host is not None:
+            r.update(lines(host))
         rec = {"kind": "eval", "step": step, "full": full, **r,
                "eval_s": round(time.perf_counter() - t0, 3)}
         metrics.write(rec)
@@ -222,9 +239,10 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
     last_eval: dict = {}
     before: dict = {}
     if tc.init is not None and start == 0:  # where fine-tuning starts from, on held-out files
-        before = do_eval(0, eval_full, True)
+        before = do_eval(0, eval_full, True, trainer.host_params(params))
         say(f"before training: validation loss {before['val_loss']:.4f} nats/token, "
-            f"{before['val_bpb']:.4f} bits/byte on {before['val_docs']} held-out files")
+            f"{before['val_bpb']:.4f} bits/byte on {before['val_docs']} held-out files"
+            + line_text(before))
     t_begin = time.perf_counter()
     try:
         for step in range(start + 1, tc.steps + 1):
@@ -262,12 +280,14 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
     finally:
         bar.close()
         manager.wait_until_finished()
-    final = do_eval(tc.steps, eval_full, True)  # the whole validation split
+    host = trainer.host_params(params)
+    final = do_eval(tc.steps, eval_full, True,  # the whole validation split
+                    host if tc.init is not None else None)
     say(f"done: step {tc.steps}, validation loss {final['val_loss']:.4f} nats/token, "
         f"{final['val_bpb']:.4f} bits/byte on {final['val_docs']} held-out files"
-        + (f" (before training: {before['val_bpb']:.4f})" if before else ""))
+        + (f" (before training: {before['val_bpb']:.4f})" if before else "")
+        + line_text(final))
     plotted = False
-    host = trainer.host_params(params)
     if lead:
         rundir.export(out, host, trainer.cfg, tokenizer,
                 {**extra, "step": tc.steps, "val_bpb": final["val_bpb"],
