@@ -1,12 +1,12 @@
 """Line completion: the model's next line against the real one, on held-out code.
 
 Each sample cuts a source file at the start of a non-blank line; the model gets up to
-`context` tokens of the file before the cut, ending at the end of the previous line's text
-(the newlines before the cut are left for the model to write), and completes greedily; its
-line is what follows those newlines, up to the next one. Ending the prompt after the newline
-would split a token most BPE vocabularies keep whole: SmolLM2's merges a newline with the
-next line's indentation ("\n   " then " return"), so a prompt that ends in a bare newline is
-one it never saw before an indented line, and it then writes no indentation at all. The completion is compared with the real line (trailing whitespace ignored,
+`context` tokens of the file before the cut and completes greedily; its line is what it
+writes up to the next newline. For a vocabulary that merges a newline with the next line's
+indentation (SmolLM2's: "\n   " then " return"), a prompt ending in a bare newline splits a
+token the model always saw whole, and it then writes no indentation at all; for such a
+tokenizer (tested once, on text, not per sample: the real line is never looked at) the
+prompt ends at the previous line's text and the model writes the newlines itself. The completion is compared with the real line (trailing whitespace ignored,
 indentation kept, since it is part of Python's syntax): exact match, and edit similarity,
 1 - Levenshtein distance / length of the longer line (rapidfuzz computes the distance).
 
@@ -94,6 +94,13 @@ def _prompt(model: Any, before: str, context: int) -> tuple[str, int]:
     return "", 0
 
 
+def merges_newline_indent(tokenizer: Any) -> bool:
+    """Whether the vocabulary writes a newline and the next line's indentation as one token."""
+    ids = tokenizer.encode("x = 1\n    y = 2\n")
+    return any(len(p) > 1 and p.startswith("\n") and not p.strip()
+               for p in (tokenizer.decode([i]) for i in ids))
+
+
 def completed_line(text: str) -> str:
     """The line a completion writes after the prompt's last line: past the newlines that
     end that line (and any blank lines), up to the next newline, trailing space dropped."""
@@ -135,6 +142,7 @@ def run(model: Any, samples: Sequence[LineSample], out_dir: str | Path, *, model
         if r is not None and (r.get("file"), r.get("line_no")) != (s.file, s.line_no):
             del done[(s.source, s.index)]
     todo = [s for s in samples if (s.source, s.index) not in done]
+    heal = merges_newline_indent(model.tokenizer)
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -144,11 +152,12 @@ def run(model: Any, samples: Sequence[LineSample], out_dir: str | Path, *, model
         with open(path, "a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                prompts = [_prompt(model, s.before.rstrip("\n"), context) for s in batch]
+                prompts = [_prompt(model, s.before.rstrip("\n") if heal else s.before,
+                                   context) for s in batch]
                 texts = model.generate([p for p, _ in prompts], max_new_tokens=max_new_tokens,
-                                       temperature=0.0)
+                                       temperature=0.0, **({} if heal else {"stop": ["\n"]}))
                 for s, (_, n_ctx), text in zip(batch, prompts, texts):
-                    pred = completed_line(text)
+                    pred = completed_line(text) if heal else text.split("\n", 1)[0].rstrip()
                     r = {**key, "source": s.source, "index": s.index, "file": s.file,
                          "line_no": s.line_no, "context_tokens": n_ctx, "line": s.line,
                          "completion": pred, "exact": pred == s.line,

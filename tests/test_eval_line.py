@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from eval import line_completion as lc
@@ -59,38 +61,61 @@ class CharTokenizer:
         return "".join(map(chr, ids))
 
 
-class Oracle:
-    """Answers each prompt with the real next line (or a fixed wrong one)."""
+class MergingTokenizer:
+    """One token for a newline and the spaces after it (as SmolLM2's vocabulary has)."""
 
-    tokenizer = CharTokenizer()
+    def __init__(self):
+        self.pieces: list[str] = []
+
+    def encode(self, text):
+        out = []
+        for piece in re.findall(r"\n +|.|\n", text, flags=re.S):
+            if piece not in self.pieces:
+                self.pieces.append(piece)
+            out.append(self.pieces.index(piece))
+        return out
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+class Oracle:
+    """Answers each prompt with the real next line (or a fixed wrong one). With a merging
+    tokenizer the prompt must end at the previous line's text, and the oracle writes the
+    newlines that were cut off first; otherwise it must end with the newline."""
+
     capacity = 4096
 
-    def __init__(self, samples, wrong=None):
-        # The prompt ends at the previous line's text; the oracle writes the newlines
-        # that were cut off (blank lines included), then the line, then more.
+    def __init__(self, samples, wrong=None, merging=False):
+        self.tokenizer = MergingTokenizer() if merging else CharTokenizer()
         self.answers = {}
         for s in samples:
-            cut = s.before.rstrip("\n")
-            self.answers[cut] = "\n" * (len(s.before) - len(cut)) + s.line
+            cut = s.before.rstrip("\n") if merging else s.before
+            self.answers[cut] = s.before[len(cut):] + s.line
         self.wrong = wrong
+        self.merging = merging
         self.prompts = []
 
     def generate(self, prompts, **kw):
         self.prompts += prompts
         out = []
         for p in prompts:
+            assert p.endswith("\n") != self.merging
             line = next(v for k, v in self.answers.items() if k.endswith(p))
-            out.append(("\n" + self.wrong if self.wrong is not None else line) + "\nnext")
+            lead = "\n" if self.merging else ""
+            out.append((lead + self.wrong if self.wrong is not None else line) + "\nnext")
         return out
 
 
-def test_scorer_gives_the_oracle_full_marks_and_truncates_context(tmp_path):
+@pytest.mark.parametrize("merging", [False, True])
+def test_scorer_gives_the_oracle_full_marks_and_truncates_context(tmp_path, merging):
     samples = lc.sample_lines("t", _files(tmp_path), 12, seed=0)
-    got = lc.run(Oracle(samples), samples, tmp_path / "o", model_id="o", context=500,
+    assert lc.merges_newline_indent(Oracle(samples, merging=merging).tokenizer) == merging
+    got = lc.run(Oracle(samples, merging=merging), samples, tmp_path / "o", model_id="o", context=500,
                  progress=False)
     assert got["sources"]["t"]["exact_match"] == 1.0
     assert got["sources"]["t"]["edit_similarity"] == 1.0
-    wrong = Oracle(samples, wrong="\x00")  # no character in common with any line
+    wrong = Oracle(samples, wrong="\x00", merging=merging)  # no character in any line
     got = lc.run(wrong, samples, tmp_path / "w", model_id="w", context=5, progress=False)
     assert got["sources"]["t"]["exact_match"] == 0.0
     assert got["sources"]["t"]["edit_similarity"] == 0.0
