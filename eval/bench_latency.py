@@ -14,10 +14,9 @@ live in SECTIONS, a registry of name -> (what it measures, function); a function
                 model whose vocabulary has no fill-in-the-middle tokens (the server's 400
                 is reported as such).
 
-Registered for the speculative-decoding work, not implemented yet (reported as such):
-edit_workload (a function asked for again with one change: effective tokens/s with and
-without speculation, acceptance) and fresh_code (HumanEval prompts: the cost of speculation
-where drafts rarely match).
+  edit_workload, fresh_code  prompt-lookup speculative decoding against plain decoding
+                (eval/bench_speculative.py): these run the model in this process, since
+                the server does not speculate yet.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from typing import Callable
 
 import websockets
 
+from eval import bench_speculative
 from eval.bench_serve import _free_port, _start_server, _stopped
 
 PREFIX_TOKENS = 2000
@@ -230,8 +230,9 @@ def infill(run: Run) -> dict:
 PLANNED = "not implemented yet: comes with speculative decoding (issue 20, section 1)"
 SECTIONS: dict[str, tuple[str, Callable[[Run], dict] | None]] = {
     "edit_workload": ("effective tokens/s with and without speculation on edit prompts",
-                      None),
-    "fresh_code": ("slowdown from speculation on HumanEval prompts", None),
+                      bench_speculative.edit_workload),
+    "fresh_code": ("slowdown from speculation on HumanEval prompts",
+                   bench_speculative.fresh_code),
     "prefix_reuse": ("TTFT cold vs warm for a 2,000-token shared prefix + 20 new tokens",
                      prefix_reuse),
     "infill": ("/infill time to first token and total latency for a one-line fill", infill),
@@ -286,6 +287,8 @@ def bench_model(model: str | None, sections: list[str], runs: int, code: list[st
 def _summary(r: dict) -> str:
     if not r.get("implemented", True):
         return r["note"]
+    if "speedup" in r:
+        return bench_speculative.summary(r)
     if "warm_vs_cold" in r:
         return (f"TTFT cold {r['cold_ttft_median_ms']:.1f} ms, warm "
                 f"{r['warm_ttft_median_ms']:.1f} ms (median of {len(r['cold_ttft_ms'])}): "

@@ -16,6 +16,7 @@ from flax import nnx
 
 from spark_model import chat as chat_format
 from spark_model import checkpoint, engine, generation, scoring, stops
+from spark_model import speculative as speculative_mod
 from spark_model import fim as fim_tokens
 from spark_model.config import ModelConfig
 from spark_model.kv_cache import KVCache, cache_length, init_cache
@@ -41,6 +42,21 @@ class Context:
     cache: KVCache
     length: int  # positions filled: BOS and the text's tokens
     capacity: int  # positions the cache was allocated for
+
+
+def _check_speculative(speculative: str | None, draft_tokens, temperature) -> int | None:
+    """The draft length for a `speculative=` request, None for plain decoding; a
+    SpeculationError (one line) for anything it cannot serve."""
+    if speculative is None:
+        return None
+    if speculative != "prompt_lookup":
+        raise speculative_mod.SpeculationError(
+            f"speculative must be None or 'prompt_lookup', got {speculative!r}")
+    k = speculative_mod.check_draft_tokens(draft_tokens)
+    if temperature != 0:
+        raise speculative_mod.SpeculationError(
+            "speculative decoding is greedy only for now: use temperature=0")
+    return k
 
 
 class SparkModel:
@@ -238,7 +254,8 @@ class SparkModel:
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 256, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  stop: str | Sequence[str] | None = None,
-                 suffix: str | Sequence[str] | None = None) -> str | list[str]:
+                 suffix: str | Sequence[str] | None = None,
+                 speculative: str | None = None, draft_tokens: int = 7) -> str | list[str]:
         """Complete one prompt (returns str) or a batch (returns list[str]).
 
         temperature 0 is greedy; stop strings end a sequence and are not included.
@@ -246,13 +263,17 @@ class SparkModel:
         suffix: fill in the middle: the text that follows the gap, one per prompt (the
         prompt is the text before it); needs a model with infilling tokens
         (`supports_infill`), else fim.NoFimTokens.
+        speculative="prompt_lookup": greedy decoding that drafts `draft_tokens` (1..8)
+        tokens per step by copying from the prompt and output (`spark_model.speculative`);
+        the output is identical, and `last_stats` counts drafted and accepted tokens.
         """
         fim = suffix is not None
         ids = self._fim_ids(prompts, suffix) if fim else None
+        spec = _check_speculative(speculative, draft_tokens, temperature)
         req, prompt_bp, len_b, consts = self._prepare(
             prompts, ids=ids, fim=fim, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, stop=stop)
-        texts = self._texts(self._run(req, prompt_bp, len_b, consts), req, fim)
+        texts = self._texts(self._run(req, prompt_bp, len_b, consts, spec), req, fim)
         return texts[0] if isinstance(prompts, str) else texts
 
     def infill(self, prefixes: str | Sequence[str], suffixes: str | Sequence[str],
@@ -280,12 +301,17 @@ class SparkModel:
 
     def generate_tokens(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256,
                         *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                        seed: int = 0, ignore_eos: bool = False) -> list[list[int]]:
+                        seed: int = 0, ignore_eos: bool = False,
+                        stop: str | Sequence[str] | None = None,
+                        speculative: str | None = None, draft_tokens: int = 7
+                        ) -> list[list[int]]:
         """Token-level generation: prompt ids (BOS included by the caller) -> new ids.
 
         The ids include the end id that ended a row, if one did. ignore_eos keeps
-        generating past every end id, for benchmarks that need exact lengths.
+        generating past every end id, for benchmarks that need exact lengths. stop,
+        speculative and draft_tokens as in `generate`.
         """
+        spec = _check_speculative(speculative, draft_tokens, temperature)
         ids = [[int(t) for t in row] for row in prompt_ids]
         if not ids or any(not row for row in ids):
             raise ValueError("prompt_ids must be a non-empty list of non-empty id lists")
@@ -294,20 +320,31 @@ class SparkModel:
             raise ValueError(f"token id {bad[0]} outside [0, {self.config.vocab_size})")
         req, prompt_bp, len_b, consts = self._prepare(
             [""] * len(ids), ids=ids, ignore_eos=ignore_eos, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=None)
-        state = self._run(req, prompt_bp, len_b, consts)
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        state = self._run(req, prompt_bp, len_b, consts, spec)
         tokens, counts = jax.device_get((state.tokens_bn, state.count_b))
         return [row[:n].tolist() for row, n in zip(tokens, counts)]
 
-    def _run(self, req, prompt_bp, len_b, consts) -> engine.DecodeState:
+    def _run(self, req, prompt_bp, len_b, consts, draft_tokens: int | None = None
+             ) -> engine.DecodeState:
+        """Prefill and decode; draft_tokens: prompt-lookup speculation with that many."""
         t0 = time.perf_counter()
-        state = engine.generate_jit(self._graphdef, self._params,
-                                    self._take_cache(len(req.prompts)), prompt_bp, len_b,
-                                    consts, engine.bucket(req.max_new_tokens))
+        cache = self._take_cache(len(req.prompts))
+        n_out = engine.bucket(req.max_new_tokens)
+        extra = {}
+        if draft_tokens is None:
+            state = engine.generate_jit(self._graphdef, self._params, cache, prompt_bp, len_b,
+                                        consts, n_out)
+        else:
+            state, sp = speculative_mod.generate_jit(self._graphdef, self._params, cache,
+                                                 prompt_bp, len_b, consts, n_out, draft_tokens)
+            drafted, accepted = jax.device_get((sp.drafted_b, sp.accepted_b))
+            extra = {"drafted_tokens": int(np.sum(drafted)),
+                     "accepted_tokens": int(np.sum(accepted)), "steps": int(state.step)}
         self._cache = state.cache
         n = int(np.sum(jax.device_get(state.count_b)))  # waits for the device
         dt = time.perf_counter() - t0
-        self.last_stats = {"seconds": dt, "new_tokens": n, "tokens_per_s": n / dt}
+        self.last_stats = {"seconds": dt, "new_tokens": n, "tokens_per_s": n / dt, **extra}
         return state
 
     def prefill_context(self, text: str, *, room: int = 256) -> Context:

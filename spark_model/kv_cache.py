@@ -143,6 +143,12 @@ def cached_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array,
         q_bkgh = rearrange(q_btnh[:, 0], "b (k g) h -> b k g h", k=k_heads) * (1.0 / math.sqrt(h))
         o = kernels.decode_attention(q_bkgh, k_bksh, v_bksh, q_pos_bt[:, 0])
         return rearrange(o, "b k g h -> b 1 (k g) h").astype(q_btnh.dtype)
+    if kernels.row_exact_active() and kernels.usable(q_btnh, k_bksh):
+        # Each (sequence, position) query as its own decode-kernel query over its row.
+        q_qkgh = rearrange(q_btnh, "b t (k g) h -> (b t) k g h", k=k_heads) * (1.0 / math.sqrt(h))
+        row_q = jnp.repeat(jnp.arange(b, dtype=jnp.int32), t)
+        o = kernels.decode_attention_rows(q_qkgh, k_bksh, v_bksh, q_pos_bt.reshape(-1), row_q)
+        return rearrange(o, "(b t) k g h -> b t (k g) h", b=b).astype(q_btnh.dtype)
     return blocked_attention(q_btnh, k_bksh, v_bksh, q_pos_bt)
 
 
@@ -182,16 +188,21 @@ def attend(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, k_bksh: jax.
     Returns (o_btnh, k_bksh, v_bksh). Compiled as a nested jit named ATTENTION_OP so the
     whole cache step is one visible unit in a trace; XLA inlines it into the caller.
     """
-    return _attend_jit(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, q_pos_bt)
+    # The row-exact mode changes what is traced, so it is part of the nested jit's key.
+    return _attend_jit(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, q_pos_bt,
+                       row_exact=kernels.row_exact_active())
 
 
-def _attend(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, q_pos_bt):
+def _attend(q_btnh, k_btkh, v_btkh, k_bksh, v_bksh, q_pos_bt, row_exact=False):
     start_b = q_pos_bt[:, 0]
     k_bksh = write(k_bksh, k_btkh, start_b)
     v_bksh = write(v_bksh, v_btkh, start_b)
+    if row_exact:
+        with kernels.row_exact():
+            return cached_attention(q_btnh, k_bksh, v_bksh, q_pos_bt), k_bksh, v_bksh
     return cached_attention(q_btnh, k_bksh, v_bksh, q_pos_bt), k_bksh, v_bksh
 
 
 _attend.__name__ = ATTENTION_OP
-_attend_jit = jax.jit(_attend)
+_attend_jit = jax.jit(_attend, static_argnames=("row_exact",))
 

@@ -45,7 +45,8 @@ SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc",
            HERE / "qmatvec.cc", HERE / "dequant.cc")
 HEADERS = (HERE / "parallel.h",)
 TARGETS = {  # XLA target name -> exported symbol
-    "spark_decode_attention": "SparkDecodeAttention", "spark_matvec": "SparkMatVec",
+    "spark_decode_attention": "SparkDecodeAttention",
+    "spark_decode_attention_rows": "SparkDecodeAttentionRows", "spark_matvec": "SparkMatVec",
     "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax",
     "spark_qmatvec": "SparkQMatVec", "spark_dequantize": "SparkDequantize"}
 MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
@@ -66,6 +67,7 @@ LDFLAGS = ("-shared",)
 
 _state: dict = {}  # "ok": bool, "why": str, "path": Path
 _disabled = 0  # > 0 inside `disabled()`
+_row_exact = 0  # > 0 inside `row_exact()`
 
 
 def _cache_dir() -> Path:
@@ -169,6 +171,41 @@ def disabled():
         _disabled -= 1
 
 
+@contextlib.contextmanager
+def row_exact():
+    """Code traced inside this block computes every row of a product, and every query of an
+    attention over the cache, bitwise as a one-token decode step does (speculative decoding
+    verifies k tokens per sequence in one call and must agree with plain decoding exactly).
+
+    Products of any number of rows run natively, in calls of at most 8 rows (more would be
+    an XLA dot): the native kernels compute a row the same way whatever the row count.
+    Attention over T > 1 queries per sequence runs the decode kernel, one query per (row,
+    position) (`decode_attention_rows`). Like `disabled()`, it governs tracing.
+    """
+    global _row_exact
+    _row_exact += 1
+    try:
+        yield
+    finally:
+        _row_exact -= 1
+
+
+def row_exact_active() -> bool:
+    """Whether code traced now is inside `row_exact()`."""
+    return _row_exact > 0
+
+
+def _row_groups(m: int) -> list[tuple[int, int]]:
+    """(start, size) of consecutive groups of MAX_ROWS rows (the last one smaller)."""
+    return [(a, min(MAX_ROWS, m - a)) for a in range(0, m, MAX_ROWS)]
+
+
+def _by_row_groups(x_mk: jax.Array, fn) -> list[jax.Array]:
+    """fn(rows) -> list of (rows, N_i) arrays, run over `_row_groups` and concatenated."""
+    parts = [fn(x_mk[a:a + n]) for a, n in _row_groups(x_mk.shape[0])]
+    return [p[0] if len(parts) == 1 else jnp.concatenate(p, axis=0) for p in zip(*parts)]
+
+
 def usable(*operands: jax.Array) -> bool:
     """Whether operands of these dtypes can go to a native kernel here and now."""
     return (not _disabled and all(a.dtype == jnp.float32 for a in operands)
@@ -186,6 +223,15 @@ def decode_attention(q_bkgh: jax.Array, k_rksh: jax.Array, v_rksh: jax.Array,
         q_bkgh, k_rksh, v_rksh, pos_b.astype(jnp.int32))
 
 
+def decode_attention_rows(q_qkgh: jax.Array, k_rksh: jax.Array, v_rksh: jax.Array,
+                          pos_q: jax.Array, row_q: jax.Array) -> jax.Array:
+    """o (Q, K, G, H): query i (pre-scaled) over cache row row_q[i]'s positions 0 .. pos_q[i],
+    each computed exactly as `decode_attention` computes a query."""
+    out = jax.ShapeDtypeStruct(q_qkgh.shape, jnp.float32)
+    return jax.ffi.ffi_call("spark_decode_attention_rows", out, vmap_method="sequential")(
+        q_qkgh, k_rksh, v_rksh, pos_q.astype(jnp.int32), row_q.astype(jnp.int32))
+
+
 def argmax(x_bv: jax.Array) -> jax.Array:
     """(B,) int32: the first index of each row's maximum, or of its first NaN (the kernel
     behind `sampling.argmax`; callers check `usable` first)."""
@@ -201,6 +247,8 @@ def linear(x_mk: jax.Array, w: jax.Array, *, transposed: bool = False,
     over the intra-op threads (differentiable: its gradient is the XLA one); anything else
     is an XLA dot (accumulating in `preferred_element_type` if given).
     """
+    if _row_exact and usable(x_mk, w):
+        return _by_row_groups(x_mk, lambda x: _native_linear(x, (w,), transposed))[0]
     if x_mk.shape[0] <= MAX_ROWS and usable(x_mk, w):
         return _native_linear(x_mk, (w,), transposed)[0]
     # Contract w's own axis (no transpose op), so a reader of the program sees which it is.
@@ -210,6 +258,8 @@ def linear(x_mk: jax.Array, w: jax.Array, *, transposed: bool = False,
 
 def linear_many(x_mk: jax.Array, ws: Sequence[jax.Array]) -> list[jax.Array]:
     """[x @ w for w in ws] for (K, N_i) weights: natively one call that reads x once."""
+    if _row_exact and usable(x_mk, *ws):
+        return _by_row_groups(x_mk, lambda x: _native_linear(x, tuple(ws), False))
     if x_mk.shape[0] <= MAX_ROWS and usable(x_mk, *ws):
         return list(_native_linear(x_mk, tuple(ws), False))
     return [x_mk @ w for w in ws]
@@ -241,6 +291,8 @@ def packed_linear_many(x_mk: jax.Array, ws: Sequence) -> list[jax.Array]:
                                    f"weight of shape {w.shape}, got {tuple(x_mk.shape)}")
     if not usable(x_mk):
         return [quant.packed_linear(x_mk, w) for w in ws]
+    if _row_exact and x_mk.shape[0] > MAX_ROWS:
+        return _by_row_groups(x_mk, lambda x: packed_linear_many(x, ws))
     if x_mk.shape[0] > MAX_ROWS:  # many rows: expand natively, then one float32 dot each
         return [jnp.einsum("mk,nk->mn", x_mk, dequantize(w, after=x_mk)) for w in ws]
     out: list = [None] * len(ws)

@@ -13,6 +13,12 @@
 //   pos  (B,)        s32: query b attends to cache positions 0 .. pos[b]
 //   out  (B, K, G, H) f32
 //
+// SparkDecodeAttentionRows takes one more argument, row (B,) s32: query b reads cache row
+// row[b] instead of row b, so several queries may share a row (the T tokens a speculative
+// verify step checks for one sequence, each at its own position). Every query is computed
+// by the same code whatever the others are, so a query gives bitwise the same output here
+// as in a one-query-per-row decode step.
+//
 // Work is cut into units of one (b, kv head, span of CHUNK positions). Each unit computes a
 // partial softmax (max m, sum l, weighted values acc) over its span; partials of the same
 // (b, kv head) are then merged by rescaling, as in any split-K online softmax.
@@ -115,9 +121,10 @@ SpanFn pick_span(int64_t g_n, int64_t h_n) {
   return attend_span<0, 0>;
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                           ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                           ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out) {
+// row_b: the cache row of each query, or null for row b.
+ffi::Error Attend(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                  ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::S32>& pos, const int32_t* row_b,
+                  ffi::ResultBuffer<ffi::F32>& out) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   const auto vd = v.dimensions();
@@ -127,9 +134,13 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         "decode_attention: expected q (B,K,G,H), k and v (R,K,S,H), pos (B,)");
   const int64_t b_n = qd[0], k_n = qd[1], g_n = qd[2], h_n = qd[3];
   const int64_t r_n = kd[0], s_n = kd[2];
-  if (kd[1] != k_n || kd[3] != h_n || r_n < b_n || pos.dimensions()[0] != b_n)
+  if (kd[1] != k_n || kd[3] != h_n || (!row_b && r_n < b_n) || pos.dimensions()[0] != b_n)
     return ffi::Error::InvalidArgument("decode_attention: q, cache and pos shapes disagree");
   if (g_n > MAX_G) return ffi::Error::InvalidArgument("decode_attention: too many query heads per kv head");
+  if (row_b)
+    for (int64_t b = 0; b < b_n; ++b)
+      if (row_b[b] < 0 || row_b[b] >= r_n)
+        return ffi::Error::InvalidArgument("decode_attention: a query's cache row is out of range");
 
   const int32_t* pos_b = pos.typed_data();
   // Units: (b, kh, chunk) for every chunk up to each row's own position.
@@ -157,7 +168,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const int64_t b = bk / k_n, kh = bk % k_n;
     const int64_t s0 = (u - first_unit[bk]) * CHUNK;
     const int64_t s1 = std::min(s0 + CHUNK, n_keys[b]);
-    const int64_t cache_off = ((b * k_n) + kh) * s_n * h_n;  // row b < R of (R, K, S, H)
+    const int64_t r = row_b ? row_b[b] : b;
+    const int64_t cache_off = ((r * k_n) + kh) * s_n * h_n;  // row r < R of (R, K, S, H)
     span(q_p + bk * g_n * h_n, k_p + cache_off, v_p + cache_off, g_n, h_n, s0, s1,
                 parts[u], accs.data() + u * g_n * h_n);
   };
@@ -187,6 +199,21 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                           ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out) {
+  return Attend(pool, q, k, v, pos, nullptr, out);
+}
+
+ffi::Error DecodeAttentionRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> row,
+                               ffi::ResultBuffer<ffi::F32> out) {
+  if (row.dimensions().size() != 1 || row.dimensions()[0] != pos.dimensions()[0])
+    return ffi::Error::InvalidArgument("decode_attention: row must be (B,) like pos");
+  return Attend(pool, q, k, v, pos, row.typed_data(), out);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkDecodeAttention, DecodeAttention,
@@ -196,4 +223,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k cache
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v cache
                                   .Arg<ffi::Buffer<ffi::S32>>()   // pos
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkDecodeAttentionRows, DecodeAttentionRows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // row
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out

@@ -122,32 +122,6 @@ void rows_kn_avx512(const float* __restrict x, const float* __restrict w, float*
   }
 }
 
-// y[0:M, n] = x[0:M, :] . w[n, :] for n in [n0, n1): R weight rows at a time, so that each
-// 16-float chunk of x loaded serves R rows and each chunk of a weight row serves all M rows
-// (R x M accumulators in registers); each (m, n) sum is reduced once at the end.
-template <int M, int R>
-void rows_nk_block(const float* __restrict x, const float* __restrict wn,
-                   float* __restrict y, int64_t k_n, int64_t n_n, int64_t k_vec) {
-  __m512 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < k_vec; k += 16) {
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(wn + r * k_n + k);
-    for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * k_n + k);
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int m = 0; m < M; ++m) {
-      float s = _mm512_reduce_add_ps(acc[r][m]);
-      for (int64_t k = k_vec; k < k_n; ++k) s += x[m * k_n + k] * wn[r * k_n + k];
-      y[m * n_n + r] = s;
-    }
-  }
-}
-
 // Lane i of the result = the sum of v[i]'s 16 lanes: 16 horizontal sums in 45 shuffles and
 // adds (a transpose-and-add tree) instead of 16 separate reductions.
 inline __m512 reduce16(const __m512* v) {
@@ -167,17 +141,54 @@ inline __m512 reduce16(const __m512* v) {
                        _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
+// y[0:M, n] = x[0:M, :] . w[n, :] for n in [n0, n1): R weight rows at a time, so that each
+// 16-float chunk of x loaded serves R rows and each chunk of a weight row serves all M rows
+// (R x M accumulators in registers); each (m, n) sum is reduced once at the end.
+template <int M, int R>
+void rows_nk_block(const float* __restrict x, const float* __restrict wn,
+                   float* __restrict y, int64_t k_n, int64_t n_n, int64_t k_vec) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_vec; k += 16) {
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(wn + r * k_n + k);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * k_n + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+  // Reduced by reduce16's tree (defined below), as rows_nk_block16 reduces: a row's
+  // result is then the same for every M (see rows_nk_block16).
+  __m512 all[16];
+  for (int i = 0; i < 16; ++i) all[i] = i < R * M ? acc[i / M][i % M] : _mm512_setzero_ps();
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, reduce16(all));
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < M; ++m) {
+      float s = sums[r * M + m];
+      for (int64_t k = k_vec; k < k_n; ++k) s += x[m * k_n + k] * wn[r * k_n + k];
+      y[m * n_n + r] = s;
+    }
+  }
+}
+
 // 16 / M weight rows at a time for M in {1, 2, 4, 8}: the 16 (row, m) sums are reduced
 // together by reduce16.
+// r_n < 16 / M: only the first r_n weight rows (the last rows of a thread's range). Each
+// lane of reduce16 is summed by the same tree whatever the other lanes hold, so a row's
+// result is the same for every M in {1, 2, 4, 8} and wherever the row falls: speculative
+// decoding relies on this (kernels.row_exact).
 template <int M>
 void rows_nk_block16(const float* __restrict x, const float* __restrict wn,
-                     float* __restrict y, int64_t k_n, int64_t n_n) {
+                     float* __restrict y, int64_t k_n, int64_t n_n, int r_n = 16 / M) {
   constexpr int R = 16 / M;
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_n; k += 16) {
     __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(wn + r * k_n + k);
+    for (int r = 0; r < R; ++r)
+      wv[r] = r < r_n ? _mm512_loadu_ps(wn + r * k_n + k) : _mm512_setzero_ps();
     for (int m = 0; m < M; ++m) {
       const __m512 xv = _mm512_loadu_ps(x + m * k_n + k);
       for (int r = 0; r < R; ++r) acc[r * M + m] = _mm512_fmadd_ps(wv[r], xv, acc[r * M + m]);
@@ -185,7 +196,7 @@ void rows_nk_block16(const float* __restrict x, const float* __restrict wn,
   }
   alignas(64) float sums[16];
   _mm512_store_ps(sums, reduce16(acc));
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < r_n; ++r)
     for (int m = 0; m < M; ++m) y[m * n_n + r] = sums[r * M + m];
 }
 
@@ -196,8 +207,12 @@ void rows_nk_avx512(const float* __restrict x, const float* __restrict w, float*
   constexpr int R16 = by16 ? 16 / M : 1;
   constexpr int R = M <= 2 ? 4 : 2;  // rows_nk_block: at most 16 accumulators
   int64_t n = n0;
-  if (by16 && k_n % 16 == 0)
+  if (by16 && k_n % 16 == 0) {
     for (; n + R16 <= n1; n += R16) rows_nk_block16<by16 ? M : 1>(x, w + n * k_n, y + n, k_n, n_n);
+    if (n < n1)
+      rows_nk_block16<by16 ? M : 1>(x, w + n * k_n, y + n, k_n, n_n, static_cast<int>(n1 - n));
+    return;
+  }
   const int64_t k_vec = k_n / 16 * 16;
   for (; n + R <= n1; n += R) rows_nk_block<M, R>(x, w + n * k_n, y + n, k_n, n_n, k_vec);
   for (; n < n1; ++n) rows_nk_block<M, 1>(x, w + n * k_n, y + n, k_n, n_n, k_vec);
