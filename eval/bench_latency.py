@@ -92,20 +92,12 @@ def _windows(run: Run, n: int) -> list[tuple[str, list[str]]]:
 
 async def _ttft(ws, rid: int, prompt: str) -> dict:
     """Send one request; the client-side time to its first text, and the server's report."""
-    await ws.send(json.dumps({"type": "request", "id": rid, "prompt": prompt,
-                              "max_tokens": NEW_TOKENS, "temperature": 0,
-                              "ignore_eos": True}))
-    t0 = time.perf_counter()
-    first = None
-    while True:
-        frame = json.loads(await ws.recv())
-        if frame["type"] == "delta" and first is None:
-            first = time.perf_counter() - t0
-        elif frame["type"] == "done":
-            break
-        elif frame["type"] == "error":
-            raise RuntimeError(f"the server answered {frame}")
-    return {"ttft_ms": (first if first is not None else time.perf_counter() - t0) * 1e3,
+    from eval.bench_serve import ws_round_trip
+
+    first, frame = await ws_round_trip(ws, {"type": "request", "id": rid, "prompt": prompt,
+                                            "max_tokens": NEW_TOKENS, "temperature": 0,
+                                            "ignore_eos": True})
+    return {"ttft_ms": first * 1e3,
             "server_ttft_ms": frame["ttft_ms"], "prompt_tokens": frame["usage"]["prompt_tokens"],
             "cached_tokens": frame["usage"]["prompt_tokens_details"]["cached_tokens"]}
 

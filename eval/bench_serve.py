@@ -124,23 +124,29 @@ def overhead(port: int, runs: int = OVERHEAD_RUNS) -> dict:
     return out
 
 
+async def ws_round_trip(ws, request: dict) -> tuple[float, dict]:
+    """Send one WebSocket request and read its frames to the end: seconds to the first
+    text (to the end when there was none) and the final "done" frame."""
+    await ws.send(json.dumps(request))
+    t0 = time.perf_counter()
+    first = None
+    while True:
+        frame = json.loads(await ws.recv())
+        if frame["type"] == "delta" and first is None:
+            first = time.perf_counter() - t0
+        elif frame["type"] == "done":
+            return (first if first is not None else time.perf_counter() - t0), frame
+        elif frame["type"] == "error":
+            raise RuntimeError(f"the server answered {frame}")
+
+
 async def _client(port: int, k: int, n_requests: int, ttfts: list, tokens: list) -> None:
     async with websockets.connect(f"ws://127.0.0.1:{port}/v1/ws", compression=None) as ws:
         for j in range(n_requests):
-            await ws.send(json.dumps({
+            first, frame = await ws_round_trip(ws, {
                 "type": "request", "id": j, "prompt": PROMPTS[(k + j) % len(PROMPTS)],
-                "max_tokens": LOAD_TOKENS, "temperature": 0, "ignore_eos": True}))
-            t0 = time.perf_counter()
-            first = None
-            while True:
-                frame = json.loads(await ws.recv())
-                if frame["type"] == "delta" and first is None:
-                    first = time.perf_counter() - t0
-                elif frame["type"] == "done":
-                    break
-                elif frame["type"] == "error":
-                    raise RuntimeError(frame)
-            ttfts.append(first if first is not None else time.perf_counter() - t0)
+                "max_tokens": LOAD_TOKENS, "temperature": 0, "ignore_eos": True})
+            ttfts.append(first)
             tokens.append(frame["usage"]["completion_tokens"])
 
 

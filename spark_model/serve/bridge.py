@@ -92,3 +92,19 @@ class Submitted:
     def close(self) -> None:
         if not self.finished:
             self.job.cancel()
+
+    async def collect(self) -> tuple[str, dict]:
+        """A request answered whole: all its text and its "done" event (an "error" event
+        is raised as an internal error); the job is cancelled if this is interrupted."""
+        parts, final = [], None
+        try:
+            async for event in self.events():
+                if event["type"] == "delta":
+                    parts.append(event["text"])
+                elif event["type"] == "error":
+                    raise protocol.internal(event["message"])
+                else:
+                    final = event
+        finally:
+            self.close()
+        return "".join(parts), final

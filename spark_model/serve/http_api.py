@@ -81,18 +81,8 @@ async def _answer(st, body: dict, job, head: dict, chunk, choice, opening: dict 
         return StreamingResponse(_sse(submitted, head, usage, chunk, opening),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    parts, final = [], None
-    try:
-        async for event in submitted.events():
-            if event["type"] == "delta":
-                parts.append(event["text"])
-            elif event["type"] == "error":
-                raise protocol.internal(event["message"])
-            else:
-                final = event
-    finally:
-        submitted.close()
-    return JSONResponse({**head, "choices": [choice("".join(parts), final["finish_reason"])],
+    text, final = await submitted.collect()
+    return JSONResponse({**head, "choices": [choice(text, final["finish_reason"])],
                          "usage": final["usage"]},
                         headers={"x-spark-engine-ms": f"{final['engine_ms']:.3f}",
                                  "x-spark-ttft-ms": f"{final['ttft_ms']:.3f}"})

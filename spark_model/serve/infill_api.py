@@ -155,18 +155,8 @@ async def infill(request: Request):
         return StreamingResponse(_events(submitted, st, settings, fields),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    parts, final = [], None
-    try:
-        async for event in submitted.events():
-            if event["type"] == "delta":
-                parts.append(event["text"])
-            elif event["type"] == "error":
-                raise protocol.internal(event["message"])
-            else:
-                final = event
-    finally:
-        submitted.close()
-    return JSONResponse(_select(_final("".join(parts), final, st, settings), fields))
+    text, final = await submitted.collect()
+    return JSONResponse(_select(_final(text, final, st, settings), fields))
 
 
 async def _events(submitted: Submitted, st, settings: dict, fields):
