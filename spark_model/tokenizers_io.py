@@ -82,6 +82,10 @@ def document_ids(tokenizer: AnyTokenizer, text: str) -> list[int]:
 def documents_ids(tokenizer: AnyTokenizer, texts: Sequence[str]) -> list[list[int]]:
     """`document_ids` of many texts, encoded in one batch."""
     sep = document_separator(tokenizer)
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is None:  # a tokenizer with one-text encode only
+        def batch(items, **kw):
+            return [tokenizer.encode(t, **kw) for t in items]
     if sep is None:
-        return [list(ids) for ids in tokenizer.encode_batch(list(texts), bos=True, eos=True)]
-    return [[sep, *ids, sep] for ids in tokenizer.encode_batch(list(texts))]
+        return [list(ids) for ids in batch(list(texts), bos=True, eos=True)]
+    return [[sep, *ids, sep] for ids in batch(list(texts))]
