@@ -22,7 +22,6 @@ from spark_model.config import ModelConfig
 from spark_model.kv_cache import KVCache, cache_length, init_cache
 from spark_model.bpe import BPETokenizer
 from spark_model.tokenizer import Tokenizer
-from spark_model.tokenizers_io import load_tokenizer
 from spark_model.transformer import Transformer, full_logits
 
 # The checkpoint shipped in the repository, used when no path is given.
@@ -524,10 +523,7 @@ def load(path: str | os.PathLike | None = None, *, capacity: int | None = None,
         model = packing.convert_model(model, weights, notes)
     except packing.QuantError as e:
         raise checkpoint.CheckpointError(f"{root}: {e}") from None
-    try:
-        tokenizer = load_tokenizer(root)
-    except Exception as e:
-        raise checkpoint.CheckpointError(f"cannot read the tokenizer in {root}: {e}") from e
+    tokenizer = checkpoint.load_tokenizer(root)
     capacity = model.cfg.max_seq_len if capacity is None else capacity
     out = SparkModel(model, tokenizer, root.absolute(), capacity=capacity)
     meta = json.loads((root / checkpoint.CONFIG_FILE).read_text())

@@ -226,6 +226,14 @@ def check(path: str | os.PathLike, *, verify_hashes: bool = True) -> dict[str, A
                                what="checkpoint format")
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer stored in checkpoint `path`, or a CheckpointError saying why not."""
+    try:
+        return tokenizers_io.load_tokenizer(path)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the tokenizer in {path}: {e}") from e
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     meta = check(path, verify_hashes=False)
     try:

@@ -245,8 +245,6 @@ def _quantize(args: argparse.Namespace) -> int:
 
     from spark_model import checkpoint, packing
     from spark_model.formats import detect, load as formats_load
-    from spark_model.tokenizers_io import load_tokenizer
-
     source = detect.resolve(args.checkpoint)
     kind = detect.detect(source)
     t0 = time.perf_counter()
@@ -255,11 +253,7 @@ def _quantize(args: argparse.Namespace) -> int:
         meta = checkpoint.check(source)
         _, model = checkpoint.load_params(source)
         before = packing.weights_label(checkpoint.flat_params(model))
-        try:
-            tokenizer = load_tokenizer(source)
-        except Exception as e:
-            raise checkpoint.CheckpointError(f"cannot read the tokenizer in {source}: {e}") \
-                from e
+        tokenizer = checkpoint.load_tokenizer(source)
         extra = dict(meta.get("extra") or {})
         try:
             model = packing.convert_model(model, args.to, notes)
