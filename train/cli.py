@@ -71,9 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--set", dest="overrides", action="append", default=None,
                    metavar="FIELD=VALUE",
                    help="override a model config field, e.g. --set n_layers=2 (repeatable)")
-    g.add_argument("--data", nargs="+", action="extend", default=None, metavar="PATH",
-                   help="directories (all .py files under them), .jsonl files (a \"text\" or "
-                        "\"content\" field per line) or files; default: the Python stdlib")
+    g.add_argument("--data", nargs="+", action="extend", default=None, metavar="SOURCE",
+                   help="stdlib (the Python standard library), site-packages (the Python "
+                        "code of this project's installed dependencies), directories (all "
+                        ".py files under them), .jsonl files (a \"text\" or \"content\" "
+                        "field per line) or files; default: stdlib")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer vocabulary (default: the preset's)")
     g.add_argument("--cache-dir", default=None, metavar="DIR",
@@ -186,7 +188,9 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
     if args.overrides is not None:
         given["overrides"] = _parse_overrides(args.overrides)
     if args.data is not None:
-        given["data"] = tuple(str(Path(p).expanduser().absolute()) for p in args.data)
+        from train.corpus import NAMED_SOURCES
+        given["data"] = tuple(p if p in NAMED_SOURCES else str(Path(p).expanduser().absolute())
+                              for p in args.data)
     for flag in ("bf16", "fsdp"):
         if getattr(args, flag, None) is not None:
             given[flag] = bool(getattr(args, flag))

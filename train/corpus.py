@@ -2,17 +2,26 @@
 
 A corpus is built from *sources*:
 
+* ``stdlib``: the running interpreter's standard library
+  (``spark_model.tokenizer.stdlib_python_files()``, ~1,790 files, 31 MB on CPython 3.11),
+  named relative to the stdlib directory ("json/decoder.py");
+* ``site-packages``: the Python code of the project's installed dependencies, the closure
+  of ``spark-model``'s requirements without extras (train/site_sources.py; ~5,200 files,
+  88 MB), named ``site-packages/<dist>/<path relative to site-packages>``;
 * a directory: every ``.py`` file under it, recursively (sorted by path);
 * a ``.jsonl`` file: one JSON object per line whose ``"text"`` (or ``"content"``) field is
   one document; the record's ``"path"`` field names it if present, else ``<file>:<line>``;
 * any other file: that one file;
-* nothing (``sources=None``): the running interpreter's standard library
-  (``spark_model.tokenizer.stdlib_python_files()``, ~1,790 files, 31 MB on CPython 3.11).
+* nothing (``sources=None``): ``stdlib``.
+
+A named source wins over a path of the same name; write ``./stdlib`` for a directory.
 
 Every document has a *name*: its path relative to the root it was found under (a directory
 source's root is the directory; the stdlib's root is the stdlib directory; a single file's
-root is its parent). Unreadable and non-UTF-8 files, bad JSONL lines and empty documents are
-skipped and counted; exact copies (same SHA-256 of the text) are kept once, the first in
+root is its parent). Unreadable and non-UTF-8 files, bad JSONL lines, empty documents and
+oversized ones (more than MAX_DOC_BYTES = 1 MiB, or a line longer than MAX_LINE_CHARS =
+20,000 characters: generated tables and serialized data rather than code anyone writes; the
+standard library has neither) are skipped and counted; exact copies (same SHA-256 of the text) are kept once, the first in
 source order then name order.
 
 The train/validation split is by document and depends on the name alone:
@@ -41,6 +50,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 DEFAULT_VAL_PERMILLE = 20  # ~2% of documents held out
+STDLIB = "stdlib"  # the named sources
+SITE_PACKAGES = "site-packages"
+NAMED_SOURCES = (STDLIB, SITE_PACKAGES)
+MAX_DOC_BYTES = 1 << 20  # larger documents are generated data, not code: skipped
+MAX_LINE_CHARS = 20_000  # ... and so are documents with a line longer than this
 
 
 class CorpusError(ValueError):
@@ -70,6 +84,7 @@ class CorpusStats:
     non_utf8: int = 0  # bytes that are not valid UTF-8
     bad_records: int = 0  # JSONL lines that are not an object with a text field
     empty: int = 0  # documents with no text
+    oversized: int = 0  # over MAX_DOC_BYTES, or a line over MAX_LINE_CHARS
     duplicates: int = 0  # exact copies of an earlier document
     kept: int = 0
     skipped_examples: list[str] = dataclasses.field(default_factory=list)
@@ -84,7 +99,8 @@ class CorpusStats:
 
     def summary(self) -> str:
         parts = [f"{self.kept} documents kept of {self.seen}"]
-        for kind in ("duplicates", "empty", "non_utf8", "unreadable", "bad_records"):
+        for kind in ("duplicates", "empty", "oversized", "non_utf8", "unreadable",
+                     "bad_records"):
             n = getattr(self, kind)
             if n:
                 parts.append(f"{n} {kind.replace('_', '-')}")
@@ -105,9 +121,20 @@ def _doc(name: str, text: str, path: Path | None) -> Document:
     return Document(name, text, hashlib.sha256(text.encode("utf-8")).hexdigest(), path)
 
 
+def is_oversized(text: str) -> bool:
+    """Whether `text` is skipped as generated data (see the module docstring)."""
+    if len(text) <= MAX_LINE_CHARS:
+        return False
+    return (len(text.encode("utf-8")) > MAX_DOC_BYTES
+            or max(map(len, text.split("\n"))) > MAX_LINE_CHARS)
+
+
 def _read_file(path: Path, name: str, stats: CorpusStats) -> Document | None:
     stats.seen += 1
     try:
+        if path.stat().st_size > MAX_DOC_BYTES:
+            stats.skip("oversized", name)
+            return None
         data = path.read_bytes()
     except OSError:
         stats.skip("unreadable", name)
@@ -154,16 +181,28 @@ def _jsonl_docs(path: Path, stats: CorpusStats) -> Iterable[Document]:
         yield _doc(name, text, None)
 
 
-def _source_docs(source: Path | None, stats: CorpusStats) -> Iterable[Document]:
+def _source_docs(source: Path | str, stats: CorpusStats) -> Iterable[Document]:
     from spark_model.tokenizer import stdlib_python_files
 
-    if source is None:
+    if source == STDLIB:
         root = stdlib_root()
         for f in stdlib_python_files():
             doc = _read_file(f, f.relative_to(root).as_posix(), stats)
             if doc is not None:
                 yield doc
         return
+    if source == SITE_PACKAGES:
+        from train.site_sources import site_documents_files
+        try:
+            files = site_documents_files()
+        except LookupError as e:
+            raise CorpusError(f"data source {SITE_PACKAGES}: {e}") from None
+        for name, f in files:
+            doc = _read_file(f, name, stats)
+            if doc is not None:
+                yield doc
+        return
+    assert isinstance(source, Path)
     if source.is_dir():
         for f in sorted(p for p in source.rglob("*.py") if p.is_file()):
             doc = _read_file(f, f.relative_to(source).as_posix(), stats)
@@ -181,16 +220,19 @@ def load_corpus(sources: Sequence[str | os.PathLike] | None = None
                 ) -> tuple[list[Document], CorpusStats]:
     """All usable documents of `sources` (None: the stdlib), deduplicated, in source order.
 
-    Raises CorpusError for a source path that does not exist.
+    A source is a named one (NAMED_SOURCES) or a path. Raises CorpusError for a source path
+    that does not exist.
     """
-    paths: list[Path | None]
-    if sources:
-        paths = [Path(s).expanduser() for s in sources]
-        for p in paths:
-            if not p.exists():
-                raise CorpusError(f"data path {p} does not exist")
-    else:
-        paths = [None]
+    paths: list[Path | str] = []
+    for s in sources or [STDLIB]:
+        if isinstance(s, str) and s in NAMED_SOURCES:
+            paths.append(s)
+            continue
+        p = Path(s).expanduser()
+        if not p.exists():
+            raise CorpusError(f"data path {p} does not exist (named sources: "
+                              f"{', '.join(NAMED_SOURCES)})")
+        paths.append(p)
     stats = CorpusStats()
     seen_hashes: set[str] = set()
     docs: list[Document] = []
@@ -198,6 +240,8 @@ def load_corpus(sources: Sequence[str | os.PathLike] | None = None
         for doc in _source_docs(source, stats):
             if not doc.text:
                 stats.skip("empty", doc.name)
+            elif is_oversized(doc.text):
+                stats.skip("oversized", doc.name)
             elif doc.sha256 in seen_hashes:
                 stats.skip("duplicates", doc.name)
             else:
