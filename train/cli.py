@@ -76,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "code of this project's installed dependencies), directories (all "
                         ".py files under them), .jsonl files (a \"text\" or \"content\" "
                         "field per line) or files; default: stdlib")
+    g.add_argument("--repo-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack the training documents package by package, each module before "
+                        "the modules that import it (default for new runs; runs started "
+                        "before this option keep the corpus order)")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer vocabulary (default: the preset's)")
     g.add_argument("--cache-dir", default=None, metavar="DIR",
@@ -191,7 +195,7 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
         from train.corpus import NAMED_SOURCES
         given["data"] = tuple(p if p in NAMED_SOURCES else str(Path(p).expanduser().absolute())
                               for p in args.data)
-    for flag in ("bf16", "fsdp"):
+    for flag in ("bf16", "fsdp", "repo_order"):
         if getattr(args, flag, None) is not None:
             given[flag] = bool(getattr(args, flag))
     if not stored:
@@ -204,6 +208,7 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
         if "init" in given:
             scaled["lr"] = LORA_LR if given.get("lora_rank") else FINETUNE_LR
             scaled["line_samples"] = FINETUNE_LINES
+        scaled["repo_order"] = True  # new runs: packages whole, imports first
         for name, value in scaled.items():
             given.setdefault(name, value)
     return dataclasses.replace(base, **given)

@@ -44,6 +44,8 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     bf16: bool = False  # bf16 compute, f32 master weights
+    repo_order: bool = False  # train stream in repository order (train/repo_order.py); False
+    # in runs saved before it existed, True for new runs from the CLI
     # Free to change when resuming:
     grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum sequences each)
     fsdp: bool = False
@@ -85,7 +87,7 @@ class TrainConfig:
 # Settings a resumed run must share with the run it continues (--steps may only grow).
 RUN_FIELDS = ("preset", "init", "lora_rank", "lora_alpha", "overrides", "vocab_size", "data",
               "val_permille", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup",
-              "weight_decay", "b1", "b2", "clip", "seed", "bf16")
+              "weight_decay", "b1", "b2", "clip", "seed", "bf16", "repo_order")
 
 
 def validate(tc: TrainConfig) -> None:

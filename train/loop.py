@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from spark_model.config import ModelConfig
 from train import corpus as corpus_mod
 from train import data as data_mod
+from train import manifest as manifest_mod
 from train import rundir
 from train.config import TrainConfig, TrainError, check_seq_len, validate
 from train.metrics import Metrics, plot_metrics
@@ -46,13 +47,20 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_data(tc: TrainConfig, tokenizer=None, cache_dir=None, say=_say):
-    """Corpus -> split -> tokenizer (trained on the training split unless given) -> cache."""
+def prepare_data(tc: TrainConfig, tokenizer=None, cache_dir=None, say=_say,
+                 saved_manifest: dict | None = None, out: Path | None = None):
+    """Corpus -> (check against a resumed run's `saved_manifest`) -> split -> tokenizer
+    (trained on the training split unless given) -> (repository order) -> cache. Returns
+    (tokenizer, data, info, validation files, the corpus manifest)."""
+    t0 = time.perf_counter()
     docs, stats = corpus_mod.load_corpus(tc.data or None)
+    corpus_manifest = manifest_mod.build(docs, tc.data or (corpus_mod.STDLIB,))
+    if saved_manifest is not None:
+        manifest_mod.check(saved_manifest, docs, out)
     train_docs, val_docs = corpus_mod.split_corpus(docs, tc.val_permille)
     what = ", ".join(tc.data) if tc.data else "the Python standard library"
     say(f"corpus: {what}: {stats.summary()}; {len(train_docs)} train / "
-        f"{len(val_docs)} validation")
+        f"{len(val_docs)} validation ({time.perf_counter() - t0:.1f}s)")
     if not train_docs:
         raise TrainError(f"empty corpus: no usable training text in {what} "
                          f"({stats.summary()})")
@@ -66,7 +74,11 @@ def prepare_data(tc: TrainConfig, tokenizer=None, cache_dir=None, say=_say):
             raise TrainError(f"cannot train the tokenizer: {e}") from None
         say(f"tokenizer: vocab {tokenizer.vocab_size} ({time.perf_counter() - t0:.1f}s)")
     t0 = time.perf_counter()
-    data, built = data_mod.build_token_cache(train_docs, val_docs, tokenizer, tc.seq_len,
+    stream_docs = train_docs
+    if tc.repo_order:  # the tokenizer above saw the corpus order: its cache key is unchanged
+        from train.repo_order import repo_order
+        stream_docs = repo_order(train_docs)
+    data, built = data_mod.build_token_cache(stream_docs, val_docs, tokenizer, tc.seq_len,
                                              cache_dir)
     say(f"tokens: {len(data.train):,} train in {data.n_sequences:,} sequences of "
         f"{tc.seq_len}, {len(data.val):,} validation ({'built' if built else 'cached'} "
@@ -75,7 +87,7 @@ def prepare_data(tc: TrainConfig, tokenizer=None, cache_dir=None, say=_say):
             "val_docs": len(val_docs), "train_fingerprint": corpus_mod.fingerprint(train_docs),
             "val_fingerprint": corpus_mod.fingerprint(val_docs)}
     val_files = [d.path for d in val_docs if d.path is not None]
-    return tokenizer, data, info, val_files
+    return tokenizer, data, info, val_files, corpus_manifest
 
 
 def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
@@ -105,7 +117,11 @@ def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
     if tc.init is not None:  # the model's own config; a resumed run reads it from run.json
         cfg = init_model.cfg if init_model is not None else ModelConfig.from_dict(stored["model"])
         check_seq_len(tc, cfg)
-    tokenizer, data, info, val_files = prepare_data(tc, tokenizer, cache_dir, say)
+    saved_manifest = None
+    if stored is not None:  # None for runs saved before manifests: they resume as before
+        saved_manifest = manifest_mod.read(out / RUN_DIR / manifest_mod.MANIFEST_FILE)
+    tokenizer, data, info, val_files, corpus_manifest = prepare_data(
+        tc, tokenizer, cache_dir, say, saved_manifest, out)
     if stored is not None:
         for k in ("train_fingerprint", "val_fingerprint"):
             if stored["data"].get(k) != info[k]:
@@ -121,7 +137,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
     if stored is None and lead:
         rundir.start_run(out, tc, cfg, tokenizer, info, None if init_model is None else {
             "source": init_model.source, "description": init_model.description,
-            "fingerprint": init_model.fingerprint})
+            "fingerprint": init_model.fingerprint}, corpus_manifest)
     rundir.sync("spark-train-run-written")
     options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True)
     manager = ocp.CheckpointManager(manager_dir, options=options)

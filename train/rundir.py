@@ -8,6 +8,8 @@ Run directory (``out``)::
     <out>/metrics.jsonl                     one JSON object per log / eval interval
     <out>/loss.png                          loss and bits-per-byte curves (end of run)
     <out>/training/run.json                 the run's settings: marks a training directory
+    <out>/training/corpus.json              the corpus manifest: every document's name, byte
+                                            size and SHA-256, checked on resume (train/manifest.py)
     <out>/training/tokenizer.model          the tokenizer this run trains with (SentencePiece;
     <out>/training/tokenizer/               another kind, e.g. an --init model's BPE, is a
                                             directory of its own files)
@@ -104,10 +106,14 @@ def write_run_file(out: Path, run_info: dict) -> None:
 
 
 def start_run(out: Path, tc: TrainConfig, cfg: ModelConfig, tokenizer, info: dict,
-              init: dict | None = None) -> None:
-    """Make <out>/training/ with the run's tokenizer and run.json (process 0 only); `init`
-    describes the model an --init run starts from."""
+              init: dict | None = None, corpus_manifest: dict | None = None) -> None:
+    """Make <out>/training/ with the run's tokenizer, corpus manifest and run.json (process 0
+    only; run.json last, as it marks the directory a run); `init` describes the model an
+    --init run starts from."""
     (out / RUN_DIR).mkdir(parents=True, exist_ok=True)
+    if corpus_manifest is not None:
+        from train.manifest import MANIFEST_FILE, write
+        write(out / RUN_DIR / MANIFEST_FILE, corpus_manifest)
     from spark_model.tokenizer import Tokenizer
     if isinstance(tokenizer, Tokenizer):
         tokenizer.save(out / RUN_DIR / RUN_TOKENIZER)
