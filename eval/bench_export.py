@@ -35,7 +35,7 @@ TRICKY = ["", "x", "  two  spaces", "\tTab\n\n    indent", "héllo wörld 日本
 
 
 def _texts(n_files: int) -> list[str]:
-    files, _ = default_code()["stdlib-heldout"]
+    files, _ = default_code(["stdlib-heldout"])["stdlib-heldout"]
     return [p.read_text(encoding="utf-8") for p in files[:n_files]]
 
 

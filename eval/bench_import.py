@@ -25,7 +25,7 @@ from eval.sources import default_code
 
 def _prompt_ids(m, n: int) -> list[int]:
     """The first n tokens of the held-out stdlib files, in path order."""
-    files, _ = default_code()["stdlib-heldout"]
+    files, _ = default_code(["stdlib-heldout"])["stdlib-heldout"]
     ids = m.tokenizer.encode("", bos=True)
     for path in files:
         ids += m.tokenizer.encode(path.read_text(encoding="utf-8"))

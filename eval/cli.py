@@ -33,6 +33,7 @@ from eval.humaneval import DEFAULT_TIMEOUT_S, HumanEvalUnavailable, SamplesError
 from eval.report import write_report
 from eval.runner import EvalError, evaluate
 from eval.sandbox import SandboxError
+from eval.sources import SourcesError
 from spark_model.cli import Command
 
 TASKS = ("humaneval", "bpb", "infill", "line", "context", "retrieval")
@@ -91,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="cut points per source (default: 200; --quick: 50)")
     code.add_argument("--line-data", nargs="+", metavar="PATH",
                       help="files, or directories of .py files, to cut lines from (default: "
-                           "the held-out stdlib files and optax's source)")
+                           "the held-out stdlib files and pytest's source)")
     ctx = parser.add_argument_group("long context")
     ctx.add_argument("--context-lengths", metavar="N,N,...",
                      help="context tokens before the target (default: "
@@ -101,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "(default: 4096)")
     ctx.add_argument("--context-data", nargs="+", metavar="DIR",
                      help="directories, each one sequence of its .py files in path order "
-                          "(default: the held-out stdlib files, and optax's source)")
+                          "(default: the held-out stdlib files, and pytest's source)")
     ctx.add_argument("--retrieval-lengths", metavar="N,N,...",
                      help="context lengths of the retrieval grid (default: "
                           "2048,8192,32768,131072)")
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except (EvalError, SamplesError, HumanEvalUnavailable, BpbError, SandboxError,
             GenerationError, infill.InfillError, line_completion.LineTaskError,
-            context_curve.ContextCurveError, retrieval.RetrievalError) as e:
+            context_curve.ContextCurveError, retrieval.RetrievalError, SourcesError) as e:
         print(f"spark eval: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

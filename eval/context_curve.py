@@ -50,7 +50,7 @@ def sequence_text(files: Sequence[str | Path], root: str | Path) -> str:
 
 def default_sources() -> dict[str, str]:
     """One sequence per source of the default code (`eval.sources`): held-out stdlib files,
-    and optax's source."""
+    and pytest's source (outside the training corpus)."""
     return {name: sequence_text(files, root) for name, (files, root) in default_code().items()}
 
 

@@ -13,7 +13,7 @@ indentation kept, since it is part of Python's syntax): exact match, and edit si
 Samples are drawn with a seeded generator: a file uniformly from the source's files, then
 a line uniformly from that file's non-blank lines after the first, so the same seed and
 files give the same cuts. Two sources by default: the held-out standard-library files of
-the training split, and optax's source, which the default corpus does not contain.
+the training split, and pytest's source, which no training source contains.
 Results go to `line_results.jsonl` as each batch finishes; a rerun with the same model,
 context and samples reuses them.
 """
@@ -79,7 +79,7 @@ def sample_lines(source: str, files: Sequence[str | Path], n: int, seed: int = 0
 
 
 def default_sources() -> dict[str, list[Path]]:
-    """The default code (`eval.sources`): held-out stdlib files, and optax's source."""
+    """The default code (`eval.sources`): held-out stdlib files, and pytest's source."""
     return {name: files for name, (files, _) in default_code().items()}
 
 

@@ -53,7 +53,7 @@ def run(models=DEFAULT_MODELS, formats=FORMATS, n_files: int | None = 48,
         seq_len: int | None = None, log=print) -> list[dict]:
     from eval.sources import default_code
 
-    files, _ = default_code()["stdlib-heldout"]
+    files, _ = default_code(["stdlib-heldout"])["stdlib-heldout"]
     files = files[:n_files] if n_files else files
     rows = []
     for model in models:
