@@ -10,12 +10,19 @@ Command line (``spark train``, this package's entry in the ``spark.commands`` gr
     m = spark_model.load("runs/tiny")                   # the run directory is a checkpoint
 
 Modules:
-  corpus.py     load_corpus(sources) -> (documents, stats): the stdlib by default, or
-                directories (*.py, recursively), .jsonl files ("text"/"content" per line)
-                and single files; unreadable / non-UTF-8 / empty documents are skipped and
+  corpus.py     load_corpus(sources) -> (documents, stats): the stdlib by default, the
+                named sources "stdlib" and "site-packages", directories (*.py,
+                recursively), .jsonl files ("text"/"content" per line) and single files;
+                unreadable / non-UTF-8 / empty / oversized documents are skipped and
                 counted, exact copies kept once. split_corpus(docs) -> (train, validation)
                 by sha256(name relative to its root) % 1000 < 20; validation_files() gives
                 the held-out files for evaluation (eval.bpb.bits_per_byte(model, files)).
+  site_sources.py  the installed dependency closure of spark-model (the "site-packages"
+                source) and outside_closure(): installed code training never sees.
+  repo_order.py repo_order(docs): the training stream package by package, each module
+                before the modules that import it.
+  manifest.py   the corpus manifest a run saves (name, bytes, SHA-256 per document) and
+                its check on --resume.
   data.py       train_or_load_tokenizer (trained on the training split only, cached),
                 build_token_cache (BOS text EOS streams in ~/.cache/spark/tokens-<key>/,
                 memory-mapped, uint16 when the vocabulary fits; rebuilt only when
