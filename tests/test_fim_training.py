@@ -239,3 +239,37 @@ def test_cli_fim_rate_needs_fim_tokens(tmp_path, capsys):
     code, err = _cli(capsys, "--out", tmp_path / "run", "--no-progress", "--cache-dir",
                      tmp_path / "cache", "--init", TINY, "--data", src, "--fim-rate", "0.5")
     assert code == 2 and "the tokenizer has no fill-in-the-middle tokens" in err
+
+
+@pytest.mark.slow
+def test_warm_start_with_fim_tokens_exports_and_resumes(tmp_path, capsys):
+    """spark train --init spark-tiny --add-fim-tokens: the exported model has the grown
+    vocabulary and infills; the run resumes from its own saved tokenizer; a model that has
+    the tokens already is refused."""
+    import json
+
+    import spark_model
+    from train import corpus
+
+    src = tmp_path / "src"
+    src.mkdir()
+    std = corpus.stdlib_root()
+    for name in ("textwrap.py", "string.py", "bisect.py", "heapq.py", "shlex.py", "glob.py"):
+        (src / name).write_text((std / name).read_text(encoding="utf-8"), encoding="utf-8")
+    run = tmp_path / "run"
+    common = ["--no-progress", "--cache-dir", tmp_path / "cache", "--line-samples", "0"]
+    assert cli.main([str(a) for a in ["--init", TINY, "--add-fim-tokens", "--data", src,
+                                      "--val-permille", "300", "--out", run, "--steps", "2",
+                                      "--seq-len", "64", "--batch-size", "2", *common]]) == 0
+    err = capsys.readouterr().err
+    assert "fill-in-the-middle:" in err and "ids 8192..8194" in err
+    settings = json.loads((run / "training" / "run.json").read_text())["settings"]
+    assert settings["fim_rate"] == cli.FIM_RATE_WITH_NEW_TOKENS and settings["add_fim_tokens"]
+    assert cli.main([str(a) for a in ["--out", run, "--resume", "--steps", "3", *common]]) == 0
+    capsys.readouterr()
+    m = spark_model.load(str(run))
+    assert m.config.vocab_size == 8195 and m.tokenizer.fim == fim.FimTokens(8192, 8193, 8194)
+    assert isinstance(m.infill("def f(x):\n    return ", "\n", max_new_tokens=4), str)
+    code, err = _cli(capsys, "--init", run, "--add-fim-tokens", "--data", src,
+                     "--out", tmp_path / "again", *common)
+    assert code == 2 and "already has fill-in-the-middle tokens" in err
