@@ -17,6 +17,13 @@
   byte-fallback ids of its UTF-8 bytes.  ``decode`` maps ids through a per-id
   bytes table built once (byte piece -> that byte, normal piece -> text with
   "▁" -> " ", control ids -> b"").
+* Fill-in-the-middle markers: ``train_tokenizer(..., fim_tokens=True)`` (what
+  ``spark train`` uses) reserves ``FIM_PIECES`` as SentencePiece *control* pieces
+  (ids 4, 5, 6, right after the four specials), and ``add_control_pieces`` appends
+  them to an existing model (ids after its last piece, every old id unchanged).
+  Control, not user-defined: a user-defined piece is produced by ``encode`` from
+  any text that happens to spell it, a control piece never is; it decodes to
+  nothing and is found by id (``token_to_id``), so ``Tokenizer.fim`` sees it.
 """
 from __future__ import annotations
 
@@ -38,6 +45,9 @@ from spark_model import fim as fim_tokens
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 META = "\u2581"  # SentencePiece's whitespace marker "▁"
 MIN_VOCAB_SIZE = 320  # 256 byte pieces + 4 specials + room for characters/merges
+# Fill-in-the-middle markers, spelled as fim.CONVENTIONS' first convention so `detect`
+# finds them. No <fim_pad>: training never emits it, an infill ends at EOS.
+FIM_PIECES = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 
 # Settings shared by every training run; see the module docstring for why.
 _TRAINER_SETTINGS: dict[str, object] = dict(
@@ -140,7 +150,7 @@ class Tokenizer(ByteTableDecoding):
         self.chat_template: str | None = None
         self._meta_ids = [byte_ids[b] for b in META.encode("utf-8")]
         self._threads = _cpu_count()
-        # Fill-in-the-middle markers, when the vocabulary has them as user-defined symbols.
+        # Fill-in-the-middle markers, when the vocabulary has them (control or user-defined).
         self.fim: fim_tokens.FimTokens | None = fim_tokens.detect(self.token_to_id)
         if self.decode(self.encode(_PROBE)) != _PROBE:
             raise TokenizerError(f"{source}: model does not round-trip text exactly "
@@ -329,14 +339,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
                     path: str | os.PathLike[str] | None = None, *,
                     model_type: str = "bpe", max_sentence_bytes: int = 4096,
                     max_piece_length: int = 32, max_sentences: int = 20_000,
-                    seed: int = 0, num_threads: int = 2) -> Tokenizer:
+                    seed: int = 0, num_threads: int = 2,
+                    fim_tokens: bool = False) -> Tokenizer:
     """Train a tokenizer on `texts` (whole files); optionally save it to `path`.
 
     BPE is the default: at vocab 8192 it compresses held-out Python better than
     unigram (4.19 vs 3.95 bytes/token, same settings, a quarter of the stdlib)
     and trains ~40x faster (~35 s for the whole 31 MB stdlib, ~1.5 GB RAM).
     `max_sentences` caps the chunks used (~3.5 KB each: ~70 MB of code, ~3.5 GB
-    of trainer RAM); larger corpora are reservoir-sampled with `seed`.  Same
+    of trainer RAM); larger corpora are reservoir-sampled with `seed`.
+    `fim_tokens` reserves the FIM_PIECES as control pieces (ids 4..6; the byte and
+    learned pieces follow), as `spark train` does; off by default so other callers'
+    vocabularies keep their ids.  Same
     input and arguments give byte-identical models; num_threads is fixed by
     default because SentencePiece records it in the model bytes (BPE training
     barely uses threads; unigram EM does).
@@ -370,6 +384,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
             max_sentencepiece_length=max_piece_length,
             input_sentence_size=0,  # already sampled, reproducibly
             num_threads=num_threads,
+            control_symbols=list(FIM_PIECES) if fim_tokens else [],
             **_TRAINER_SETTINGS)
     except RuntimeError as e:
         raise _training_error(e, vocab_size) from None
@@ -377,6 +392,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
     if path is not None:
         tokenizer.save(path)
     return tokenizer
+
+
+def add_control_pieces(tokenizer: Tokenizer, pieces: Iterable[str] = FIM_PIECES
+                       ) -> Tokenizer:
+    """`tokenizer` with `pieces` appended as control pieces: ids vocab_size, vocab_size + 1,
+    ...; every existing piece keeps its id, and text encodes exactly as before (control
+    pieces take no part in segmentation). TokenizerError when one is already a piece."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    pieces = list(pieces)
+    present = [p for p in pieces if tokenizer.token_to_id(p) is not None]
+    if present or len(set(pieces)) != len(pieces):
+        raise TokenizerError(f"the tokenizer already has the piece(s) "
+                             f"{', '.join(present) or 'given twice'}")
+    proto = pb.ModelProto()
+    proto.ParseFromString(tokenizer.serialized())
+    for text in pieces:
+        new = proto.pieces.add()
+        new.piece, new.score, new.type = text, 0.0, pb.ModelProto.SentencePiece.CONTROL
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    return Tokenizer.from_bytes(proto.SerializeToString(), source="<extended model>")
 
 
 def stdlib_python_files() -> list[pathlib.Path]:

@@ -29,6 +29,10 @@ Modules:
                 documents, tokenizer or seq_len change), BatchIterator (seeded per-epoch
                 permutation of packed sequences, state = one integer position), eval_set
                 (bits-per-byte windows).
+  fim_transform.py  the fill-in-the-middle transform of training documents (--fim-rate):
+                PSM or SPM examples laid out as spark_model.fim.prompt_ids + middle + EOS.
+  init.py       load_init (--init MODEL) and add_fim_tokens (--add-fim-tokens: FIM control
+                pieces appended, embedding rows grown at the mean embedding).
   config.py     TrainConfig (every setting of a run), RUN_FIELDS (those a resumed run
                 keeps), validate, TrainError and SettingsError; imports no JAX.
   loss.py       token_nll: per-token cross-entropy of the model's own forward pass

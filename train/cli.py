@@ -34,11 +34,13 @@ _OPTIONS = {
     "grad_accum": int, "log_every": int, "eval_every": int, "eval_tokens": int,
     "save_every": int, "keep": int, "val_permille": int, "line_samples": int,
 }
+_OPTIONS["fim_rate"] = float
 
 
 FINETUNE_LR = 1e-4  # default peak learning rate with --init (every weight trains)
 LORA_LR = 1e-3  # ... and with --lora (adapters start at zero and need larger steps)
 FINETUNE_LINES = 100  # held-out next-line completions scored before and after, with --init
+FIM_RATE_WITH_NEW_TOKENS = 0.5  # default --fim-rate with --add-fim-tokens
 
 
 class UsageError(ValueError):
@@ -68,6 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "instead of every weight")
     g.add_argument("--lora-alpha", type=float, default=None,
                    help="adapter scale alpha / RANK (default alpha: 2 * RANK)")
+    g.add_argument("--add-fim-tokens", action="store_true", default=None,
+                   help="with --init (a SentencePiece model without them): append the "
+                        "fill-in-the-middle control pieces <fim_prefix> <fim_suffix> "
+                        "<fim_middle> to its vocabulary, their embedding rows starting at the "
+                        "mean embedding; the run saves and exports the extended tokenizer")
+    g.add_argument("--fim-rate", type=float, default=None, metavar="RATE",
+                   help="share of training documents rearranged into fill-in-the-middle "
+                        "examples, half prefix-suffix-middle and half suffix-prefix-middle "
+                        "(default 0; with --add-fim-tokens "
+                        f"{FIM_RATE_WITH_NEW_TOKENS}); needs a vocabulary with FIM tokens")
     g.add_argument("--set", dest="overrides", action="append", default=None,
                    metavar="FIELD=VALUE",
                    help="override a model config field, e.g. --set n_layers=2 (repeatable)")
@@ -189,6 +201,8 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
         given["lora_rank"] = args.lora
     if args.lora_alpha is not None:
         given["lora_alpha"] = args.lora_alpha
+    if getattr(args, "add_fim_tokens", None):
+        given["add_fim_tokens"] = True
     if args.overrides is not None:
         given["overrides"] = _parse_overrides(args.overrides)
     if args.data is not None:
@@ -209,6 +223,8 @@ def settings_from_args(args: argparse.Namespace, stored: dict | None = None):
             scaled["lr"] = LORA_LR if given.get("lora_rank") else FINETUNE_LR
             scaled["line_samples"] = FINETUNE_LINES
         scaled["repo_order"] = True  # new runs: packages whole, imports first
+        if given.get("add_fim_tokens"):
+            scaled["fim_rate"] = FIM_RATE_WITH_NEW_TOKENS
         for name, value in scaled.items():
             given.setdefault(name, value)
     return dataclasses.replace(base, **given)

@@ -46,6 +46,8 @@ class TrainConfig:
     bf16: bool = False  # bf16 compute, f32 master weights
     repo_order: bool = False  # train stream in repository order (train/repo_order.py); False
     # in runs saved before it existed, True for new runs from the CLI
+    fim_rate: float = 0.0  # share of training documents made fill-in-the-middle examples
+    add_fim_tokens: bool = False  # with init: append FIM control pieces to its vocabulary
     # Free to change when resuming:
     grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum sequences each)
     fsdp: bool = False
@@ -88,6 +90,7 @@ class TrainConfig:
 RUN_FIELDS = ("preset", "init", "lora_rank", "lora_alpha", "overrides", "vocab_size", "data",
               "val_permille", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "b1", "b2", "clip", "seed", "bf16", "repo_order")
+RUN_FIELDS += ("fim_rate", "add_fim_tokens")  # fill-in-the-middle (train/fim_transform.py)
 
 
 def validate(tc: TrainConfig) -> None:
@@ -126,6 +129,12 @@ def validate(tc: TrainConfig) -> None:
     if tc.lora_alpha is not None:
         need(math.isfinite(tc.lora_alpha) and tc.lora_alpha > 0,
              f"--lora-alpha must be positive, got {tc.lora_alpha}")
+    need(isinstance(tc.fim_rate, (int, float)) and 0 <= tc.fim_rate <= 1,
+         f"--fim-rate must be in [0, 1], got {tc.fim_rate}")  # NaN fails both comparisons
+    need(not tc.add_fim_tokens or tc.init is not None,
+         "--add-fim-tokens extends an existing model's vocabulary: give it with --init")
+    need(not (tc.add_fim_tokens and tc.lora_rank),
+         "--add-fim-tokens grows the embedding, which --lora adapters do not train")
     if tc.init is not None:  # the model's own config, checked once it is loaded
         need(not tc.overrides, "--set changes a preset; an --init model keeps its own config")
         need(tc.vocab_size is None, "--vocab-size trains a new tokenizer; an --init model keeps "

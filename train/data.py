@@ -23,7 +23,15 @@ Tokenizer cache
     Training a SentencePiece model on the stdlib takes ~25 s, so it is cached too, in
     ``<cache_dir>/tokenizers/<key>.model`` with ``key`` = SHA-256 of the training split's
     names and content hashes, the vocabulary size and the source of
-    ``spark_model/tokenizer.py`` (a change to the trainer's settings retrains).
+    ``spark_model/tokenizer.py`` (a change to the trainer's settings retrains). Trained
+    tokenizers carry the fill-in-the-middle control pieces (``fim_tokens=True``: ids 4..6).
+
+Fill-in-the-middle
+    With ``fim_rate > 0`` a share of the training documents is rearranged into
+    fill-in-the-middle examples before packing (`train.fim_transform`); validation
+    documents never are, so bits per byte stay comparable between runs. The rate, the
+    transform's own settings and the seed then enter the cache key; at rate 0 the key and
+    the stream are exactly those of a run without the transform.
 
 Iterator
     ``BatchIterator`` walks an endless stream of sequence indices: position ``p`` is
@@ -69,7 +77,7 @@ def _docs_digest(h, docs: Sequence[Document]) -> None:
 def tokenizer_key(train_docs: Sequence[Document], vocab_size: int) -> str:
     import spark_model.tokenizer as tokmod
 
-    h = hashlib.sha256(f"tokenizer v1 vocab={vocab_size}\n".encode())
+    h = hashlib.sha256(f"tokenizer v1 vocab={vocab_size} fim=1\n".encode())
     h.update(Path(tokmod.__file__).read_bytes())
     _docs_digest(h, train_docs)
     return h.hexdigest()[:32]
@@ -89,7 +97,7 @@ def train_or_load_tokenizer(train_docs: Sequence[Document], vocab_size: int,
                 return tok
         except Exception:  # noqa: BLE001 - a damaged cache entry is simply rebuilt
             pass
-    tok = train_tokenizer([d.text for d in train_docs], vocab_size)
+    tok = train_tokenizer([d.text for d in train_docs], vocab_size, fim_tokens=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tok.save(tmp)
@@ -128,9 +136,13 @@ class TokenData:
 
 
 def token_cache_key(train_docs: Sequence[Document], val_docs: Sequence[Document],
-                    tokenizer_bytes: bytes, seq_len: int) -> str:
+                    tokenizer_bytes: bytes, seq_len: int, fim_rate: float = 0.0,
+                    fim_seed: int = 0) -> str:
     h = hashlib.sha256(f"tokens v{CACHE_FORMAT} seq_len={seq_len}\n".encode())
     h.update(hashlib.sha256(tokenizer_bytes).digest())
+    if fim_rate:
+        from train.fim_transform import cache_tag
+        h.update(cache_tag(fim_rate, fim_seed).encode())
     h.update(b"train\n")
     _docs_digest(h, train_docs)
     h.update(b"val\n")
@@ -138,18 +150,25 @@ def token_cache_key(train_docs: Sequence[Document], val_docs: Sequence[Document]
     return h.hexdigest()[:32]
 
 
-def _encode(tokenizer, docs: Sequence[Document], dtype, *, packed: bool = False
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _encode(tokenizer, docs: Sequence[Document], dtype, *, packed: bool = False,
+            fim_rate: float = 0.0, fim_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Docs as one stream of `document_ids` (BOS text EOS, or SEP text SEP for a model
     without BOS), plus offsets; encoded in chunks to bound memory. `packed` (the training
     stream) shares each separator between neighbours: SEP t1 SEP t2 SEP, as such models
-    saw their pretraining data."""
+    saw their pretraining data. `fim_rate` > 0 rearranges that share of the documents
+    (train.fim_transform, seeded by `fim_seed` and each document's name)."""
     from spark_model.tokenizers_io import document_separator, documents_ids
+
+    def chunk_ids(chunk: Sequence[Document]) -> list[list[int]]:
+        if not fim_rate:
+            return documents_ids(tokenizer, [d.text for d in chunk])
+        from train.fim_transform import documents_fim_ids
+        return documents_fim_ids(tokenizer, chunk, fim_rate, fim_seed)
 
     shared = packed and document_separator(tokenizer) is not None
     parts, lengths = [], []
     for start in range(0, len(docs), 256):
-        for ids in documents_ids(tokenizer, [d.text for d in docs[start:start + 256]]):
+        for ids in chunk_ids(docs[start:start + 256]):
             if shared and parts:
                 ids = ids[1:]
             parts.append(np.asarray(ids, dtype))
@@ -162,10 +181,12 @@ def _encode(tokenizer, docs: Sequence[Document], dtype, *, packed: bool = False
 
 def build_token_cache(train_docs: Sequence[Document], val_docs: Sequence[Document],
                       tokenizer, seq_len: int, cache_dir: str | os.PathLike | None = None,
-                      ) -> tuple[TokenData, bool]:
-    """Load the cache entry for these inputs, building it if absent; (data, built_now)."""
+                      *, fim_rate: float = 0.0, fim_seed: int = 0) -> tuple[TokenData, bool]:
+    """Load the cache entry for these inputs, building it if absent; (data, built_now).
+    `fim_rate`, `fim_seed`: the fill-in-the-middle transform of the training stream."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = token_cache_key(train_docs, val_docs, tokenizer.serialized(), seq_len)
+    key = token_cache_key(train_docs, val_docs, tokenizer.serialized(), seq_len, fim_rate,
+                          fim_seed)
     entry = cache / f"tokens-{key}"
     built = False
     if not (entry / "meta.json").is_file():
@@ -174,7 +195,8 @@ def build_token_cache(train_docs: Sequence[Document], val_docs: Sequence[Documen
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tokens-{key}.", dir=cache))
         try:
-            train, _ = _encode(tokenizer, train_docs, dtype, packed=True)
+            train, _ = _encode(tokenizer, train_docs, dtype, packed=True, fim_rate=fim_rate,
+                               fim_seed=fim_seed)
             val, val_offsets = _encode(tokenizer, val_docs, dtype)
             np.save(tmp / "train.npy", train)
             np.save(tmp / "val.npy", val)

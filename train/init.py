@@ -66,3 +66,42 @@ def load_init(source: str) -> InitModel:
     return InitModel(source=source, description=desc, cfg=cfg, tokenizer=loaded.tokenizer,
                      params=params, fingerprint=param_fingerprint(params))
 
+
+
+def add_fim_tokens(start: InitModel) -> InitModel:
+    """`start` with the fill-in-the-middle control pieces appended to its SentencePiece
+    vocabulary (`spark_model.tokenizer.add_control_pieces`: ids V, V + 1, V + 2, every old id
+    unchanged) and the embedding (and an untied output head) grown by one row (column) per
+    new piece, each initialised to the mean of the old rows (columns). The old rows are
+    untouched, so the grown model's logits for the old ids equal the old model's; a new
+    marker's logit starts at the mean of the old logits. SettingsError (one line) when the
+    vocabulary already has FIM tokens or is not a SentencePiece model."""
+    from spark_model.tokenizer import FIM_PIECES, Tokenizer, TokenizerError, add_control_pieces
+    from train.config import SettingsError
+    from train.lora import param_fingerprint
+
+    if not isinstance(start.tokenizer, Tokenizer):
+        raise SettingsError(f"--add-fim-tokens extends a SentencePiece vocabulary; {start.source}"
+                            f" has a {type(start.tokenizer).__name__}")
+    if start.tokenizer.fim is not None:
+        raise SettingsError(f"--add-fim-tokens: {start.source} already has fill-in-the-middle "
+                            "tokens; use --fim-rate without it")
+    try:
+        tokenizer = add_control_pieces(start.tokenizer, FIM_PIECES)
+    except TokenizerError as e:
+        raise SettingsError(f"--add-fim-tokens: {e}") from None
+    n_new = tokenizer.vocab_size - start.cfg.vocab_size
+    params = dict(start.params)
+    embed_vd = params["embed"]
+    params["embed"] = np.concatenate(
+        [embed_vd, np.repeat(embed_vd.mean(0, keepdims=True), n_new, 0)], 0)
+    if "lm_head" in params:  # untied head, (D, V)
+        head_dv = params["lm_head"]
+        params["lm_head"] = np.concatenate(
+            [head_dv, np.repeat(head_dv.mean(1, keepdims=True), n_new, 1)], 1)
+    first = start.cfg.vocab_size
+    return dataclasses.replace(
+        start, cfg=start.cfg.replace(vocab_size=tokenizer.vocab_size), tokenizer=tokenizer,
+        params=params, fingerprint=param_fingerprint(params),
+        description=f"{start.description} + FIM tokens {', '.join(FIM_PIECES)} "
+                    f"(ids {first}..{tokenizer.vocab_size - 1})")

@@ -73,13 +73,22 @@ def prepare_data(tc: TrainConfig, tokenizer=None, cache_dir=None, say=_say,
         except TokenizerError as e:
             raise TrainError(f"cannot train the tokenizer: {e}") from None
         say(f"tokenizer: vocab {tokenizer.vocab_size} ({time.perf_counter() - t0:.1f}s)")
+    if tc.fim_rate and getattr(tokenizer, "fim", None) is None:
+        from train.config import SettingsError
+        raise SettingsError(f"--fim-rate {tc.fim_rate}: the tokenizer has no fill-in-the-middle "
+                            "tokens (with --init, add them with --add-fim-tokens)")
     t0 = time.perf_counter()
     stream_docs = train_docs
     if tc.repo_order:  # the tokenizer above saw the corpus order: its cache key is unchanged
         from train.repo_order import repo_order
         stream_docs = repo_order(train_docs)
     data, built = data_mod.build_token_cache(stream_docs, val_docs, tokenizer, tc.seq_len,
-                                             cache_dir)
+                                             cache_dir, fim_rate=tc.fim_rate, fim_seed=tc.seed)
+    if tc.fim_rate:
+        from train.fim_transform import count_transformed
+        n_fim = count_transformed(train_docs, tc.fim_rate, tc.seed)
+        say(f"fill-in-the-middle: {n_fim} of {len(train_docs)} training documents "
+            f"({n_fim / len(train_docs):.1%}; rate {tc.fim_rate}), about half in spm order")
     say(f"tokens: {len(data.train):,} train in {data.n_sequences:,} sequences of "
         f"{tc.seq_len}, {len(data.val):,} validation ({'built' if built else 'cached'} "
         f"{data.path}, {time.perf_counter() - t0:.1f}s)")
@@ -112,6 +121,10 @@ def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
         rundir.check_resume_settings(TrainConfig.from_json_dict(stored["settings"]), tc, out)
         tokenizer = rundir.load_run_tokenizer(out)
     init_model = _load_start(tc, stored, out, say)
+    if init_model is not None and tc.add_fim_tokens:
+        from train.init import add_fim_tokens
+        init_model = add_fim_tokens(init_model)
+        say(f"init: {init_model.description}")
     if init_model is not None and tokenizer is None:
         tokenizer = init_model.tokenizer
     if tc.init is not None:  # the model's own config; a resumed run reads it from run.json
@@ -208,6 +221,8 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
                        "preset": None if tc.init else tc.preset, "bf16": tc.bf16}}
     if tc.init:
         extra["train"].update(init=tc.init, lora_rank=tc.lora_rank or None)
+    if tc.fim_rate:
+        extra["train"]["fim_rate"] = tc.fim_rate
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
 
     def save(step: int) -> None:
