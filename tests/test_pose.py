@@ -190,3 +190,17 @@ def test_cli_flags_and_old_runs_resume_as_plain():
         del old[k]
     assert TrainConfig.from_json_dict(old) == TrainConfig()
     assert TrainConfig.from_json_dict(tc.to_json_dict()) == tc
+
+
+def test_cli_rope_range_error_is_one_line(tmp_path, capsys):
+    from train import cli
+
+    out = tmp_path / "run"
+    code = cli.main(["--out", str(out), "--set", "rope_scaling=null", "--set",
+                     "rope_theta=10000", "--target-context", "128K", "--no-progress"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("spark train: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "--target-context 131072 is beyond what the model's rope settings represent" \
+        in lines[0] and "47,117 tokens" in lines[0]
+    assert not out.exists()
