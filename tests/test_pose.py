@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from spark_model import ModelConfig, RopeScaling
 from spark_model.transformer import init_model
@@ -159,7 +158,7 @@ def test_settings_errors_and_the_shipped_rope_range():
         (dict(pose_share=0.5), "need --target-context"),
     ]
     for kw, needle in bad:
-        with pytest.raises(SettingsError, match=None) as e:
+        with pytest.raises(SettingsError) as e:
             validate(TrainConfig(**kw))
         assert needle in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))
     # Plain RoPE at theta 10,000 and head_dim 64 turns its slowest pair in ~47K tokens:
