@@ -294,15 +294,16 @@ def _train_cmd(out: Path, mini_corpus: Path, cache: Path, *extra: str) -> list[s
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_bitwise_identical(tmp_path, mini_corpus, cache_dir):
+@pytest.mark.parametrize("extra", [(), ("--target-context", "4K")], ids=["plain", "pose"])
+def test_kill_and_resume_is_bitwise_identical(tmp_path, mini_corpus, cache_dir, extra):
     env = _env(tmp_path)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env_kill = dict(env, **{loop.KILL_ENV: "10"})
     # Both first runs at once: most of their time is single-threaded compilation.
-    p1 = subprocess.Popen(_train_cmd(straight, mini_corpus, cache_dir), env=env, cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    p2 = subprocess.Popen(_train_cmd(killed, mini_corpus, cache_dir), env=env_kill, cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p1 = subprocess.Popen(_train_cmd(straight, mini_corpus, cache_dir, *extra), env=env,
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p2 = subprocess.Popen(_train_cmd(killed, mini_corpus, cache_dir, *extra), env=env_kill,
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err1, err2 = p1.communicate(timeout=600)[1], p2.communicate(timeout=600)[1]
     assert p1.returncode == 0, err1[-3000:]
     assert p2.returncode == -signal.SIGKILL, err2[-3000:]
@@ -310,6 +311,8 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, mini_corpus, cache_dir):
                    if p.name.isdigit())
     assert steps == [10]
     assert json.loads((killed / "config.json").read_text())["extra"]["step"] == 10
+    assert (json.loads((killed / "config.json").read_text())["extra"]["train"]
+            .get("target_context")) == (4096 if extra else None)
     # Resume with no settings repeated: they come from the run directory.
     p3 = subprocess.run([sys.executable, "-m", "train", "--out", str(killed), "--resume",
                          "--cache-dir", str(cache_dir), "--no-progress"],

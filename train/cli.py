@@ -33,8 +33,22 @@ _OPTIONS = {
     "warmup": int, "weight_decay": float, "clip": float, "seed": int, "vocab_size": int,
     "grad_accum": int, "log_every": int, "eval_every": int, "eval_tokens": int,
     "save_every": int, "keep": int, "val_permille": int, "line_samples": int,
+    "target_context": int, "pose_share": float, "pose_chunks": int,
 }
 _OPTIONS["fim_rate"] = float
+
+
+def _context(text: str) -> int:
+    """A context length: a whole number of tokens, or of 1,024 tokens with a K suffix
+    (128K = 131,072)."""
+    t = text.strip()
+    scale = 1024 if t[-1:] in ("k", "K") else 1
+    try:
+        n = int(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected tokens such as 131072 or 128K, "
+                                         f"got {text!r}") from None
+    return n
 
 
 FINETUNE_LR = 1e-4  # default peak learning rate with --init (every weight trains)
@@ -114,6 +128,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"AdamW weight decay on matrices (default {d.weight_decay})")
     o.add_argument("--clip", type=float, default=None,
                    help=f"gradient clipping global norm (default {d.clip})")
+    o.add_argument("--target-context", type=_context, default=None, metavar="N",
+                   help="PoSE: give training sequences position ids spread over [0, N) "
+                        "(e.g. 128K) so the model learns distances up to N at the cost of "
+                        "--seq-len tokens (default: plain positions 0 .. seq-len - 1)")
+    o.add_argument("--pose-share", type=float, default=None, metavar="P",
+                   help=f"with --target-context: share of sequences given position skips, "
+                        f"the rest stay contiguous (default {d.pose_share})")
+    o.add_argument("--pose-chunks", type=int, default=None, metavar="N",
+                   help=f"with --target-context: chunks per skipped sequence (default "
+                        f"{d.pose_chunks})")
     o.add_argument("--grad-accum", type=int, default=None,
                    help="split each step's batch into this many micro-batches (default 1)")
     o.add_argument("--seed", type=int, default=None, help="init and data-order seed (default 0)")

@@ -10,6 +10,7 @@ from typing import Any
 
 from spark_model.config import ModelConfig
 from train.corpus import DEFAULT_VAL_PERMILLE
+from train.pose import DEFAULT_CHUNKS, DEFAULT_SHARE
 
 
 class TrainError(RuntimeError):
@@ -48,6 +49,10 @@ class TrainConfig:
     # in runs saved before it existed, True for new runs from the CLI
     fim_rate: float = 0.0  # share of training documents made fill-in-the-middle examples
     add_fim_tokens: bool = False  # with init: append FIM control pieces to its vocabulary
+    # PoSE (train/pose.py): position ids spread over [0, target_context); None: plain ids
+    target_context: int | None = None
+    pose_share: float = DEFAULT_SHARE  # share of sequences given skips
+    pose_chunks: int = DEFAULT_CHUNKS  # chunks per skipped sequence
     # Free to change when resuming:
     grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum sequences each)
     fsdp: bool = False
@@ -91,6 +96,7 @@ RUN_FIELDS = ("preset", "init", "lora_rank", "lora_alpha", "overrides", "vocab_s
               "val_permille", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "b1", "b2", "clip", "seed", "bf16", "repo_order")
 RUN_FIELDS += ("fim_rate", "add_fim_tokens")  # fill-in-the-middle (train/fim_transform.py)
+RUN_FIELDS += ("target_context", "pose_share", "pose_chunks")  # PoSE (train/pose.py)
 
 
 def validate(tc: TrainConfig) -> None:
@@ -116,6 +122,7 @@ def validate(tc: TrainConfig) -> None:
     need(tc.save_every >= 0, f"--save-every must be >= 0, got {tc.save_every}")
     need(tc.keep >= 1, f"--keep must be at least 1, got {tc.keep}")
     need(tc.line_samples >= 0, f"--line-samples must be >= 0, got {tc.line_samples}")
+    check_pose(tc)
     need(0 <= tc.val_permille < 1000,
          f"--val-permille must be in [0, 1000), got {tc.val_permille}")
     if tc.vocab_size is not None:
@@ -145,7 +152,42 @@ def validate(tc: TrainConfig) -> None:
 
 
 def check_seq_len(tc: TrainConfig, cfg: ModelConfig) -> None:
-    """A usage error when the training sequences do not fit the model's context."""
+    """A usage error when the training sequences (or their PoSE positions) do not fit the
+    model's context."""
     if tc.seq_len > cfg.max_seq_len:
         raise SettingsError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len "
                             f"{cfg.max_seq_len}")
+    if tc.target_context is None:
+        return
+    if tc.target_context > cfg.max_seq_len:
+        raise SettingsError(f"--target-context {tc.target_context} exceeds the model's "
+                            f"max_seq_len {cfg.max_seq_len}")
+    # Positions must not alias: the slowest rotary pair may not complete a turn within the
+    # target, else two distances below it look alike to that pair.
+    from train.pose import longest_wavelength  # imports JAX
+    wave = longest_wavelength(cfg)
+    if wave < tc.target_context:
+        raise SettingsError(
+            f"--target-context {tc.target_context} is beyond what the model's rope settings "
+            f"represent: its longest rotary wavelength (rope_theta {cfg.rope_theta:g}, "
+            f"head_dim {cfg.head_dim}, scaling {_scaling_text(cfg)}) is {wave:,.0f} tokens")
+
+
+def _scaling_text(cfg: ModelConfig) -> str:
+    s = cfg.rope_scaling
+    return "none" if s is None else f"{s.kind} x{s.factor:g}"
+
+
+def check_pose(tc: TrainConfig) -> None:
+    """Usage errors for the PoSE settings (the model-dependent ones: check_seq_len)."""
+    if tc.target_context is None:
+        if (tc.pose_share, tc.pose_chunks) != (DEFAULT_SHARE, DEFAULT_CHUNKS):
+            raise SettingsError("--pose-share and --pose-chunks need --target-context")
+        return
+    if tc.target_context <= tc.seq_len:
+        raise SettingsError(f"--target-context {tc.target_context} must exceed --seq-len "
+                            f"{tc.seq_len} (positions reach past the training window)")
+    if not (math.isfinite(tc.pose_share) and 0 <= tc.pose_share <= 1):
+        raise SettingsError(f"--pose-share must be in [0, 1], got {tc.pose_share}")
+    if not 2 <= tc.pose_chunks <= tc.seq_len:
+        raise SettingsError(f"--pose-chunks must be in [2, --seq-len], got {tc.pose_chunks}")

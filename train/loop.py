@@ -31,6 +31,7 @@ from train import manifest as manifest_mod
 from train import rundir
 from train.config import TrainConfig, TrainError, check_seq_len, validate
 from train.metrics import Metrics, plot_metrics
+from train.pose import batch_positions
 from train.rundir import METRICS_FILE, PLOT_FILE, RUN_DIR, STATE_DIR
 from train.trainer import Trainer
 
@@ -223,7 +224,18 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
         extra["train"].update(init=tc.init, lora_rank=tc.lora_rank or None)
     if tc.fim_rate:
         extra["train"]["fim_rate"] = tc.fim_rate
+    if tc.target_context is not None:
+        extra["train"].update(target_context=tc.target_context, pose_share=tc.pose_share,
+                              pose_chunks=tc.pose_chunks)
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+
+    def pose_positions(position: int) -> np.ndarray | None:
+        """The batch's PoSE position ids (None: plain training), a function of the data
+        position alone, so a resumed run draws the same ones."""
+        if tc.target_context is None:
+            return None
+        return batch_positions(tc.seq_len, tc.target_context, tc.seed, position,
+                               tc.batch_size, tc.pose_chunks, tc.pose_share)
 
     def save(step: int) -> None:
         manager.save(step, args=ocp.args.Composite(
@@ -277,8 +289,9 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
     t_begin = time.perf_counter()
     try:
         for step in range(start + 1, tc.steps + 1):
+            positions = pose_positions(it.position)  # before next() moves the position
             batch = it.next()
-            params, opt_state, m = trainer.step(params, opt_state, batch)
+            params, opt_state, m = trainer.step(params, opt_state, batch, positions)
             pending.append(m["loss"])
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:

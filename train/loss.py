@@ -36,9 +36,14 @@ def _rows_per_chunk(n: int, target: int) -> int:
 
 
 def token_nll(model: Transformer, inputs_bt: jax.Array, targets_bt: jax.Array,
-              attend: AttendFn = flash_attend, chunk_rows: int = 256) -> jax.Array:
+              attend: AttendFn = flash_attend, chunk_rows: int = 256,
+              positions_bt: jax.Array | None = None) -> jax.Array:
     """Per-token negative log-likelihood in nats, (B, T) f32, of the model's next-token
-    logits (the same values as `model(inputs_bt)` gives).
+    logits (the same values as `model(inputs_bt, positions_bt)` gives).
+
+    `positions_bt`: the tokens' rotary position ids (default 0 .. T-1 in every row; PoSE
+    training passes its own, train/pose.py). Attention stays causal by index, so ids must
+    increase along each row.
 
     The output projection and softmax run over `chunk_rows` tokens at a time under
     `jax.checkpoint`: the (B*T, V) f32 logits are never held whole (the backward pass
@@ -46,7 +51,8 @@ def token_nll(model: Transformer, inputs_bt: jax.Array, targets_bt: jax.Array,
     seq_len 512, 2 CPU cores) whole logits made the step about 5% faster.
     """
     b, t = inputs_bt.shape
-    positions = jnp.broadcast_to(jnp.arange(t), inputs_bt.shape)
+    positions = (jnp.broadcast_to(jnp.arange(t), inputs_bt.shape) if positions_bt is None
+                 else positions_bt)
     x_btd, _ = model.hidden(inputs_bt, positions, [attend] * model.cfg.n_layers)
     d = x_btd.shape[-1]
     rows = _rows_per_chunk(b * t, chunk_rows)

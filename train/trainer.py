@@ -86,6 +86,14 @@ class Trainer:
                           self.base_shardings),
             out_shardings=(self.param_shardings, self.opt_shardings, self.replicated),
             donate_argnums=(0, 1))
+        # The same step with the tokens' position ids (PoSE, train/pose.py) as a further
+        # (grad_accum, micro, T) argument placed like the tokens; compiled only when used.
+        self._step_pos = jax.jit(
+            self._train_step,
+            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding,
+                          self.base_shardings, self.batch_sharding),
+            out_shardings=(self.param_shardings, self.opt_shardings, self.replicated),
+            donate_argnums=(0, 1))
         self._eval = jax.jit(
             self._eval_step,
             in_shardings=(self.param_shardings, self.base_shardings, self.eval_sharding,
@@ -160,21 +168,24 @@ class Trainer:
         return sum(math.prod(s) for s, _ in self.shapes.values())
 
     # -- steps --------------------------------------------------------------------------
-    def _loss(self, params, tokens_bt, base):
+    def _loss(self, params, tokens_bt, base, positions_bt=None):
         model = self.tree.model(self.model_params(params, base))
-        return jnp.mean(token_nll(model, tokens_bt[:, :-1], tokens_bt[:, 1:]))
+        return jnp.mean(token_nll(model, tokens_bt[:, :-1], tokens_bt[:, 1:],
+                                  positions_bt=positions_bt))
 
-    def _train_step(self, params, opt_state, batch_abt, base):
+    def _train_step(self, params, opt_state, batch_abt, base, positions_abt=None):
         grad_fn = jax.value_and_grad(self._loss)
         if batch_abt.shape[0] == 1:
-            loss, grads = grad_fn(params, batch_abt[0], base)
+            pos = None if positions_abt is None else positions_abt[0]
+            loss, grads = grad_fn(params, batch_abt[0], base, pos)
         else:
-            def micro(acc, tokens_bt):
-                loss, grads = grad_fn(params, tokens_bt, base)
+            def micro(acc, xs):
+                tokens_bt, positions_bt = xs
+                loss, grads = grad_fn(params, tokens_bt, base, positions_bt)
                 return jax.tree.map(jnp.add, acc, grads), loss
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            grads, losses = jax.lax.scan(micro, zeros, batch_abt)
+            grads, losses = jax.lax.scan(micro, zeros, (batch_abt, positions_abt))
             grads = jax.tree.map(lambda g: g / batch_abt.shape[0], grads)
             loss = jnp.mean(losses)
         grad_norm = optax.tree.norm(grads)
@@ -188,23 +199,35 @@ class Trainer:
         return jnp.sum(nll * mask_bt)
 
     def put_batch(self, batch_bt: np.ndarray) -> jax.Array:
-        """A (batch_size, T+1) host batch as the global (grad_accum, micro, T+1) array."""
+        """A (batch_size, T+1) host batch (or (batch_size, T) position ids) as the global
+        (grad_accum, micro, T+1) array."""
         a = self.tc.grad_accum
         host = np.ascontiguousarray(batch_bt.reshape(a, batch_bt.shape[0] // a, -1))
         return jax.make_array_from_callback(host.shape, self.batch_sharding,
                                             lambda idx: host[idx])
 
-    def step(self, params, opt_state, batch_bt: np.ndarray):
-        """One optimizer step on a host batch; params and opt_state are donated."""
-        return self._step(params, opt_state, self.put_batch(batch_bt), self.base)
+    def step(self, params, opt_state, batch_bt: np.ndarray,
+             positions_bt: np.ndarray | None = None):
+        """One optimizer step on a host batch; params and opt_state are donated.
+        `positions_bt`: (batch_size, T) int32 position ids of the inputs (PoSE); None: the
+        plain 0 .. T-1 (the step without the argument)."""
+        if positions_bt is None:
+            return self._step(params, opt_state, self.put_batch(batch_bt), self.base)
+        return self._step_pos(params, opt_state, self.put_batch(batch_bt), self.base,
+                              self.put_batch(np.asarray(positions_bt, np.int32)))
 
     def compile(self, params, opt_state) -> float:
-        """Compile the train step ahead of time; returns seconds taken."""
+        """Compile the train step ahead of time (the one with position ids when the run
+        sets a target context); returns seconds taken."""
         t0 = time.perf_counter()
         shape = (self.tc.grad_accum, self.micro, self.tc.seq_len + 1)
-        self._step.lower(params, opt_state,
-                         jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding),
-                         self.base).compile()
+        tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+        if self.tc.target_context is None:
+            self._step.lower(params, opt_state, tokens, self.base).compile()
+        else:
+            positions = jax.ShapeDtypeStruct(shape[:2] + (self.tc.seq_len,), jnp.int32,
+                                             sharding=self.batch_sharding)
+            self._step_pos.lower(params, opt_state, tokens, self.base, positions).compile()
         return time.perf_counter() - t0
 
     def evaluate(self, params, es: data_mod.EvalSet) -> dict[str, float]:
