@@ -211,6 +211,8 @@ def _summary_line(report: dict, md_path: Path) -> str:
         parts.append(f"({he['problems']} problems x n={he['n']})")
     if report.get("bpb") is not None:
         parts.append(f"bpb {report['bpb']:.4f}")
+        if report.get("bpb_xz"):
+            parts.append(f"(xz -9e {report['bpb_xz']['bits_per_byte']:.4f})")
     if report.get("context"):
         parts.append("context bpb " + " ".join(
             f"{n}:{v:.3f}" for n, v in report["context"]["mean"].items() if v is not None))

@@ -37,6 +37,9 @@ def render_markdown(report: dict) -> str:
         rows.append(("bits per byte", _fmt(report["bpb"])))
         rows.append(("bpb files / bytes", f"{detail.get('files', 'n/a')} / "
                                           f"{detail.get('bytes', 'n/a')}"))
+        xz = report.get("bpb_xz")
+        if xz:
+            rows.append(("bits per byte of `xz -9e` (each file alone)", _fmt(xz["bits_per_byte"])))
     fill = report.get("infill")
     if fill:
         rows.append((f"single-line infilling pass@1 ({fill['mode']} mode)", _fmt(fill["pass@1"])))

@@ -78,7 +78,8 @@ def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
     report: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tasks": tasks, "model": None, "settings": {}, "humaneval": None, "bpb": None,
-        "bpb_details": None, "ttft_s": None, "tokens_per_s": None, "generation": None,
+        "bpb_xz": None, "bpb_details": None, "ttft_s": None, "tokens_per_s": None,
+        "generation": None,
         "sandbox": None, "infill": None, "line": None, "context": None, "retrieval": None,
     }
     if args.samples is not None:
@@ -221,5 +222,7 @@ def evaluate(args: argparse.Namespace, tasks: list[str]) -> dict:
         details = bits_per_byte(model, bpb_files, seq_len=args.bpb_seq_len,
                                 progress=progress)
         report["bpb"], report["bpb_details"] = details["bits_per_byte"], details
+        from eval.xz_baseline import xz_bits_per_byte
+        report["bpb_xz"] = xz_bits_per_byte(bpb_files)
     report["elapsed_s"] = round(time.monotonic() - started, 3)
     return report
