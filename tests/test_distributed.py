@@ -6,6 +6,7 @@ bad launch ends in one line within its timeout (train/launch.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,7 +84,10 @@ def test_two_processes_train_as_one_and_resume_in_one(tmp_path, mini_corpus):  #
     [ref] = _run_all([_cmd(single, mini_corpus, cache, "--cpu-devices", "2")], env)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert "2 device(s)" in ref.stderr
-    p0, p1 = _run_all([_cmd(pair, mini_corpus, cache, *a) for a in _pair(_free_port())], env)
+    # The pair starts from an empty cache: each process trains the tokenizer and builds the
+    # token cache itself, and they must agree (train/loop.py checks that they do).
+    p0, p1 = _run_all([_cmd(pair, mini_corpus, tmp_path / "cache-pair", *a)
+                       for a in _pair(_free_port())], env)
     assert p0.returncode == 0 and p1.returncode == 0, p0.stderr[-3000:] + p1.stderr[-3000:]
     assert "2 device(s)" in p0.stderr  # the mesh spans both processes' single devices
     assert "step 6/6" not in p1.stderr  # process 0 speaks for the run
@@ -112,6 +116,20 @@ def test_two_processes_train_as_one_and_resume_in_one(tmp_path, mini_corpus):  #
     for name in a2:
         np.testing.assert_array_equal(a2[name], b2[name], err_msg=name)
     assert any(not np.array_equal(a[n], a2[n]) for n in a)  # it did train on
+
+
+def test_processes_with_different_data_stop(tmp_path, mini_corpus):  # noqa: F811
+    env = _env(tmp_path)
+    env.pop("XLA_FLAGS", None)
+    less = tmp_path / "less"  # process 1 is given one file fewer than process 0
+    shutil.copytree(mini_corpus, less)
+    (less / "textwrap.py").unlink()
+    runs = _run_all([_cmd(tmp_path / "run", corpus, tmp_path / "cache", *a)
+                     for corpus, a in zip((mini_corpus, less), _pair(_free_port()))], env)
+    for r in runs:
+        assert r.returncode == 1, r.stderr[-3000:]
+        _assert_one_line_error(r.stderr, "processes [1] prepared other tokens than process 0")
+    assert not (tmp_path / "run" / "training" / "checkpoints").exists()
 
 
 # ---- bad launches: one line, within the timeout ------------------------------------------
