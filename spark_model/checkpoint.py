@@ -174,7 +174,7 @@ def save(path: str | os.PathLike, model: Transformer, tokenizer, *,
         tokenizers_io.save_tokenizer(tokenizer, tmp)
         params = {k: quant.to_gguf_blocks(v) if k in packed else np.asarray(v)
                   for k, v in flat.items()}
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
         _write_manifest(tmp)
         move_into_place(tmp, dest)
@@ -182,6 +182,17 @@ def save(path: str | os.PathLike, model: Transformer, tokenizer, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _this_process_only():
+    """Orbax options for a save that this process makes alone: host arrays into a path
+    only it knows. By default orbax waits at barriers for every JAX process, so a save by
+    one process of a multi-process run (process 0 exporting the trained model) would wait
+    forever for the others."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
 
 # ---- loading ---------------------------------------------------------------------------

@@ -48,6 +48,8 @@ Modules:
   metrics.py    metrics.jsonl lines and the loss.png plot.
   loop.py       train(config, out, resume=...): the run, with orbax checkpoints, evals and
                 exports. See its docstring for multi-host use.
+  launch.py     --distributed: the launch settings, a handshake of the processes that fails
+                in one line within --distributed-timeout, then jax.distributed.initialize.
   cli.py        add_arguments(parser), run(args) -> exit code, main(argv), and
                 `command`, the `spark train` entry.
 

@@ -158,9 +158,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="with --distributed: address of process 0 (or $JAX_COORDINATOR_ADDRESS)")
     o.add_argument("--num-processes", type=int, default=None,
-                   help="with --distributed: number of processes (hosts)")
+                   help="with --distributed: number of processes (hosts) (or "
+                        "$JAX_NUM_PROCESSES)")
     o.add_argument("--process-id", type=int, default=None,
-                   help="with --distributed: this process's index, 0 .. num-processes - 1")
+                   help="with --distributed: this process's index, 0 .. num-processes - 1 "
+                        "(or $JAX_PROCESS_ID)")
+    o.add_argument("--distributed-timeout", type=int, default=None, metavar="SECONDS",
+                   help="with --distributed: how long to wait for every process to join "
+                        "before failing (default 60)")
     m = parser.add_argument_group("monitoring")
     m.add_argument("--log-every", type=int, default=None,
                    help=f"steps per metrics line (default {d.log_every})")
@@ -262,16 +267,16 @@ def run(args: argparse.Namespace) -> int:
     from train.config import SettingsError, TrainError
 
     try:
+        launch_opts = (args.coordinator, args.num_processes, args.process_id,
+                       args.distributed_timeout)
+        if args.distributed:  # first: it must come before JAX starts its backend
+            from train import launch
+            launch.initialize(launch.resolve(*launch_opts))
+        elif launch_opts != (None, None, None, None):
+            raise UsageError("--coordinator, --num-processes, --process-id and "
+                             "--distributed-timeout need --distributed")
         if args.cpu_devices is not None:
             _set_cpu_devices(args.cpu_devices)
-        if args.distributed:
-            import jax
-            jax.distributed.initialize(coordinator_address=args.coordinator,
-                                       num_processes=args.num_processes,
-                                       process_id=args.process_id)
-        elif (args.coordinator, args.num_processes, args.process_id) != (None, None, None):
-            raise UsageError("--coordinator, --num-processes and --process-id need "
-                             "--distributed")
         from train.loop import train
         from train.rundir import RUN_DIR, RUN_FILE
 
@@ -303,8 +308,8 @@ def _set_cpu_devices(n: int) -> None:
         jax.config.update("jax_num_cpu_devices", n)
     except Exception as e:  # noqa: BLE001 - raised when the backend already started
         raise UsageError(f"--cpu-devices: too late to set the CPU device count ({e})") from None
-    if jax.default_backend() == "cpu" and len(jax.devices()) != n:
-        raise UsageError(f"--cpu-devices {n}: JAX started with {len(jax.devices())} CPU "
+    if jax.default_backend() == "cpu" and len(jax.local_devices()) != n:
+        raise UsageError(f"--cpu-devices {n}: JAX started with {len(jax.local_devices())} CPU "
                          "device(s); set it before anything else uses JAX")
 
 

@@ -8,7 +8,8 @@ does it with ``--distributed``); `jax.devices()` then lists every host's devices
 spans them, and every process runs this same code: each builds the same global batch from
 the same cache and `jax.make_array_from_callback` keeps only its own shards. The run
 directory must be on a filesystem all hosts share; orbax writes the checkpoints
-collectively, process 0 writes the exported model, metrics and plot.
+collectively, process 0 writes the exported model, metrics and plot. Every process checks that it
+prepared the same tokens as process 0 (`_check_same_tokens`).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
         saved_manifest = manifest_mod.read(out / RUN_DIR / manifest_mod.MANIFEST_FILE)
     tokenizer, data, info, val_files, corpus_manifest = prepare_data(
         tc, tokenizer, cache_dir, say, saved_manifest, out)
+    _check_same_tokens(data)
     if stored is not None:
         for k in ("train_fingerprint", "val_fingerprint"):
             if stored["data"].get(k) != info[k]:
@@ -161,6 +163,25 @@ def train(tc: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
                     val_files)
     finally:
         manager.close()
+
+
+def _check_same_tokens(data: data_mod.TokenData) -> None:
+    """Multi-process: every process must cut its batches from the same tokens. Each builds
+    (or finds) its token cache itself, named by a hash of the documents, the tokenizer and
+    the sequence length; compare those names, so that processes that read different files
+    or trained different tokenizers stop here instead of training on different batches."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+    mine = np.frombuffer(hashlib.sha256(data.key.encode()).digest()[:16], np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 16)
+    differ = [k for k in range(len(every)) if not np.array_equal(every[k], every[0])]
+    if differ:
+        raise TrainError(f"processes {differ} prepared other tokens than process 0 (token "
+                         f"cache key {data.key} here): give every host the same "
+                         "--data files and a shared --cache-dir")
 
 
 def _load_start(tc: TrainConfig, stored: dict | None, out: Path, say):
