@@ -123,15 +123,18 @@ def matvec(tl: Tiling, act_bytes: int, t: Target, tokens: int = 1,
 
 
 def attention(op: Op, tl: Tiling, context: int, act_bytes: int, t: Target,
-              tokens: int = 1) -> Cost:
+              tokens: int = 1, verify: bool = False) -> Cost:
     """One layer's attention at `context` filled positions over a kv head's pr x cols
-    cores (positions over rows, dimensions over columns). tokens > 1: causal prefill."""
+    cores (positions over rows, dimensions over columns). tokens > 1: causal prefill, or
+    with verify=True a verify step: `tokens` queries after the cache, query i seeing
+    context + i positions (i = 0 is the one-row step's query)."""
     n, k, h = op.heads
     g = n // k
     cols = tl.pc // k
     dh = math.ceil(h / cols)
-    if tokens == 1:
-        p = math.ceil(context / tl.pr)  # filled positions on the fullest row
+    if tokens == 1 or verify:
+        # query-position pairs on the fullest row (tokens = 1: its filled positions)
+        p = math.ceil((tokens * context + tokens * (tokens - 1) // 2) / tl.pr)
     else:  # causal: query i sees i + 1 keys, spread over the rows
         p = math.ceil(tokens * (tokens + 1) / 2 / tl.pr)
     q = broadcast(tl.pr, tokens * g * dh * act_bytes, t)  # down each column
@@ -180,8 +183,9 @@ def handoff(hops: int, relays: int, nbytes: float, wafers: int, t: Target,
 # ---- a whole step ----------------------------------------------------------------------
 
 def op_cost(op: Op, regions: dict[str, Region], host: dict[str, str], target: Target,
-            act: int, context: int, tokens: int = 1) -> Cost:
-    """One op's own cost on the region that runs it (activations of `act` bytes)."""
+            act: int, context: int, tokens: int = 1, verify: bool = False) -> Cost:
+    """One op's own cost on the region that runs it (activations of `act` bytes);
+    `tokens` rows of a prefill, or of a verify step with verify=True (see `attention`)."""
     t = target
     if op.kind == "matvec":
         # An input made on the same cores is already replicated along the rows (the
@@ -200,7 +204,7 @@ def op_cost(op: Op, regions: dict[str, Region], host: dict[str, str], target: Ta
             c = c + broadcast(span, tokens * r.tiling.tk * act, t)
         return c
     if op.kind == "attention":
-        return attention(op, regions[op.name].tiling, context, act, t, tokens)
+        return attention(op, regions[op.name].tiling, context, act, t, tokens, verify)
     if op.kind == "lookup":
         return lookup(op, regions[host[op.name]].tiling, act, t, tokens,
                       DEQUANT_OPS_PER_WEIGHT.get(op.weight_dtype, 0.0))
@@ -222,11 +226,13 @@ class StepCost:
 
 
 def step(g: Graph, host: dict[str, str], regions: dict[str, Region], target: Target,
-         act: int, context: int, routing: Routing | None = None, tokens: int = 1
-         ) -> StepCost:
+         act: int, context: int, routing: Routing | None = None, tokens: int = 1,
+         verify: bool = False) -> StepCost:
     """Earliest start of every op given its inputs' finish plus their hand-offs; the
     step's latency is the finish of the last op. Without `routing` (while planning), the
-    hand-offs go straight between region centres with no relays and no link bound."""
+    hand-offs go straight between region centres with no relays and no link bound.
+    tokens > 1: a prefill of that many tokens, or with verify=True a verify step of that
+    many rows after `context` filled positions (compiler.speculate)."""
     t = target
     by_pair: dict[tuple[str, str], dict] = {}
     handoffs = (routing.handoffs if routing is not None
@@ -240,7 +246,7 @@ def step(g: Graph, host: dict[str, str], regions: dict[str, Region], target: Tar
     finish: dict[str, float] = {}
     by_name = {o.name: o for o in g.ops}
     for o in g.ops:
-        own[o.name] = op_cost(o, regions, host, t, act, context, tokens)
+        own[o.name] = op_cost(o, regions, host, t, act, context, tokens, verify)
         best = Cost()
         for i in o.inputs:
             sa = anchor(regions, host[i])
@@ -278,13 +284,15 @@ def _direct_handoffs(g: Graph, host: dict[str, str], regions: dict[str, Region],
 
 # ---- a plan's predictions ------------------------------------------------------------------
 
-def plan_step(plan, context: int | None = None, tokens: int = 1) -> StepCost:
+def plan_step(plan, context: int | None = None, tokens: int = 1,
+              verify: bool = False) -> StepCost:
     """The critical path of one decode step of a compiler.plan.Plan with `context`
-    positions filled (default: its capacity; tokens > 1: a prefill of that many tokens),
-    over the plan's routing (routed here if the plan has none)."""
+    positions filled (default: its capacity; tokens > 1: a prefill of that many tokens,
+    or with verify=True a verify step of that many rows), over the plan's routing
+    (routed here if the plan has none)."""
     return step(plan.graph, plan.host, plan.regions, plan.target,
                 np.dtype(plan.cfg.dtype).itemsize, context or plan.context, routing_of(plan),
-                tokens)
+                tokens, verify)
 
 
 def breakdown(sc: StepCost, t: Target) -> dict[str, float]:

@@ -34,6 +34,7 @@ from jax.extend import core as jcore
 from compiler import frontend
 from compiler.ir import CompilerError, Op
 from compiler.partition import Tiling, split_index, tile_weight
+from compiler.speculate import MAX_ROWS as MAX_VERIFY_ROWS
 
 _NEG = -1e30
 
@@ -239,33 +240,43 @@ def leaves(plan, params: Any) -> list[jax.Array]:
 
 
 class Runner:
-    """Runs a compiler.plan.Plan's decode step, one token at a time; keeps the jitted step
-    of each cache length it has seen, so a loop of calls traces once."""
+    """Runs a compiler.plan.Plan's decode step, one token at a time, or a verify step of
+    up to MAX_VERIFY_ROWS tokens at consecutive positions (the k-row products on the same
+    placed tiles that speculative decoding checks drafts with); keeps the jitted step of
+    each cache length and row count it has seen, so a loop of calls traces once."""
 
     def __init__(self, plan):
         self.plan = plan
-        self._steps: dict[int, Any] = {}
+        self._steps: dict[tuple[int, int], Any] = {}
 
-    def _step(self, cache_len: int):
-        if cache_len not in self._steps:
-            g = frontend.build_graph(self.plan.cfg, cache_len)
+    def _step(self, cache_len: int, rows: int):
+        if (cache_len, rows) not in self._steps:
+            g = frontend.build_graph(self.plan.cfg, cache_len, rows=rows)
             tilings = {name: r.tiling for name, r in self.plan.regions.items()}
-            self._steps[cache_len] = make_step(g, tilings, self.plan.host)
-        return self._steps[cache_len]
+            self._steps[cache_len, rows] = make_step(g, tilings, self.plan.host)
+        return self._steps[cache_len, rows]
 
     def __call__(self, params: Any, tokens_bt, positions_bt, cache):
-        """One decode step through the placed program: (logits (B, 1, V), new cache).
+        """One step through the placed program: (logits (B, T, V), new cache).
 
-        `params` as for `leaves` (or the list it returns); `cache` is a spark_model KVCache
-        of any capacity, which the attention op spreads over the cores of its region.
+        tokens and positions are (1, T): one sequence, T = 1 for a decode step or up to
+        MAX_VERIFY_ROWS tokens at consecutive positions for a verify step. `params` as
+        for `leaves` (or the list it returns); `cache` is a spark_model KVCache of any
+        capacity, which the attention op spreads over the cores of its region.
         """
         params = params if isinstance(params, list) else leaves(self.plan, params)
         tokens = jnp.asarray(tokens_bt, jnp.int32)
         positions = jnp.asarray(positions_bt, jnp.int32)
-        if tokens.shape != (1, 1) or positions.shape != (1, 1):
-            raise ValueError("a plan runs one token of one sequence: tokens and positions "
-                             f"must be (1, 1), got {tokens.shape} and {positions.shape}")
-        return self._step(cache.length)(params, tokens, positions, cache)
+        if (tokens.ndim != 2 or tokens.shape[0] != 1 or positions.shape != tokens.shape
+                or not 1 <= tokens.shape[1] <= MAX_VERIFY_ROWS):
+            raise ValueError("a plan runs one sequence of 1 to "
+                             f"{MAX_VERIFY_ROWS} tokens: tokens and positions must be "
+                             f"(1, T), got {tokens.shape} and {positions.shape}")
+        rows = tokens.shape[1]
+        p = np.asarray(positions_bt).reshape(-1)
+        if rows > 1 and np.any(np.diff(p) != 1):
+            raise ValueError(f"a verify step's positions must be consecutive, got {p.tolist()}")
+        return self._step(cache.length, rows)(params, tokens, positions, cache)
 
 
 def execute(plan, params: Any, tokens_bt, positions_bt, cache):

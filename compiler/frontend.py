@@ -77,11 +77,12 @@ def abstract_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     return KVCache(k=(spec,) * cfg.n_layers, v=(spec,) * cfg.n_layers)
 
 
-def trace(cfg: ModelConfig, cache_len: int | None = None, batch: int = 1):
-    """The decode step's ClosedJaxpr, and the parameter names in argument order."""
+def trace(cfg: ModelConfig, cache_len: int | None = None, batch: int = 1, rows: int = 1):
+    """The decode step's ClosedJaxpr, and the parameter names in argument order; rows > 1:
+    a verify step of that many tokens at consecutive positions (compiler.speculate)."""
     names, leaves, graphdef, treedef = param_tree(cfg)
     cache_len = cache_len or cache_length(1)
-    tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    tok = jax.ShapeDtypeStruct((batch, rows), jnp.int32)
     # The model's own operations, not the CPU's native decode kernels (a fresh closure, so
     # no earlier trace of the step is reused).
     with kernels.disabled():
@@ -361,10 +362,12 @@ def apply_weight_format(ops: list[Op], weights: str | None) -> None:
 
 
 def build_graph(cfg: ModelConfig, cache_len: int | None = None,
-                weights: str | None = None) -> Graph:
+                weights: str | None = None, rows: int = 1) -> Graph:
     """The operator graph of `cfg`'s decode step (from shapes alone), its matrices stored
-    as `weights` (see apply_weight_format; None: the parameters' own dtype)."""
-    closed, names, leaves = trace(cfg, cache_len)
+    as `weights` (see apply_weight_format; None: the parameters' own dtype). rows > 1
+    traces a verify step of that many tokens: the same ops, each on `rows` rows (its
+    out_bytes are those of all rows; the cost model prices rows from the one-row graph)."""
+    closed, names, leaves = trace(cfg, cache_len, rows=rows)
     b = _Builder(closed, names, leaves)
     ops = b.build()
     apply_weight_format(ops, weights)
