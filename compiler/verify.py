@@ -105,3 +105,33 @@ def logit_diffs(plan, model, prompt_ids: Sequence[int], capacity: int = 2048) ->
         ref, cache_model = model_step(model, t, p, cache_model)
         out.append(float(jnp.abs(ours - ref).max()))
     return out
+
+
+def verify_step_diffs(plan, model, prompt_ids: Sequence[int], rows: int,
+                      capacity: int = 2048) -> list[float]:
+    """Largest |logit difference| of each verify step: `prompt_ids` fed `rows` tokens at
+    a time (the last chunk may be shorter) through the placed program's k-row step and
+    through the model's own cached forward on the same chunks, both on the weights as
+    the plan stores them. One entry per step, over all its rows."""
+    from compiler.speculate import check_rows
+
+    rows = check_rows(rows)
+    if len(prompt_ids) > capacity:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds capacity {capacity}")
+    model = getattr(model, "model", model)
+    if model.cfg != plan.cfg:
+        raise ValueError("the model's config differs from the one the plan was compiled for")
+    model = stored_model(plan, model)
+    weights = leaves(plan, model)
+    run = Runner(plan)
+    cache_plan, cache_model = init_cache(model.cfg, 1, capacity), init_cache(model.cfg, 1,
+                                                                             capacity)
+    out = []
+    for start in range(0, len(prompt_ids), rows):
+        chunk = [int(i) for i in prompt_ids[start:start + rows]]
+        t = jnp.array([chunk], jnp.int32)
+        p = jnp.arange(start, start + len(chunk), dtype=jnp.int32)[None]
+        ours, cache_plan = run(weights, t, p, cache_plan)
+        ref, cache_model = model_step(model, t, p, cache_model)
+        out.append(float(jnp.abs(ours - ref).max()))
+    return out

@@ -259,8 +259,8 @@ def test_a_plan_runs_one_token_of_one_sequence(tiny, tiny_plan):
     from spark_model.kv_cache import init_cache
 
     cache = init_cache(tiny_plan.cfg, 2, 64)
-    with pytest.raises(ValueError, match="one token of one sequence"):
-        execute(tiny_plan, tiny, [[1, 2]], [[0, 1]], cache)
+    with pytest.raises(ValueError, match="one sequence of 1 to 8 tokens"):
+        execute(tiny_plan, tiny, [[1], [2]], [[0], [1]], cache)
     with pytest.raises(ValueError, match="at least one token"):
         compiler.generate_greedy(tiny_plan, tiny, [], 4)
 
