@@ -26,6 +26,8 @@ The plan (plan.Plan) is plain data; these are functions over it:
   execute                Runner, execute, generate_greedy: the decode step computed tile
                          by tile (verify.logit_diffs checks it against the model)
   summary                summary, format_summary, explain: what `spark compile` prints
+  speculate              speculation: a verify step of k rows priced, and the tokens/s
+                         speculative decoding gets from it at an acceptance rate
   report.write_report    pictures, a decode-step trace and a Markdown summary
   serialize              save_json, load_json
 
@@ -52,6 +54,8 @@ _EXPORTS = {  # public name -> (module, name there)
     "write_report": ("report", "write_report"),
     "load_json": ("serialize", "load_json"), "save_json": ("serialize", "save_json"),
     "explain": ("summary", "explain"), "format_summary": ("summary", "format_summary"),
+    "expected_tokens": ("speculate", "expected_tokens"),
+    "speculation": ("speculate", "speculation"),
     "TARGETS": ("target", "PRESETS"), "Target": ("target", "Target"),
     "TargetError": ("target", "TargetError"), "get_target": ("target", "get_target"),
 }
@@ -81,6 +85,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from compiler.plan import Plan
     from compiler.report import write_report
     from compiler.serialize import load_json, save_json
+    from compiler.speculate import expected_tokens, speculation
     from compiler.summary import explain, format_summary
     from compiler.target import PRESETS as TARGETS
     from compiler.target import Target, TargetError, get_target
