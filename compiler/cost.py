@@ -22,7 +22,9 @@ A matvec over pr x pc cores: broadcast each K-slice along its row, multiply, red
 column's partial sums (MeshGEMV). Attention over a head's cores: broadcast the query,
 score and weight the local positions, allreduce the softmax max and sum and reduce the
 weighted values. Prefill of n tokens keeps the weights stationary and streams n-row blocks
-through the same collectives (a MeshGEMM-style estimate).
+through the same collectives (a MeshGEMM-style estimate). A verify step of k rows
+(verify=True, compiler.speculate) prices the same way with k queries after the cache: k
+times the MACs and activation bytes, hops and routing stages once.
 
 `step` prices a placement given directly (graph, hosts, regions, target), routed or not, so
 the planner prices candidates with it; `plan_step` and `predictions` price a
@@ -105,7 +107,8 @@ def reduce(n: int, elems: float, act_bytes: int, t: Target, back: bool = False) 
 
 def matvec(tl: Tiling, act_bytes: int, t: Target, tokens: int = 1,
            replicated: bool = False, dequant: float = 0.0) -> Cost:
-    """MeshGEMV on pr x pc cores (tokens > 1: the prefill estimate).
+    """MeshGEMV on pr x pc cores (tokens > 1: k-row products, for a prefill or a verify
+    step: k times the MACs and the bytes, the same hops and routing stages).
 
     dequant: extra operations per weight to expand a packed tile before its products
     (DEQUANT_OPS_PER_WEIGHT; once per step, whatever the number of tokens).

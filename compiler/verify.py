@@ -8,6 +8,9 @@ along a lookup table's rows, as in a GGUF file) and dequantized again, or rounde
 dense dtype; the placed program and the model both run on those values (`stored_weights`,
 `stored_model`). So `--verify --weights q8_0` shows that the blocked, placed program
 computes the quantized model's logits.
+
+`verify_step_diffs` checks the placed program's verify step of k rows (speculative
+decoding's check of drafts) against the model's own cached forward over the same k tokens.
 """
 
 from __future__ import annotations
