@@ -56,10 +56,12 @@ _SPEC_ROWS = ("on_b", "miss_b", "pause_b", "backoff_b", "drafted_b", "accepted_b
 
 def init_spec(batch: int, capacity: int) -> SpecSlots:
     """No slot speculating; committed to the default device like the slots."""
-    zeros = jnp.zeros((batch,), jnp.int32)
+    def zeros():  # a buffer of its own each (the state is donated)
+        return jnp.zeros((batch,), jnp.int32)
+
     spec = SpecSlots(prompt_bl=jnp.zeros((batch, capacity), jnp.int32),
-                     on_b=jnp.zeros((batch,), bool), miss_b=zeros, pause_b=zeros,
-                     backoff_b=zeros + BACKOFF_MIN, drafted_b=zeros, accepted_b=zeros)
+                     on_b=jnp.zeros((batch,), bool), miss_b=zeros(), pause_b=zeros(),
+                     backoff_b=zeros() + BACKOFF_MIN, drafted_b=zeros(), accepted_b=zeros())
     return jax.device_put(spec, jax.devices()[0])
 
 
