@@ -79,6 +79,7 @@ async def _ws_run(url: str, requests: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_http_greedy_text_is_plain_decoding_and_counts_are_reported(spec_server, reference):
     for prompt in PROMPTS:
         text, count = _want(reference, prompt, 48)
@@ -101,6 +102,7 @@ def test_http_greedy_text_is_plain_decoding_and_counts_are_reported(spec_server,
     assert "".join(c["choices"][0]["text"] for c in lines) == text
 
 
+@pytest.mark.slow
 def test_websocket_batch_of_greedy_and_sampled_requests(spec_server, plain_server, reference):
     """Greedy requests (drafting) share decode calls with sampled ones (not drafting):
     every greedy text is plain decoding's, every seeded sampled text is what the server
