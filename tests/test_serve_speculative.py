@@ -100,6 +100,7 @@ def test_http_greedy_text_is_plain_decoding_and_counts_are_reported(spec_server,
         lines = [json.loads(x[6:]) for x in r.iter_lines()
                  if x.startswith("data: ") and x != "data: [DONE]"]
     assert "".join(c["choices"][0]["text"] for c in lines) == text
+    assert lines[-1]["spark"]["speculative"]["accepted_tokens"] > 0
 
 
 @pytest.mark.slow
@@ -204,3 +205,19 @@ def test_serve_cli_rejects_bad_speculation_options(args, needle):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_drafts_over_prompts_reused_from_the_prefix_cache(reference):
+    """A prompt admitted after cached blocks (only its rest prefilled) still drafts from
+    its whole prompt, and its text is plain decoding's."""
+    model = spark_model.load(capacity=CAPACITY)
+    with ServerThread(model, max_batch=2, warmup=False, prefix_cache_mb=4,
+                      speculative="prompt_lookup", draft_tokens=K) as srv:
+        for prompt in (REPEAT, REPEAT + "w, h):\n    return w * h\n\n\ndef area("):
+            text, count = _want(reference, prompt, 32)
+            got = asyncio.run(_ws_run(srv.ws_url, {"a": {"prompt": prompt, "max_tokens": 32,
+                                                         "temperature": 0}}))["a"]
+            assert got["text"] == text and got["final"]["usage"]["completion_tokens"] == count
+            assert got["final"]["speculative"]["accepted_tokens"] > 0
+        assert got["final"]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
