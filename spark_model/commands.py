@@ -15,6 +15,11 @@ import sys
 from spark_model.cli import Command
 from spark_model.config import PRESETS, ModelConfig
 
+# `spark serve --speculative` (spark_model.serve.spec_slots.METHODS) and the draft length's
+# bound (spark_model.speculative.MAX_DRAFT), repeated here so that parsing imports no JAX.
+SPECULATIVE_METHODS = ("prompt_lookup",)
+MAX_DRAFT = 8
+
 MODEL_HELP = ("a Spark checkpoint directory, a GGUF file, a Hugging Face model directory or "
               "a fetched model's name (default: the shipped checkpoints/spark-tiny)")
 
@@ -79,13 +84,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.draft_tokens is not None and args.speculative is None:
+        print("spark serve: error: --draft-tokens needs --speculative prompt_lookup",
+              file=sys.stderr)
+        return 2
     import spark_model
     from spark_model.serve import server
 
     model = spark_model.load(args.checkpoint, capacity=args.capacity, weights=args.weights)
     server.serve(model, host=args.host, port=args.port, max_batch=args.max_batch,
                  max_queue=args.max_queue, log_level=args.log_level,
-                 prefix_cache_mb=args.prefix_cache_mb)
+                 prefix_cache_mb=args.prefix_cache_mb, speculative=args.speculative,
+                 draft_tokens=args.draft_tokens or 7)
     return 0
 
 
@@ -123,6 +133,18 @@ def _weights_argument(p: argparse.ArgumentParser) -> None:
                         "(default: as the model holds them; a GGUF file's blocks stay packed)")
 
 
+def _draft_tokens(text: str) -> int:
+    """--draft-tokens: an integer in 1..MAX_DRAFT (argparse turns the error into one
+    usage line)."""
+    try:
+        k = int(text)
+    except ValueError:
+        k = None
+    if k is None or not 1 <= k <= MAX_DRAFT:
+        raise argparse.ArgumentTypeError(f"must be an integer in 1..{MAX_DRAFT}, got {text!r}")
+    return k
+
+
 def _serve_arguments(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--model", "--checkpoint", dest="checkpoint", metavar="MODEL",
                      default=None, help=MODEL_HELP)
@@ -137,6 +159,13 @@ def _serve_arguments(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--prefix-cache-mb", type=float, default=256, metavar="N",
                      help="MiB kept for the keys and values of recent prompts, reused by "
                           "requests that start the same way (default 256; 0: off)")
+    srv.add_argument("--speculative", choices=SPECULATIVE_METHODS, default=None,
+                     help="decode greedy requests speculatively: prompt_lookup drafts tokens "
+                          "by copying from the request's own prompt and output (the text is "
+                          "unchanged; default: off)")
+    srv.add_argument("--draft-tokens", type=_draft_tokens, default=None, metavar="K",
+                     help=f"tokens drafted per step with --speculative, 1..{MAX_DRAFT} "
+                          f"(default 7)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"],
                      help="info logs every HTTP request; warning only problems")

@@ -118,9 +118,10 @@ async def _sse(submitted: Submitted, head: dict, include_usage: bool, chunk,
                 yield line(protocol.internal(event["message"]).body())
                 return
             else:
-                yield line({**chunk(head, None, event["finish_reason"]),
-                            "spark": {"ttft_ms": event["ttft_ms"],
-                                      "engine_ms": event["engine_ms"]}})
+                spark = {"ttft_ms": event["ttft_ms"], "engine_ms": event["engine_ms"]}
+                if event["speculative"] is not None:
+                    spark["speculative"] = event["speculative"]
+                yield line({**chunk(head, None, event["finish_reason"]), "spark": spark})
                 if include_usage:
                     yield line({**head, "choices": [], "usage": event["usage"]})
         yield "data: [DONE]\n\n"

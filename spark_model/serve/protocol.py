@@ -21,16 +21,17 @@ from spark_model.serve.slots import STOP_WIDTH
 MAX_STOPS = 4  # as OpenAI's completions endpoint allows
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
-# Fields a completion request may carry. `top_k` and `ignore_eos` are extensions (the
-# benchmark uses ignore_eos to get exact lengths); the rest are OpenAI's (`suffix`: the text
-# after the gap, for fill-in-the-middle).
+# Fields a completion request may carry. `top_k`, `ignore_eos` and `speculative` are
+# extensions (the benchmark uses ignore_eos to get exact lengths; `speculative`: false turns
+# the server's speculative decoding off for the request); the rest are OpenAI's (`suffix`:
+# the text after the gap, for fill-in-the-middle).
 COMMON_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
-                 "seed", "ignore_eos", "suffix"}
+                 "seed", "ignore_eos", "suffix", "speculative"}
 HTTP_FIELDS = COMMON_FIELDS | {"stream", "stream_options", "n", "user"}
 WS_FIELDS = COMMON_FIELDS | {"type", "id"}
 # /v1/chat/completions: `messages` in place of `prompt`; `top_k` is the one extension.
 CHAT_FIELDS = {"model", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop",
-               "seed", "stream", "stream_options", "n", "user"}
+               "seed", "stream", "stream_options", "n", "user", "speculative"}
 
 
 class APIError(Exception):
@@ -90,10 +91,13 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float,
 
 
 class Limits:
-    """What the running model allows: its name, tokenizer and KV-cache capacity."""
+    """What the running model allows: its name, tokenizer and KV-cache capacity, and the
+    draft length of its speculative decoding (None: the server does not speculate)."""
 
-    def __init__(self, model_id: str, tokenizer, capacity: int):
+    def __init__(self, model_id: str, tokenizer, capacity: int,
+                 draft_tokens: int | None = None):
         self.model_id, self.tokenizer, self.capacity = model_id, tokenizer, capacity
+        self.draft_tokens = draft_tokens
 
 
 def _check_head(body: Any, limits: Limits, allowed: set[str]) -> None:
@@ -108,6 +112,23 @@ def _check_head(body: Any, limits: Limits, allowed: set[str]) -> None:
     if model is not None and model != limits.model_id:
         raise APIError(404, f"the model {model!r} does not exist; this server serves "
                             f"{limits.model_id!r}", param="model", code="model_not_found")
+
+
+def _speculative(body: dict, limits: Limits, temperature: float) -> bool | None:
+    """The request's `speculative` field: absent or null (draft when the server speculates
+    and the request is greedy), false (never), or true (must draft: a 400 when it cannot)."""
+    x = body.get("speculative")
+    if x is None or x is False:
+        return x
+    if x is not True:
+        raise bad(f"'speculative' must be true, false or null, got {x!r}", "speculative")
+    if limits.draft_tokens is None:
+        raise bad("this server does not decode speculatively (start it with "
+                  "--speculative prompt_lookup)", "speculative")
+    if temperature != 0:
+        raise bad("speculative decoding is greedy only: set 'temperature' to 0 or drop "
+                  "'speculative'", "speculative")
+    return True
 
 
 def _settings(body: dict, default_max_tokens: int | None) -> dict:
@@ -180,7 +201,8 @@ def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
         raise bad("the prompt is empty and this model adds no BOS token: give at least "
                   "one character", "prompt")
     _check_fits(ids, settings["max_tokens"], limits, "prompt")
-    return Job(ids=ids, ignore_eos=ignore_eos, fim=suffix is not None, **settings)
+    return Job(ids=ids, ignore_eos=ignore_eos, fim=suffix is not None,
+               speculative=_speculative(body, limits, settings["temperature"]), **settings)
 
 
 def infill_ids(limits: Limits, prefix: str, suffix: str, middle: str = "",
@@ -223,4 +245,5 @@ def parse_chat(body: Any, limits: Limits) -> Job:
     if settings["max_tokens"] is None:
         settings["max_tokens"] = max(1, limits.capacity - len(ids))
     _check_fits(ids, settings["max_tokens"], limits, "messages")
-    return Job(ids=ids, **settings)
+    return Job(ids=ids, speculative=_speculative(body, limits, settings["temperature"]),
+               **settings)

@@ -39,8 +39,10 @@ import numpy as np
 
 from spark_model import generation
 from spark_model.api import SparkModel
+from spark_model import speculative
 from spark_model.serve import prefix_cache
 from spark_model.serve import slots as slots_mod
+from spark_model.serve import spec_slots
 
 log = logging.getLogger("spark.serve")
 
@@ -57,6 +59,18 @@ class Busy(Exception):
     """The request queue is full."""
 
 
+def check_speculative(method: str | None, draft_tokens) -> int | None:
+    """The draft length a server speculating with `method` uses (None: no speculation);
+    SpeculationError for an unknown method or draft_tokens outside 1..MAX_DRAFT."""
+    if method is None:
+        return None
+    if method not in spec_slots.METHODS:
+        raise speculative.SpeculationError(
+            f"unknown speculative method {method!r}; choose from "
+            f"{', '.join(spec_slots.METHODS)}")
+    return speculative.check_draft_tokens(draft_tokens)
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One generation request as the engine sees it (validated before it gets here)."""
@@ -70,6 +84,7 @@ class Job:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     fim: bool = False  # an infill: its infill end tokens end it too
+    speculative: bool | None = None  # draft if the server speculates (None: when greedy)
     cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
     sink: Callable[[dict], None] = lambda event: None
     # Filled in by the engine:
@@ -78,6 +93,9 @@ class Job:
     t_first: float | None = None
     count: int = 0
     last_token: int = -1
+    drafting: bool = False  # its slot drafts (the server speculates, the request is greedy)
+    drafted: int = 0  # draft tokens proposed for it, and how many of them it emitted
+    accepted: int = 0
 
     def cancel(self) -> None:
         """Stop this request at the next step boundary (thread-safe: one flag)."""
@@ -112,9 +130,14 @@ class Engine:
 
     def __init__(self, model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
                  call_budget_s: float = 0.008, refill_budget_s: float = 0.002,
-                 refill_window_s: float = 0.010, prefix_cache_bytes: int = 0):
+                 refill_window_s: float = 0.010, prefix_cache_bytes: int = 0,
+                 speculative_method: str | None = None, draft_tokens: int = 7):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
+        # Greedy requests draft draft_tokens tokens per step from their own context
+        # (`spec_slots`); None: every request decodes plainly.
+        self.draft_tokens = check_speculative(speculative_method, draft_tokens)
+        self.speculative_method = speculative_method
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -129,6 +152,10 @@ class Engine:
         self._prefix = None if not prefix_cache_bytes else prefix_cache.PrefixCache(
             model.config, prefix_cache_bytes, self._slots.state.cache.length, max_batch)
         self._reused: dict[int, list[prefix_cache.Block]] = {}  # slot -> blocks it reused
+        self._spec = None if self.draft_tokens is None else \
+            spec_slots.init_spec(max_batch, self._slots.state.tokens_bn.shape[1])
+        self._spec_step_s = {w: 0.002 * (1 + w / 4) for w in self.widths}  # per iteration
+        self.drafted = self.accepted = 0  # totals since start
         self._live: list[_Live | None] = [None] * max_batch
         self._pending: collections.deque[Job] = collections.deque()
         self._outbox: list[tuple[Job, dict]] = []  # events not yet handed to their sinks
@@ -171,7 +198,18 @@ class Engine:
                 "queued": len(self._pending), "max_batch": self.max_batch,
                 "max_queue": self.max_queue, "finished": dict(self.finished),
                 "timing": {k: round(v, 6) for k, v in self.timing.items()},
-                "prefix_cache": self._prefix.stats() if self._prefix else {"enabled": False}}
+                "prefix_cache": self._prefix.stats() if self._prefix else {"enabled": False},
+                "speculative": self.spec_stats()}
+
+    def spec_stats(self) -> dict:
+        """Speculation's totals since start: draft tokens proposed and accepted."""
+        if self.draft_tokens is None:
+            return {"enabled": False}
+        return {"enabled": True, "method": self.speculative_method,
+                "draft_tokens": self.draft_tokens, "drafted_tokens": self.drafted,
+                "accepted_tokens": self.accepted,
+                "acceptance_rate": round(self.accepted / self.drafted, 6) if self.drafted
+                else None}
 
     def warmup(self, prompt_buckets=(PROMPT_MIN,)) -> None:
         """Compile the programs a short request needs (before the thread starts), and with
@@ -200,6 +238,10 @@ class Engine:
             for k in STEP_CHOICES:
                 self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
                                                         keep, k, w)
+                if self._spec is not None:
+                    self._slots, self._spec, new, _ = spec_slots.decode_jit(
+                        m.graphdef, m.params, self._slots, self._spec, keep, k, w,
+                        self.draft_tokens)
         jax.block_until_ready(self._slots)
         self.timing.clear()
 
@@ -333,6 +375,13 @@ class Engine:
             self._slots, first, done = slots_mod.admit_jit(
                 m.graphdef, m.params, self._slots, slot_n, prompt_np, len_n,
                 slots_mod.RowSettings.stack(rows))
+        if self._spec is not None:  # each slot's prompt, for drafting; its flag and counts
+            for _, job in group:
+                job.drafting = job.temperature == 0 and job.speculative is not False
+            self._spec = spec_slots.install_jit(
+                self._spec, slot_n, spec_slots.host_prompts(
+                    [job.ids for _, job in group], self._spec.prompt_bl.shape[1]),
+                np.array([job.drafting for _, job in group]))
         if self._prefix is not None:  # queued behind the prefill, before any later call
             pinned = {id(b) for chain in self._reused.values() for b in chain}
             self.timing["prefix_blocks_saved"] += self._prefix.save(
@@ -369,18 +418,39 @@ class Engine:
             refill = any(x is None and now - t < self.refill_window_s
                          for x, t in zip(self._live, self._freed_at))
             budget = self.refill_budget_s if refill else self.call_budget_s
-            choices = [k for k in choices if k * self._step_s[width] <= budget
-                       ] or [STEP_CHOICES[0]]
+            per_step = self._step_s[width]
+            if self._spec is not None and any(self._live[i].job.drafting for i in busy):
+                per_step = self._spec_step_s[width]
+            choices = [k for k in choices if k * per_step <= budget] or [STEP_CHOICES[0]]
         steps = max(choices)
         keep = np.array([x is not None and not x.job.cancelled for x in self._live])
+        # While a busy slot drafts, the call verifies drafts (`spec_slots`); the other
+        # slots in it get the tokens a plain call would give them.
+        spec = self._spec is not None and any(self._live[i].job.drafting for i in busy)
+        step_s = self._spec_step_s if spec else self._step_s
         t0 = time.perf_counter()
-        self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
-                                                jnp.asarray(keep), steps, width)
-        self._flush()  # the previous call's text goes out while this one runs
-        new, done = jax.device_get((new, self._slots.state.done_b))
-        n_steps = max(1, int((new >= 0).sum(axis=1).max()))
+        if spec:
+            self._slots, self._spec, new, iters = spec_slots.decode_jit(
+                m.graphdef, m.params, self._slots, self._spec, jnp.asarray(keep), steps,
+                width, self.draft_tokens)
+            self._flush()
+            new, done, iters, drafted, accepted = jax.device_get(
+                (new, self._slots.state.done_b, iters, self._spec.drafted_b,
+                 self._spec.accepted_b))
+            n_steps = max(1, int(iters))
+            for slot in busy:
+                job = self._live[slot].job
+                self.drafted += int(drafted[slot]) - job.drafted
+                self.accepted += int(accepted[slot]) - job.accepted
+                job.drafted, job.accepted = int(drafted[slot]), int(accepted[slot])
+        else:
+            self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
+                                                    jnp.asarray(keep), steps, width)
+            self._flush()  # the previous call's text goes out while this one runs
+            new, done = jax.device_get((new, self._slots.state.done_b))
+            n_steps = max(1, int((new >= 0).sum(axis=1).max()))
         t1 = time.perf_counter()
-        self._step_s[width] = 0.8 * self._step_s[width] + 0.2 * ((t1 - t0) / n_steps)
+        step_s[width] = 0.8 * step_s[width] + 0.2 * ((t1 - t0) / n_steps)
         self.timing["decode_device_s"] += t1 - t0
         self.timing["decode_calls"] += 1
         self.timing["decode_steps"] += n_steps
@@ -418,12 +488,19 @@ class Engine:
                                 or job.count < job.max_tokens) else "length"
         now = time.perf_counter()
         self.finished[reason] += 1
-        self._post(job, {"type": "done", "finish_reason": reason,
-                  "usage": {"prompt_tokens": len(job.ids), "completion_tokens": job.count,
-                            "total_tokens": len(job.ids) + job.count,
-                            "prompt_tokens_details": {"cached_tokens": job.cached}},
+        usage = {"prompt_tokens": len(job.ids), "completion_tokens": job.count,
+                 "total_tokens": len(job.ids) + job.count,
+                 "prompt_tokens_details": {"cached_tokens": job.cached}}
+        spec = None
+        if self._spec is not None:  # in OpenAI's names for predicted tokens, and ours
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": job.accepted,
+                "rejected_prediction_tokens": job.drafted - job.accepted}
+            spec = {"drafted_tokens": job.drafted, "accepted_tokens": job.accepted}
+        self._post(job, {"type": "done", "finish_reason": reason, "usage": usage,
                   "ttft_ms": ((job.t_first or now) - job.t_submit) * 1e3,
                   "engine_ms": (now - job.t_submit) * 1e3,
+                  "speculative": spec,
                   "stop_word": live.cutter.hit,
                   "hit_end": job.count > 0 and job.last_token in live.end_ids})
 
@@ -443,3 +520,6 @@ class Engine:
             m = self.model
             self._slots = slots_mod.init_slots(m.config, self.max_batch, m.capacity,
                                                m.token_table, m.end_id_vector())
+            if self._spec is not None:
+                self._spec = spec_slots.init_spec(self.max_batch,
+                                                  self._slots.state.tokens_bn.shape[1])

@@ -26,11 +26,13 @@ def build(model: SparkModel, **kw):
 
 def serve(model: SparkModel, *, host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 8, max_queue: int = 64, log_level: str = "info",
-          prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> None:
+          prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: str | None = None,
+          draft_tokens: int = 7) -> None:
     """Serve until interrupted."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO))
     app = build(model, max_batch=max_batch, max_queue=max_queue,
-                prefix_cache_mb=prefix_cache_mb)
+                prefix_cache_mb=prefix_cache_mb, speculative=speculative,
+                draft_tokens=draft_tokens)
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws=WS_IMPL,
                 ws_max_size=1 << 20)
 

@@ -7,7 +7,9 @@ Client frames (JSON, text or binary):
 Server frames:
     {"type": "delta", "id": ID, "text": ...}                              new text
     {"type": "done", "id": ID, "finish_reason": ..., "usage": {...},
-     "ttft_ms": ..., "engine_ms": ...}                                   the end
+     "ttft_ms": ..., "engine_ms": ...,                                   the end
+     "speculative": {"drafted_tokens": ..., "accepted_tokens": ...}}      (if the server
+                                                                          speculates)
     {"type": "error", "id": ID or null, "status": 400|404|429|500, "error": {...}}
 
 ID is a string or integer chosen by the client, unique among its requests in flight.
@@ -48,9 +50,11 @@ async def endpoint(ws: WebSocket) -> None:
                 elif event["type"] == "error":
                     await error(rid, protocol.internal(event["message"]))
                 else:
-                    await send({"type": "done", "id": rid, **{
-                        k: event[k] for k in ("finish_reason", "usage", "ttft_ms",
-                                              "engine_ms")}})
+                    done = {k: event[k] for k in ("finish_reason", "usage", "ttft_ms",
+                                                  "engine_ms")}
+                    if event["speculative"] is not None:
+                        done["speculative"] = event["speculative"]
+                    await send({"type": "done", "id": rid, **done})
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the client has gone; close() below frees the slot
         finally:
