@@ -245,6 +245,11 @@ class Trainer:
             arrs = [jax.make_array_from_callback(r.shape, self.eval_sharding,
                                                  lambda idx, r=r: r[idx]) for r in rows]
             parts.append(self._eval(params, self.base, *arrs))
+            if self.n_dev > 1:
+                # The CPU runtime may run independent programs at once; two eval batches
+                # whose all-reduces wait for each other's devices then deadlock. One batch
+                # in flight at a time keeps every device on the same program.
+                parts[-1].block_until_ready()
         total = float(np.sum([float(p) for p in parts], dtype=np.float64))
         return {"val_loss": total / es.n_tokens,
                 "val_bpb": total / (es.n_bytes * math.log(2)),
