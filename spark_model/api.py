@@ -16,6 +16,7 @@ from flax import nnx
 
 from spark_model import chat as chat_format
 from spark_model import checkpoint, engine, generation, scoring, stops
+from spark_model import draft_model as draft_mod
 from spark_model import speculative as speculative_mod
 from spark_model import fim as fim_tokens
 from spark_model.config import ModelConfig
@@ -43,19 +44,16 @@ class Context:
     capacity: int  # positions the cache was allocated for
 
 
-def _check_speculative(speculative: str | None, draft_tokens, temperature) -> int | None:
+def _check_speculative(speculative, draft_tokens) -> int | None:
     """The draft length for a `speculative=` request, None for plain decoding; a
     SpeculationError (one line) for anything it cannot serve."""
     if speculative is None:
         return None
-    if speculative != "prompt_lookup":
+    if speculative != "prompt_lookup" and not isinstance(speculative, SparkModel):
         raise speculative_mod.SpeculationError(
-            f"speculative must be None or 'prompt_lookup', got {speculative!r}")
-    k = speculative_mod.check_draft_tokens(draft_tokens)
-    if temperature != 0:
-        raise speculative_mod.SpeculationError(
-            "speculative decoding is greedy only for now: use temperature=0")
-    return k
+            f"speculative must be None, 'prompt_lookup' or a draft model (a loaded "
+            f"SparkModel), got {speculative!r}")
+    return speculative_mod.check_draft_tokens(draft_tokens)
 
 
 class SparkModel:
@@ -254,7 +252,7 @@ class SparkModel:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  stop: str | Sequence[str] | None = None,
                  suffix: str | Sequence[str] | None = None,
-                 speculative: str | None = None, draft_tokens: int = 7) -> str | list[str]:
+                 speculative: "str | SparkModel | None" = None, draft_tokens: int = 7) -> str | list[str]:
         """Complete one prompt (returns str) or a batch (returns list[str]).
 
         temperature 0 is greedy; stop strings end a sequence and are not included.
@@ -262,17 +260,20 @@ class SparkModel:
         suffix: fill in the middle: the text that follows the gap, one per prompt (the
         prompt is the text before it); needs a model with infilling tokens
         (`supports_infill`), else fim.NoFimTokens.
-        speculative="prompt_lookup": greedy decoding that drafts `draft_tokens` (1..8)
-        tokens per step by copying from the prompt and output (`spark_model.speculative`);
-        the output is identical, and `last_stats` counts drafted and accepted tokens.
+        speculative="prompt_lookup": decoding that drafts `draft_tokens` (1..8) tokens per
+        step by copying from the prompt and output (`spark_model.speculative`); a loaded
+        SparkModel with the same tokenizer instead drafts them with that smaller model
+        (`spark_model.draft_model`). Greedy output is identical, sampled output has the
+        same distribution, and `last_stats` counts drafted and accepted tokens.
         """
         fim = suffix is not None
         ids = self._fim_ids(prompts, suffix) if fim else None
-        spec = _check_speculative(speculative, draft_tokens, temperature)
+        spec = _check_speculative(speculative, draft_tokens)
         req, prompt_bp, len_b, consts = self._prepare(
             prompts, ids=ids, fim=fim, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, stop=stop)
-        texts = self._texts(self._run(req, prompt_bp, len_b, consts, spec), req, fim)
+        texts = self._texts(self._run(req, prompt_bp, len_b, consts, spec,
+                                      self._draft(speculative)), req, fim)
         return texts[0] if isinstance(prompts, str) else texts
 
     def infill(self, prefixes: str | Sequence[str], suffixes: str | Sequence[str],
@@ -302,7 +303,7 @@ class SparkModel:
                         *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                         seed: int = 0, ignore_eos: bool = False,
                         stop: str | Sequence[str] | None = None,
-                        speculative: str | None = None, draft_tokens: int = 7
+                        speculative: "str | SparkModel | None" = None, draft_tokens: int = 7
                         ) -> list[list[int]]:
         """Token-level generation: prompt ids (BOS included by the caller) -> new ids.
 
@@ -310,7 +311,7 @@ class SparkModel:
         generating past every end id, for benchmarks that need exact lengths. stop,
         speculative and draft_tokens as in `generate`.
         """
-        spec = _check_speculative(speculative, draft_tokens, temperature)
+        spec = _check_speculative(speculative, draft_tokens)
         ids = [[int(t) for t in row] for row in prompt_ids]
         if not ids or any(not row for row in ids):
             raise ValueError("prompt_ids must be a non-empty list of non-empty id lists")
@@ -320,23 +321,50 @@ class SparkModel:
         req, prompt_bp, len_b, consts = self._prepare(
             [""] * len(ids), ids=ids, ignore_eos=ignore_eos, max_new_tokens=max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
-        state = self._run(req, prompt_bp, len_b, consts, spec)
+        state = self._run(req, prompt_bp, len_b, consts, spec, self._draft(speculative))
         tokens, counts = jax.device_get((state.tokens_bn, state.count_b))
         return [row[:n].tolist() for row, n in zip(tokens, counts)]
 
-    def _run(self, req, prompt_bp, len_b, consts, draft_tokens: int | None = None
-             ) -> engine.DecodeState:
-        """Prefill and decode; draft_tokens: prompt-lookup speculation with that many."""
+    def _draft(self, speculative) -> "SparkModel | None":
+        """The draft model of a `speculative=` argument (None for prompt lookup or none),
+        checked against this model: the same vocabulary, and room for this capacity."""
+        if not isinstance(speculative, SparkModel):
+            return None
+        mine, theirs = self._token_table, speculative._token_table
+        if not (mine[0].shape == theirs[0].shape and all(
+                np.array_equal(a, b) for a, b in zip(mine, theirs))):
+            raise speculative_mod.SpeculationError(
+                "the draft model's vocabulary differs from this model's: a draft model must "
+                "use the same tokenizer")
+        if speculative.config.max_seq_len < self.capacity:
+            raise speculative_mod.SpeculationError(
+                f"the draft model holds {speculative.config.max_seq_len} positions, fewer "
+                f"than this model's capacity of {self.capacity}: load this model with "
+                f"capacity=<= {speculative.config.max_seq_len}")
+        return speculative
+
+    def _run(self, req, prompt_bp, len_b, consts, draft_tokens: int | None = None,
+             draft: "SparkModel | None" = None) -> engine.DecodeState:
+        """Prefill and decode; draft_tokens: speculation with that many drafts, from the
+        draft model if one is given, else by prompt lookup."""
         t0 = time.perf_counter()
-        cache = self._take_cache(len(req.prompts))
+        batch = len(req.prompts)
+        cache = self._take_cache(batch)
         n_out = engine.bucket(req.max_new_tokens)
         extra = {}
         if draft_tokens is None:
             state = engine.generate_jit(self._graphdef, self._params, cache, prompt_bp, len_b,
                                         consts, n_out)
         else:
-            state, sp = speculative_mod.generate_jit(self._graphdef, self._params, cache,
-                                                 prompt_bp, len_b, consts, n_out, draft_tokens)
+            if draft is None:
+                state, sp = speculative_mod.generate_jit(
+                    self._graphdef, self._params, cache, prompt_bp, len_b, consts, n_out,
+                    draft_tokens)
+            else:
+                state, sp = draft_mod.generate_jit(
+                    self._graphdef, self._params, draft._graphdef, draft._params, cache,
+                    init_cache(draft.config, batch, self.capacity), prompt_bp, len_b, consts,
+                    n_out, draft_tokens)
             drafted, accepted = jax.device_get((sp.drafted_b, sp.accepted_b))
             extra = {"drafted_tokens": int(np.sum(drafted)),
                      "accepted_tokens": int(np.sum(accepted)), "steps": int(state.step)}

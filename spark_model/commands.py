@@ -160,9 +160,9 @@ def _serve_arguments(srv: argparse.ArgumentParser) -> None:
                      help="MiB kept for the keys and values of recent prompts, reused by "
                           "requests that start the same way (default 256; 0: off)")
     srv.add_argument("--speculative", choices=SPECULATIVE_METHODS, default=None,
-                     help="decode greedy requests speculatively: prompt_lookup drafts tokens "
-                          "by copying from the request's own prompt and output (the text is "
-                          "unchanged; default: off)")
+                     help="decode requests speculatively: prompt_lookup drafts tokens by "
+                          "copying from the request's own prompt and output (greedy text is "
+                          "unchanged, sampled text keeps its distribution; default: off)")
     srv.add_argument("--draft-tokens", type=_draft_tokens, default=None, metavar="K",
                      help=f"tokens drafted per step with --speculative, 1..{MAX_DRAFT} "
                           f"(default 7)")

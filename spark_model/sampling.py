@@ -57,19 +57,47 @@ def _plain_row(logits_v, temperature, seed, step):
     return jax.random.categorical(key, logits_v / jnp.maximum(temperature, 1e-6))
 
 
-def _sample_row(logits_v, temperature, top_k, top_p, seed, step):
+def _kept_sorted(logits_v, temperature, top_k, top_p):
+    """The scaled logits sorted descending, their ids, and which of them top-k and top-p
+    keep (the first always)."""
     vocab = logits_v.shape[-1]
     scaled = logits_v / jnp.maximum(temperature, 1e-6)
     vals, idx = jax.lax.top_k(scaled, vocab)  # sorted, descending
-    ranks = jnp.arange(vocab)
-    keep = (top_k <= 0) | (ranks < top_k)
+    keep = (top_k <= 0) | (jnp.arange(vocab) < top_k)
     vals = jnp.where(keep, vals, -jnp.inf)
     probs = jax.nn.softmax(vals)
     # Nucleus: keep a token while the mass before it is below top_p (the first always).
     keep &= (jnp.cumsum(probs) - probs) < top_p
+    return vals, idx, keep
+
+
+def _sample_row(logits_v, temperature, top_k, top_p, seed, step):
+    vals, idx, keep = _kept_sorted(logits_v, temperature, top_k, top_p)
     key = jax.random.fold_in(jax.random.key(seed), step)
     choice = jax.random.categorical(key, jnp.where(keep, vals, -jnp.inf))
     return idx[choice]
+
+
+def _log_weights_row(logits_v, temperature, top_k, top_p):
+    vals, idx, keep = _kept_sorted(logits_v, temperature, top_k, top_p)
+    kept = jnp.full(logits_v.shape, -jnp.inf, vals.dtype).at[idx].set(
+        jnp.where(keep, vals, -jnp.inf))
+    return jax.nn.log_softmax(kept)
+
+
+def log_weights(logits_nv: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """log P(token) (N, V) of the distribution `sample` draws from for each row at
+    temperature > 0 (-inf for the tokens top-k or top-p cut); every setting is (N,).
+    The speculative-sampling acceptance rule (`spark_model.speculative`) reads it."""
+    def truncated(_):
+        return jax.vmap(_log_weights_row)(logits_nv, temperature, top_k, top_p)
+
+    def plain(_):
+        return jax.nn.log_softmax(logits_nv / jnp.maximum(temperature, 1e-6)[:, None], axis=-1)
+
+    cut = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)
+    return jax.lax.cond(cut, truncated, plain, None)
 
 
 def sample(logits_bv: jax.Array, params: SamplingParams, step: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Prompt-lookup speculative decoding, greedy, inside the one compiled token loop.
+"""Prompt-lookup speculative decoding inside the one compiled token loop.
 
 Code that is being rewritten repeats what the context already holds. Each iteration, every
 sequence looks for the latest earlier occurrence of its last few tokens (3, else 2) in its
@@ -18,6 +18,14 @@ token they would have, and nothing after it is emitted. Keys the verify call wro
 rejected drafts sit past the sequence's position and are overwritten before any query can
 see them (a query attends only to positions <= its own).
 
+Sampling (temperature > 0, with top-k / top-p as the plain sampler applies them) uses the
+speculative-sampling acceptance rule: a draft is a point mass, so draft j is kept with
+probability p_j(draft), and after the first rejection the token is drawn from p without the
+rejected draft (the normalized residual max(0, p - q)); after k acceptances, from p itself.
+Every emitted token then has exactly the plain sampler's distribution given the tokens
+before it; the draws themselves differ from plain sampling's (they use other random
+numbers), so sampled output is equal in distribution, not token for token.
+
 Drafting stops paying when drafts keep failing (fresh code): a sequence whose drafts are
 rejected outright twice in a row stops drafting for a back-off of 8 iterations, doubling
 up to 128 while it keeps failing; an iteration in which no sequence drafts runs the plain
@@ -34,7 +42,7 @@ from flax import struct
 
 from spark_model import kernels
 from spark_model.engine import Constants, DecodeState, _emit, merge, prefill
-from spark_model.sampling import argmax, sample
+from spark_model.sampling import SamplingParams, argmax, log_weights, sample
 from spark_model.transformer import Transformer
 
 MAX_DRAFT = 8  # draft_tokens is 1 .. MAX_DRAFT
@@ -44,7 +52,8 @@ BACKOFF_MIN, BACKOFF_MAX = 8, 128  # iterations a pause lasts (doubling while dr
 
 
 class SpeculationError(ValueError):
-    """A speculative-decoding request that cannot be served (bad draft_tokens, sampling)."""
+    """A speculative-decoding request that cannot be served (an unknown method, bad
+    draft_tokens)."""
 
 
 def check_draft_tokens(k) -> int:
@@ -101,12 +110,96 @@ def propose(hist_bl: jax.Array, n_b: jax.Array, k: int) -> tuple[jax.Array, jax.
     return jnp.take_along_axis(hist_bl, idx, axis=1), found
 
 
+def _accept_sampled_row(logw_tv, draft_k, seed, step):
+    """One sequence's speculative-sampling choice over k + 1 verified positions whose
+    sampling log-probabilities are `logw_tv`: (drafts accepted m, token at position m)."""
+    k = draft_k.shape[0]
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _SALT)
+    k_accept, k_draw = jax.random.split(key)
+    # A draft is a point mass q(d) = 1, so draft j is kept with probability
+    # min(1, p_j(d) / q(d)) = p_j(d).
+    p_k = jnp.exp(logw_tv[jnp.arange(k), draft_k])
+    ok_k = jax.random.uniform(k_accept, (k,)) < p_k
+    m = jnp.sum(jnp.cumprod(ok_k.astype(jnp.int32)))
+    # After a rejection at m the token comes from the residual max(0, p_m - q), i.e. p_m
+    # without the rejected draft; after k acceptances, from p_k itself.
+    w_v = logw_tv[m]
+    rejected = jnp.arange(w_v.shape[0]) == draft_k[jnp.minimum(m, k - 1)]
+    w_v = jnp.where((m < k) & rejected, -jnp.inf, w_v)
+    return m, jax.random.categorical(k_draw, w_v).astype(jnp.int32)
+
+
+_SALT = 0x5EC  # keeps the acceptance draws apart from the plain sampler's (seed, step) keys
+
+
+def accept(logits_btv: jax.Array, draft_bk: jax.Array, want_b: jax.Array,
+           sampling: SamplingParams, step) -> tuple[jax.Array, jax.Array]:
+    """The tokens of one verify call and how many drafts each sequence accepted.
+
+    logits (B, k + 1, V) at the latest token and the k drafts; want_b: which sequences
+    drafted. Returns y (B, k + 1), whose first m_b + 1 entries a sequence emits, and m_b.
+    A greedy sequence keeps the drafts its own argmax agrees with, then the argmax: the
+    plain decoder's tokens. A sampled one follows the speculative-sampling rule
+    (`_accept_sampled_row`), so its tokens have the plain sampler's distribution. A
+    sequence that did not draft takes the plain step's token at position 0."""
+    batch, t, vocab = logits_btv.shape
+    k = t - 1
+    step_b = jnp.broadcast_to(step, (batch,))
+    greedy_bt = argmax(logits_btv.reshape(batch * t, vocab)).reshape(batch, t)
+    first_b = sample(logits_btv[:, 0], sampling, step_b).astype(jnp.int32)
+    sampled_b = sampling.temperature > 0
+    agree = (draft_bk == greedy_bt[:, :k]) & want_b[:, None]
+    m_greedy = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)
+
+    def speculative_sampling(_):
+        logw = log_weights(logits_btv.reshape(batch * t, vocab),
+                           jnp.repeat(sampling.temperature, t), jnp.repeat(sampling.top_k, t),
+                           jnp.repeat(sampling.top_p, t)).reshape(batch, t, vocab)
+        return jax.vmap(_accept_sampled_row)(logw, draft_bk, sampling.seed, step_b)
+
+    zeros = jnp.zeros((batch,), jnp.int32)
+    m_sampled, tok_b = jax.lax.cond(jnp.any(sampled_b & want_b), speculative_sampling,
+                                    lambda _: (zeros, zeros), None)
+    m_b = jnp.where(want_b, jnp.where(sampled_b, m_sampled, m_greedy), 0)
+    j = jnp.arange(t)[None, :]
+    drafts = jnp.pad(draft_bk, ((0, 0), (0, 1)))
+    y_sampled = jnp.where(j < m_b[:, None], drafts, tok_b[:, None])
+    y_bt = jnp.where((sampled_b & want_b)[:, None], y_sampled, greedy_bt)
+    y_bt = y_bt.at[:, 0].set(jnp.where(want_b & sampled_b, y_bt[:, 0], first_b))
+    return y_bt.astype(jnp.int32), m_b
+
+
+def emit_tokens(s: DecodeState, y_bt: jax.Array, n_emit_b: jax.Array, c: Constants
+                ) -> tuple[DecodeState, jax.Array]:
+    """Each sequence's first n_emit_b tokens of y_bt, one at a time as plain steps record
+    them (so end ids, stop strings and max_new_tokens end a sequence at exactly the token
+    they would have); returns the state and which tokens were emitted (B, T)."""
+    kept = []
+    for j in range(y_bt.shape[1]):
+        skip = j >= n_emit_b
+        done0 = s.done_b
+        kept.append(~(done0 | skip))
+        s = _emit(s.replace(done_b=done0 | skip), y_bt[:, j], c)
+        s = s.replace(done_b=jnp.where(skip, done0, s.done_b))
+    return s, jnp.stack(kept, axis=1)
+
+
+def record(hist_bl: jax.Array, n_b: jax.Array, y_bt: jax.Array, kept_bt: jax.Array
+           ) -> tuple[jax.Array, jax.Array]:
+    """The histories with the emitted tokens appended."""
+    rows = jnp.arange(hist_bl.shape[0])
+    for j in range(y_bt.shape[1]):
+        hist_bl = hist_bl.at[rows, n_b].set(
+            jnp.where(kept_bt[:, j], y_bt[:, j], hist_bl[rows, n_b]), mode="drop")
+        n_b = n_b + kept_bt[:, j]
+    return hist_bl, n_b
+
+
 def decode(model: Transformer, state: DecodeState, sp: SpecState, c: Constants,
            limit: jax.Array, k: int) -> tuple[DecodeState, SpecState]:
-    """Greedy decoding with prompt-lookup drafts until every sequence is done or `limit`
+    """Decoding with prompt-lookup drafts until every sequence is done or `limit`
     iterations (each emitting 1 .. k + 1 tokens per sequence) have run."""
     batch = state.last_b.shape[0]
-    rows = jnp.arange(batch)
 
     def cond(carry):
         s, _ = carry
@@ -123,31 +216,21 @@ def decode(model: Transformer, state: DecodeState, sp: SpecState, c: Constants,
             with kernels.row_exact():
                 x_btd, cache = model.cached(toks, pos, s.cache)
                 logits = model.logits(x_btd)
-            y = argmax(logits.reshape(batch * (k + 1), -1)).reshape(batch, k + 1)
-            return y.astype(jnp.int32), cache
+            y_bt, m_b = accept(logits, draft_bk, want_b, c.sampling, s.step)
+            return y_bt, m_b, cache
 
         def single(_):
             x_btd, cache = model.cached(s.last_b[:, None], s.position_b[:, None], s.cache)
             y0 = sample(model.logits(x_btd)[:, 0], c.sampling, s.step).astype(jnp.int32)
-            return jnp.zeros((batch, k + 1), jnp.int32).at[:, 0].set(y0), cache
+            return (jnp.zeros((batch, k + 1), jnp.int32).at[:, 0].set(y0),
+                    jnp.zeros((batch,), jnp.int32), cache)
 
-        y_bt, cache = jax.lax.cond(jnp.any(want_b), verify, single, None)
-        agree = (draft_bk == y_bt[:, :k]) & want_b[:, None]
-        m_b = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)  # drafts agreed
+        y_bt, m_b, cache = jax.lax.cond(jnp.any(want_b), verify, single, None)
         n_emit = m_b + 1
 
-        s = s.replace(cache=cache)
         count0, step0 = s.count_b, s.step
-        hist, hist_n = sp.hist_bl, sp.hist_n_b
-        for j in range(k + 1):  # each accepted token as one plain step would record it
-            skip = j >= n_emit
-            done0 = s.done_b
-            active = ~(done0 | skip)
-            s = _emit(s.replace(done_b=done0 | skip), y_bt[:, j], c)
-            s = s.replace(done_b=jnp.where(skip, done0, s.done_b))
-            hist = hist.at[rows, hist_n].set(jnp.where(active, y_bt[:, j],
-                                                       hist[rows, hist_n]), mode="drop")
-            hist_n = hist_n + active
+        s, kept_bt = emit_tokens(s.replace(cache=cache), y_bt, n_emit, c)
+        hist, hist_n = record(sp.hist_bl, sp.hist_n_b, y_bt, kept_bt)
         emitted = s.count_b - count0
 
         rejected = want_b & (m_b == 0)
@@ -169,7 +252,7 @@ def decode(model: Transformer, state: DecodeState, sp: SpecState, c: Constants,
 @functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
 def generate_jit(graphdef, params, cache, prompt_bp, prompt_len_b, c: Constants, n_out: int,
                  k: int) -> tuple[DecodeState, SpecState]:
-    """`engine.generate_jit` with prompt-lookup drafts of k tokens (greedy only)."""
+    """`engine.generate_jit` with prompt-lookup drafts of k tokens."""
     model = merge(graphdef, params)
     state = prefill(model, cache, prompt_bp, prompt_len_b, c, n_out)
     sp = init(prompt_bp, prompt_len_b, state)

@@ -193,8 +193,7 @@ def test_generate_api_speculative_and_stats():
     ({"draft_tokens": 0}, "draft_tokens must be an integer in 1..8"),
     ({"draft_tokens": 9}, "draft_tokens must be an integer in 1..8"),
     ({"draft_tokens": "3"}, "draft_tokens must be an integer in 1..8"),
-    ({"temperature": 0.7}, "greedy only"),
-    ({"speculative": "draft"}, "speculative must be None or 'prompt_lookup'"),
+    ({"speculative": "draft"}, "speculative must be None, 'prompt_lookup' or a draft model"),
 ])
 def test_bad_speculative_requests(kw, msg):
     m = spark_model.load(capacity=1024)

@@ -46,7 +46,7 @@ def create_app(model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
     """The app; its engine thread starts and stops with the app's lifespan. warmup
     compiles the programs short prompts need before the first request arrives.
     prefix_cache_mb: memory for the keys and values of recent prompts (0: no prefix cache;
-    `spark_model.serve.prefix_cache`). speculative: "prompt_lookup" makes greedy requests
+    `spark_model.serve.prefix_cache`). speculative: "prompt_lookup" makes requests
     draft `draft_tokens` (1..8) tokens per step from their context
     (`spark_model.serve.spec_slots`); None: plain decoding."""
     if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \

@@ -114,9 +114,9 @@ def _check_head(body: Any, limits: Limits, allowed: set[str]) -> None:
                             f"{limits.model_id!r}", param="model", code="model_not_found")
 
 
-def _speculative(body: dict, limits: Limits, temperature: float) -> bool | None:
-    """The request's `speculative` field: absent or null (draft when the server speculates
-    and the request is greedy), false (never), or true (must draft: a 400 when it cannot)."""
+def _speculative(body: dict, limits: Limits) -> bool | None:
+    """The request's `speculative` field: absent or null (draft when the server
+    speculates), false (never), or true (must draft: a 400 when the server does not)."""
     x = body.get("speculative")
     if x is None or x is False:
         return x
@@ -125,9 +125,6 @@ def _speculative(body: dict, limits: Limits, temperature: float) -> bool | None:
     if limits.draft_tokens is None:
         raise bad("this server does not decode speculatively (start it with "
                   "--speculative prompt_lookup)", "speculative")
-    if temperature != 0:
-        raise bad("speculative decoding is greedy only: set 'temperature' to 0 or drop "
-                  "'speculative'", "speculative")
     return True
 
 
@@ -202,7 +199,7 @@ def parse_completion(body: Any, limits: Limits, allowed: set[str]) -> Job:
                   "one character", "prompt")
     _check_fits(ids, settings["max_tokens"], limits, "prompt")
     return Job(ids=ids, ignore_eos=ignore_eos, fim=suffix is not None,
-               speculative=_speculative(body, limits, settings["temperature"]), **settings)
+               speculative=_speculative(body, limits), **settings)
 
 
 def infill_ids(limits: Limits, prefix: str, suffix: str, middle: str = "",
@@ -245,5 +242,5 @@ def parse_chat(body: Any, limits: Limits) -> Job:
     if settings["max_tokens"] is None:
         settings["max_tokens"] = max(1, limits.capacity - len(ids))
     _check_fits(ids, settings["max_tokens"], limits, "messages")
-    return Job(ids=ids, speculative=_speculative(body, limits, settings["temperature"]),
+    return Job(ids=ids, speculative=_speculative(body, limits),
                **settings)

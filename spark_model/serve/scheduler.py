@@ -84,7 +84,7 @@ class Job:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     fim: bool = False  # an infill: its infill end tokens end it too
-    speculative: bool | None = None  # draft if the server speculates (None: when greedy)
+    speculative: bool | None = None  # draft if the server speculates (None: it decides)
     cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
     sink: Callable[[dict], None] = lambda event: None
     # Filled in by the engine:
@@ -93,7 +93,7 @@ class Job:
     t_first: float | None = None
     count: int = 0
     last_token: int = -1
-    drafting: bool = False  # its slot drafts (the server speculates, the request is greedy)
+    drafting: bool = False  # its slot drafts (the server speculates, the request allows)
     drafted: int = 0  # draft tokens proposed for it, and how many of them it emitted
     accepted: int = 0
 
@@ -377,7 +377,7 @@ class Engine:
                 slots_mod.RowSettings.stack(rows))
         if self._spec is not None:  # each slot's prompt, for drafting; its flag and counts
             for _, job in group:
-                job.drafting = job.temperature == 0 and job.speculative is not False
+                job.drafting = job.speculative is not False
             self._spec = spec_slots.install_jit(
                 self._spec, slot_n, spec_slots.host_prompts(
                     [job.ids for _, job in group], self._spec.prompt_bl.shape[1]),

@@ -2,14 +2,15 @@
 drafts and verify step, run over the persistent batch of `spark_model.serve.slots`).
 
 Design: speculation is a per-slot flag, not a separate batch. A slot speculates when the
-server enables it and its request is greedy (the verify step accepts drafts by argmax; the
-speculative path does not sample yet) and did not opt out. While any busy slot speculates,
-the engine's decode calls run `decode_jit` below instead of `slots.decode_jit`: each
+server enables it and its request did not opt out. While any busy slot speculates, the
+engine's decode calls run `decode_jit` below instead of `slots.decode_jit`: each
 iteration, slots that speculate and found a draft propose k tokens, and one call of the
 model over k + 1 positions per slot (traced inside `kernels.row_exact()`, so every row is
-computed exactly as a one-token step computes it) verifies them. The other slots, greedy or
-sampled, take only the first of those rows, sampled with their own settings and their own
-step, so their tokens are the ones the plain decode call gives. Separate batches would
+computed exactly as a one-token step computes it) verifies them; `speculative.accept`
+keeps a greedy slot's drafts by argmax and a sampled slot's by the speculative-sampling
+rule, each with the slot's own settings and step. The other slots take only the first of
+those rows, sampled with their own settings and step, so their tokens are the ones the
+plain decode call gives. Separate batches would
 keep a speculating request from sharing the decode loop with others (and a slot's cache
 row cannot move between batches), so continuous batching and the prefix cache would be
 lost; per-slot flags keep one batch and one cache.
@@ -31,9 +32,10 @@ import numpy as np
 from flax import struct
 
 from spark_model import engine, kernels
-from spark_model.sampling import argmax, sample
+from spark_model.sampling import sample
 from spark_model.serve.slots import _ROW_FIELDS, Slots, _put_row, _rows
-from spark_model.speculative import BACKOFF_MAX, BACKOFF_MIN, MISSES, propose
+from spark_model.speculative import (BACKOFF_MAX, BACKOFF_MIN, MISSES, accept, emit_tokens,
+                                     propose, record)
 
 METHODS = ("prompt_lookup",)  # what `spark serve --speculative` accepts
 
@@ -120,7 +122,6 @@ def decode_jit(graphdef, params, slots: Slots, spec: SpecSlots, keep_b: jax.Arra
     sp0 = spec.replace(**{f: getattr(spec, f)[:width] for f in _SPEC_ROWS})
     hist0, n0 = _history(sp0.replace(prompt_bl=spec.prompt_bl[:width]), s0)
     start_b = s0.count_b
-    rows = jnp.arange(width)
 
     def cond(carry):
         i, s, _, _, _ = carry
@@ -137,31 +138,21 @@ def decode_jit(graphdef, params, slots: Slots, spec: SpecSlots, keep_b: jax.Arra
             with kernels.row_exact():
                 x_btd, cache = model.cached(toks, pos_b[:, None] + jnp.arange(k + 1), s.cache)
                 logits = model.logits(x_btd)
-            first = sample(logits[:, 0], c.sampling, s.count_b)  # every slot's own rule
-            rest = argmax(logits[:, 1:].reshape(width * k, -1)).reshape(width, k)
-            return jnp.concatenate([first[:, None], rest], axis=1).astype(jnp.int32), cache
+            y_bt, m_b = accept(logits, draft_bk, want_b, c.sampling, s.count_b)
+            return y_bt, m_b, cache
 
         def single(_):
             x_btd, cache = model.cached(s.last_b[:, None], pos_b[:, None], s.cache)
             y0 = sample(model.logits(x_btd)[:, 0], c.sampling, s.count_b).astype(jnp.int32)
-            return jnp.zeros((width, k + 1), jnp.int32).at[:, 0].set(y0), cache
+            return (jnp.zeros((width, k + 1), jnp.int32).at[:, 0].set(y0),
+                    jnp.zeros((width,), jnp.int32), cache)
 
-        y_bt, cache = jax.lax.cond(jnp.any(want_b), verify, single, None)
-        agree = (draft_bk == y_bt[:, :k]) & want_b[:, None]
-        m_b = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)  # drafts agreed
+        y_bt, m_b, cache = jax.lax.cond(jnp.any(want_b), verify, single, None)
         n_emit = m_b + 1
 
-        s = s.replace(cache=cache)
         count0 = s.count_b
-        for j in range(k + 1):  # each accepted token as one plain step records it
-            skip = j >= n_emit
-            done0 = s.done_b
-            active = ~(done0 | skip)
-            s = engine._emit(s.replace(done_b=done0 | skip), y_bt[:, j], c)
-            s = s.replace(done_b=jnp.where(skip, done0, s.done_b))
-            hist = hist.at[rows, hist_n].set(jnp.where(active, y_bt[:, j],
-                                                       hist[rows, hist_n]), mode="drop")
-            hist_n = hist_n + active
+        s, kept_bt = emit_tokens(s.replace(cache=cache), y_bt, n_emit, c)
+        hist, hist_n = record(hist, hist_n, y_bt, kept_bt)
         emitted = s.count_b - count0
 
         rejected = want_b & (m_b == 0)
