@@ -113,7 +113,8 @@ def test_websocket_batch_of_greedy_and_sampled_requests(spec_server, plain_serve
                 for i, p in enumerate(PROMPTS)}
     requests |= {"s0": {"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0.9,
                         "seed": 11, "speculative": False},
-                 "s1": {"prompt": REPEAT, "max_tokens": 24, "temperature": 0.9, "seed": 12}}
+                 # a low temperature follows the repetition, so there are drafts to check
+                 "s1": {"prompt": REPEAT, "max_tokens": 24, "temperature": 0.2, "seed": 12}}
     got = asyncio.run(_ws_run(spec_server.ws_url, requests))
     plain = asyncio.run(_ws_run(plain_server.ws_url, {"s0": requests["s0"]}))
     for rid, body in requests.items():
