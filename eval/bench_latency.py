@@ -219,8 +219,7 @@ def infill(run: Run) -> dict:
 
 # ---- the registry ----------------------------------------------------------------------
 
-PLANNED = "not implemented yet: comes with speculative decoding (issue 20, section 1)"
-SECTIONS: dict[str, tuple[str, Callable[[Run], dict] | None]] = {
+SECTIONS: dict[str, tuple[str, Callable[[Run], dict]]] = {
     "edit_workload": ("effective tokens/s with and without speculation on edit prompts",
                       bench_speculative.edit_workload),
     "fresh_code": ("slowdown from speculation on HumanEval prompts",
@@ -269,7 +268,7 @@ def bench_model(model: str | None, sections: list[str], runs: int, code: list[st
         run = Run(model or "spark-tiny", tokenizer, port, runs, code)
         for name in sections:
             what, fn = SECTIONS[name]
-            out[name] = {"implemented": False, "note": PLANNED} if fn is None else fn(run)
+            out[name] = fn(run)
             print(f"  {name}: {_summary(out[name])}", flush=True)
     finally:
         _stopped(proc)
@@ -277,8 +276,6 @@ def bench_model(model: str | None, sections: list[str], runs: int, code: list[st
 
 
 def _summary(r: dict) -> str:
-    if not r.get("implemented", True):
-        return r["note"]
     if "speedup" in r:
         return bench_speculative.summary(r)
     if "warm_vs_cold" in r:
