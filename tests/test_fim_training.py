@@ -5,6 +5,7 @@ the inference prompt of spark_model/fim.py, and the bad inputs of --fim-rate."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -26,8 +27,32 @@ SPELLED = "x = '<fim_prefix>' + \"<fim_suffix><fim_middle>\"  # <fim_pad>\n"
 
 
 @pytest.fixture(scope="module")
-def old_tok() -> Tokenizer:
-    return Tokenizer.load(TINY / "tokenizer.model")
+def base(tmp_path_factory) -> Path:
+    """spark-tiny as it was before it had fill-in-the-middle tokens: the shipped model
+    without its three appended pieces and their embedding rows (a checkpoint to grow)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    import spark_model
+    from spark_model.checkpoint import flat_params, model_from_flat, save
+
+    shipped = spark_model.load(str(TINY))
+    f = shipped.tokenizer.fim
+    v = shipped.config.vocab_size - 3
+    assert (f.prefix, f.suffix, f.middle) == (v, v + 1, v + 2)  # appended last, in order
+    proto = pb.ModelProto()
+    proto.ParseFromString(shipped.tokenizer.serialized())
+    del proto.pieces[v:]
+    flat = {k: np.asarray(a) for k, a in flat_params(shipped.model).items()}
+    flat["embed"] = flat["embed"][:v]
+    cfg = dataclasses.replace(shipped.config, vocab_size=v)
+    dest = tmp_path_factory.mktemp("base") / "tiny-without-fim"
+    save(dest, model_from_flat(cfg, flat), Tokenizer.from_bytes(proto.SerializeToString()))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def old_tok(base) -> Tokenizer:
+    return Tokenizer.load(base / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +202,11 @@ def test_validation_stays_plain_in_the_cache(tok, docs, tmp_path):
 
 # ---- the warm start ------------------------------------------------------------------
 
-def test_grown_model_keeps_the_old_logits(old_tok, docs):
+def test_grown_model_keeps_the_old_logits(base, old_tok, docs):
     from spark_model.checkpoint import model_from_flat
     from train.init import add_fim_tokens, load_init
 
-    start = load_init(str(TINY))
+    start = load_init(str(base))
     grown = add_fim_tokens(start)
     v = start.cfg.vocab_size
     assert grown.cfg.vocab_size == v + 3 == grown.tokenizer.vocab_size
@@ -221,28 +246,28 @@ def _cli(capsys, *argv) -> tuple[int, str]:
     return code, lines[0]
 
 
-def test_cli_bad_fim_inputs(tmp_path, capsys):
+def test_cli_bad_fim_inputs(base, tmp_path, capsys):
     out = ["--out", tmp_path / "run", "--no-progress", "--cache-dir", tmp_path / "cache"]
     code, err = _cli(capsys, *out, "--fim-rate", "nan")
     assert code == 2 and "--fim-rate must be in [0, 1], got nan" in err
     code, err = _cli(capsys, *out, "--add-fim-tokens")
     assert code == 2 and "--add-fim-tokens extends an existing model's vocabulary" in err
-    code, err = _cli(capsys, *out, "--init", TINY, "--add-fim-tokens", "--lora", "4")
+    code, err = _cli(capsys, *out, "--init", base, "--add-fim-tokens", "--lora", "4")
     assert code == 2 and "which --lora adapters do not train" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_fim_rate_needs_fim_tokens(tmp_path, capsys):
+def test_cli_fim_rate_needs_fim_tokens(base, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.py").write_text("def f():\n    return 1\n" * 50)
     code, err = _cli(capsys, "--out", tmp_path / "run", "--no-progress", "--cache-dir",
-                     tmp_path / "cache", "--init", TINY, "--data", src, "--fim-rate", "0.5")
+                     tmp_path / "cache", "--init", base, "--data", src, "--fim-rate", "0.5")
     assert code == 2 and "the tokenizer has no fill-in-the-middle tokens" in err
 
 
 @pytest.mark.slow
-def test_warm_start_with_fim_tokens_exports_and_resumes(tmp_path, capsys):
+def test_warm_start_with_fim_tokens_exports_and_resumes(base, tmp_path, capsys):
     """spark train --init spark-tiny --add-fim-tokens: the exported model has the grown
     vocabulary and infills; the run resumes from its own saved tokenizer; a model that has
     the tokens already is refused."""
@@ -258,7 +283,7 @@ def test_warm_start_with_fim_tokens_exports_and_resumes(tmp_path, capsys):
         (src / name).write_text((std / name).read_text(encoding="utf-8"), encoding="utf-8")
     run = tmp_path / "run"
     common = ["--no-progress", "--cache-dir", tmp_path / "cache", "--line-samples", "0"]
-    assert cli.main([str(a) for a in ["--init", TINY, "--add-fim-tokens", "--data", src,
+    assert cli.main([str(a) for a in ["--init", base, "--add-fim-tokens", "--data", src,
                                       "--val-permille", "300", "--out", run, "--steps", "2",
                                       "--seq-len", "64", "--batch-size", "2", *common]]) == 0
     err = capsys.readouterr().err
