@@ -195,6 +195,22 @@ def record(hist_bl: jax.Array, n_b: jax.Array, y_bt: jax.Array, kept_bt: jax.Arr
     return hist_bl, n_b
 
 
+def backoff(sp, want_b: jax.Array, m_b: jax.Array, emitted_b: jax.Array, k: int) -> dict:
+    """The back-off and count fields (miss_b, pause_b, backoff_b, drafted_b, accepted_b) of
+    `sp` after an iteration in which the sequences in want_b drafted k tokens and kept m_b
+    of them (emitted_b tokens were emitted in all)."""
+    rejected = want_b & (m_b == 0)
+    miss = jnp.where(want_b, jnp.where(rejected, sp.miss_b + 1, 0), sp.miss_b)
+    pause_now = miss >= MISSES
+    return dict(
+        miss_b=jnp.where(pause_now, 0, miss),
+        pause_b=jnp.where(pause_now, sp.backoff_b, jnp.maximum(sp.pause_b - 1, 0)),
+        backoff_b=jnp.where(pause_now, jnp.minimum(sp.backoff_b * 2, BACKOFF_MAX),
+                            jnp.where(want_b & (m_b > 0), BACKOFF_MIN, sp.backoff_b)),
+        drafted_b=sp.drafted_b + jnp.where(want_b, k, 0),
+        accepted_b=sp.accepted_b + jnp.where(want_b, jnp.minimum(m_b, emitted_b), 0))
+
+
 def decode(model: Transformer, state: DecodeState, sp: SpecState, c: Constants,
            limit: jax.Array, k: int) -> tuple[DecodeState, SpecState]:
     """Decoding with prompt-lookup drafts until every sequence is done or `limit`
@@ -233,17 +249,7 @@ def decode(model: Transformer, state: DecodeState, sp: SpecState, c: Constants,
         hist, hist_n = record(sp.hist_bl, sp.hist_n_b, y_bt, kept_bt)
         emitted = s.count_b - count0
 
-        rejected = want_b & (m_b == 0)
-        miss = jnp.where(want_b, jnp.where(rejected, sp.miss_b + 1, 0), sp.miss_b)
-        pause_now = miss >= MISSES
-        sp = sp.replace(
-            hist_bl=hist, hist_n_b=hist_n,
-            miss_b=jnp.where(pause_now, 0, miss),
-            pause_b=jnp.where(pause_now, sp.backoff_b, jnp.maximum(sp.pause_b - 1, 0)),
-            backoff_b=jnp.where(pause_now, jnp.minimum(sp.backoff_b * 2, BACKOFF_MAX),
-                                jnp.where(want_b & (m_b > 0), BACKOFF_MIN, sp.backoff_b)),
-            drafted_b=sp.drafted_b + jnp.where(want_b, k, 0),
-            accepted_b=sp.accepted_b + jnp.where(want_b, jnp.minimum(m_b, emitted), 0))
+        sp = sp.replace(hist_bl=hist, hist_n_b=hist_n, **backoff(sp, want_b, m_b, emitted, k))
         return s.replace(step=step0 + 1), sp
 
     return jax.lax.while_loop(cond, body, (state, sp))

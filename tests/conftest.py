@@ -21,3 +21,16 @@ def small_model(small_tokenizer):
                       n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
                       rope_theta=500_000.0, rope_scaling=RopeScaling())
     return init_model(cfg, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module's compiled programs and arrays are released after it: the whole
+    suite runs in one process, and their memory otherwise accumulates."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -15,7 +15,7 @@ from compiler.place import pack, pack_overlay
 from compiler.summary import summary
 from compiler.verify import DEFAULT_PROMPT, logit_diffs
 from spark_model import ModelConfig, RopeScaling, init_model
-from spark_model.checkpoint import flat_params
+from spark_model.checkpoint import flat_params, load_config
 from spark_model.cli import main as spark_main
 from spark_model.transformer import abstract_model
 
@@ -284,7 +284,12 @@ def test_cli_json_and_verify(capsys):
                 "sram_mean_fraction", "sram_max_fraction", "max_context", "compile_s",
                 "max_abs_logit_diff"):
         assert key in s
-    assert s["max_abs_logit_diff"] < 1e-4 and s["params"] == 5_245_184
+    cfg = load_config(CKPT)  # the parameter count from the shapes, independently
+    d, f = cfg.d_model, cfg.d_ff
+    per_layer = (d * cfg.n_heads * cfg.head_dim + 2 * d * cfg.n_kv_heads * cfg.head_dim
+                 + cfg.n_heads * cfg.head_dim * d + 3 * d * f + 2 * d)
+    want = cfg.vocab_size * d + cfg.n_layers * per_layer + d  # tied head, final norm
+    assert s["max_abs_logit_diff"] < 1e-4 and s["params"] == want
 
 
 def test_cli_errors(capsys):

@@ -10,11 +10,23 @@ import spark_model
 from spark_model.api import SparkModel
 from spark_model.speculative import SpeculationError
 
-from fim_models import random_model, with_fim_pieces
+from fim_models import random_model
 
 PROMPTS = ["def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n",
            "import os\n\n\ndef walk(top):\n    for root, dirs, files in os.walk(top):\n",
            "class Point:\n    def __init__(self, x, y):\n        self.x = x\n"]
+
+
+def _with_one_more_piece(tokenizer):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from spark_model.tokenizer import Tokenizer
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(tokenizer.serialized())
+    p = proto.pieces.add()
+    p.piece, p.score, p.type = "<extra>", 0.0, pb.ModelProto.SentencePiece.USER_DEFINED
+    return Tokenizer.from_bytes(proto.SerializeToString())
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +61,7 @@ def test_the_model_as_its_own_draft_is_mostly_accepted(model):
 
 
 def test_bad_draft_models_are_refused(model):
-    other, _ = with_fim_pieces(model.tokenizer)  # four more ids: another vocabulary
+    other = _with_one_more_piece(model.tokenizer)  # another vocabulary
     wrong_vocab = SparkModel(random_model(other.vocab_size, max_seq_len=256), other)
     with pytest.raises(SpeculationError, match="vocabulary differs"):
         model.generate("x", 4, speculative=wrong_vocab)

@@ -34,8 +34,8 @@ from flax import struct
 from spark_model import engine, kernels
 from spark_model.sampling import sample
 from spark_model.serve.slots import _ROW_FIELDS, Slots, _put_row, _rows
-from spark_model.speculative import (BACKOFF_MAX, BACKOFF_MIN, MISSES, accept, emit_tokens,
-                                     propose, record)
+from spark_model.speculative import (BACKOFF_MIN, accept, backoff, emit_tokens, propose,
+                                     record)
 
 METHODS = ("prompt_lookup",)  # what `spark serve --speculative` accepts
 
@@ -155,16 +155,7 @@ def decode_jit(graphdef, params, slots: Slots, spec: SpecSlots, keep_b: jax.Arra
         hist, hist_n = record(hist, hist_n, y_bt, kept_bt)
         emitted = s.count_b - count0
 
-        rejected = want_b & (m_b == 0)
-        miss = jnp.where(want_b, jnp.where(rejected, sp.miss_b + 1, 0), sp.miss_b)
-        pause_now = miss >= MISSES
-        sp = sp.replace(
-            miss_b=jnp.where(pause_now, 0, miss),
-            pause_b=jnp.where(pause_now, sp.backoff_b, jnp.maximum(sp.pause_b - 1, 0)),
-            backoff_b=jnp.where(pause_now, jnp.minimum(sp.backoff_b * 2, BACKOFF_MAX),
-                                jnp.where(want_b & (m_b > 0), BACKOFF_MIN, sp.backoff_b)),
-            drafted_b=sp.drafted_b + jnp.where(want_b, k, 0),
-            accepted_b=sp.accepted_b + jnp.where(want_b, jnp.minimum(m_b, emitted), 0))
+        sp = sp.replace(**backoff(sp, want_b, m_b, emitted, k))
         return i + 1, s, sp, hist, hist_n
 
     iters, s, sp, _, _ = jax.lax.while_loop(
