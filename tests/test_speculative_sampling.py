@@ -1,8 +1,7 @@
 """Speculative sampling (`spark_model.speculative.accept`): the tokens a verify call emits
 have the plain sampler's distribution. Checked against the exact distribution of
 "sample from p_j, go on while the sample equals the draft", computed in float64 NumPy with
-the cuts applied independently; and end to end, plain against speculative generation of
-the shipped model over many seeds (a two-sample test)."""
+the cuts applied independently."""
 
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import spark_model
 from spark_model import speculative
 from spark_model.sampling import SamplingParams, sample
 
@@ -107,32 +105,6 @@ def test_greedy_and_non_drafting_rows():
     y, m, sp, logits = _accept(1.0, 0, 1.0, want=False)
     assert np.all(m == 0)
     np.testing.assert_array_equal(y[:, 0], np.asarray(sample(logits[:, 0], sp, 7)))
-
-
-@pytest.mark.slow
-def test_speculative_generation_has_the_plain_distribution():
-    """The shipped model on repetitive code, 4 new tokens with top_k=4 at temperature 1,
-    over 1,024 seeds each way: the sequences' counts agree (chi-square two-sample test),
-    and speculation did accept and reject drafts."""
-    m = spark_model.load(capacity=128)
-    prompt = "def add(a, b):\n    return a + b\n\n\n" * 3 + "def add(a, b):\n"
-    rows = 1024
-    plain, spec, drafted, accepted = [], [], 0, 0
-    for seed in range(4):  # 4 batches of 256 seeds: one compiled program each way
-        kw = dict(temperature=1.0, top_k=4, seed=seed)
-        plain += m.generate([prompt] * (rows // 4), 4, **kw)
-        spec += m.generate([prompt] * (rows // 4), 4, speculative="prompt_lookup",
-                           draft_tokens=3, **kw)
-        drafted += m.last_stats["drafted_tokens"]
-        accepted += m.last_stats["accepted_tokens"]
-    assert 0 < accepted < drafted
-    a, b = Counter(plain), Counter(spec)
-    common = [s for s in set(a) | set(b) if a[s] + b[s] >= 10]
-    table = np.array([[a[s] for s in common] + [rows - sum(a[s] for s in common)],
-                      [b[s] for s in common] + [rows - sum(b[s] for s in common)]])
-    table = table[:, table.sum(0) > 0]
-    assert table.shape[1] >= 3  # the test sees several outcomes
-    assert stats.chi2_contingency(table).pvalue > 1e-3
 
 
 def test_law_helper_sums_to_one():
