@@ -160,6 +160,34 @@ def test_transformed_fraction_and_order_share_follow_the_rate():
         == len(done)
 
 
+def test_line_cuts_take_whole_lines_and_leave_character_cuts_alone(tok, docs):
+    text = "".join(f"    line_{k} = {k}\n" for k in range(40)) + "tail"
+    names = [f"pkg/mod{k}.py" for k in range(600)]
+    for name in names:  # lines=0 is the rule of runs before the option, cut for cut
+        assert fim_transform.plan(text, name, 0.5, 3, 0.0) == fim_transform.plan(
+            text, name, 0.5, 3)
+    lined = [fim_transform.plan(text, n, 1.0, 3, 1.0) for n in names]
+    spans = set()
+    for order, i, j in lined:
+        middle = text[i:j]
+        assert i == 0 or text[i - 1] == "\n"  # starts at a line start
+        assert j == len(text) or text[j - 1] == "\n"  # ends after a newline (or at the end)
+        n_lines = middle.count("\n") + (not middle.endswith("\n"))
+        assert 1 <= n_lines <= fim_transform.MAX_MIDDLE_LINES
+        spans.add(n_lines)
+    assert spans == set(range(1, fim_transform.MAX_MIDDLE_LINES + 1))
+    half = [fim_transform.plan(text, n, 1.0, 3, 0.5) for n in names]
+    at_lines = sum(p == q for p, q in zip(half, lined))
+    assert abs(at_lines - 300) < 5 * math.sqrt(150)  # the share follows `lines`
+    out = fim_transform.documents_fim_ids(tok, docs, 1.0, seed=3, lines=1.0)
+    for d, ids in zip(docs, out):  # lossless on real files too
+        text_parts = {k: tok.decode(v) for k, v in _split(ids, tok.fim)[1].items()}
+        assert text_parts["prefix"] + text_parts["middle"] + text_parts["suffix"] == d.text
+        assert text_parts["prefix"] == "" or text_parts["prefix"].endswith("\n")
+    assert data.token_cache_key(docs, docs[:2], tok.serialized(), 64, 0.5, 0, 0.5) != \
+        data.token_cache_key(docs, docs[:2], tok.serialized(), 64, 0.5, 0)
+
+
 def test_transform_is_deterministic_per_document(tok, docs):
     a = fim_transform.documents_fim_ids(tok, docs, 0.5, seed=1)
     b = fim_transform.documents_fim_ids(tok, docs[::-1], 0.5, seed=1)[::-1]
@@ -236,6 +264,14 @@ def test_settings_before_fim_resume_with_rate_zero():
 def test_fim_rate_outside_zero_one_is_refused(rate):
     with pytest.raises(SettingsError, match=r"--fim-rate must be in \[0, 1\]"):
         validate(TrainConfig(fim_rate=rate))
+    with pytest.raises(SettingsError, match=r"--fim-lines must be in \[0, 1\]"):
+        validate(TrainConfig(fim_rate=0.5, fim_lines=rate))
+
+
+def test_fim_lines_needs_a_fim_rate():
+    with pytest.raises(SettingsError, match="give --fim-rate above 0"):
+        validate(TrainConfig(fim_lines=0.5))
+    validate(TrainConfig(fim_rate=0.5, fim_lines=0.5))
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:

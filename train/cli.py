@@ -36,6 +36,7 @@ _OPTIONS = {
     "target_context": int, "pose_share": float, "pose_chunks": int,
 }
 _OPTIONS["fim_rate"] = float
+_OPTIONS["fim_lines"] = float
 
 
 def _context(text: str) -> int:
@@ -94,6 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "examples, half prefix-suffix-middle and half suffix-prefix-middle "
                         "(default 0; with --add-fim-tokens "
                         f"{FIM_RATE_WITH_NEW_TOKENS}); needs a vocabulary with FIM tokens")
+    g.add_argument("--fim-lines", type=float, default=None, metavar="SHARE",
+                   help="share of the rearranged documents cut at line starts, the middle "
+                        "1 to 8 whole lines, as an editor's line completions are (default 0: "
+                        "cuts at any character)")
     g.add_argument("--set", dest="overrides", action="append", default=None,
                    metavar="FIELD=VALUE",
                    help="override a model config field, e.g. --set n_layers=2 (repeatable)")

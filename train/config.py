@@ -48,6 +48,7 @@ class TrainConfig:
     repo_order: bool = False  # train stream in repository order (train/repo_order.py); False
     # in runs saved before it existed, True for new runs from the CLI
     fim_rate: float = 0.0  # share of training documents made fill-in-the-middle examples
+    fim_lines: float = 0.0  # share of those cut at line starts (train/fim_transform.py)
     add_fim_tokens: bool = False  # with init: append FIM control pieces to its vocabulary
     # PoSE (train/pose.py): position ids spread over [0, target_context); None: plain ids
     target_context: int | None = None
@@ -95,7 +96,7 @@ class TrainConfig:
 RUN_FIELDS = ("preset", "init", "lora_rank", "lora_alpha", "overrides", "vocab_size", "data",
               "val_permille", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "b1", "b2", "clip", "seed", "bf16", "repo_order")
-RUN_FIELDS += ("fim_rate", "add_fim_tokens")  # fill-in-the-middle (train/fim_transform.py)
+RUN_FIELDS += ("fim_rate", "add_fim_tokens", "fim_lines")  # fill-in-the-middle (train/fim_transform.py)
 RUN_FIELDS += ("target_context", "pose_share", "pose_chunks")  # PoSE (train/pose.py)
 
 
@@ -138,6 +139,10 @@ def validate(tc: TrainConfig) -> None:
              f"--lora-alpha must be positive, got {tc.lora_alpha}")
     need(isinstance(tc.fim_rate, (int, float)) and 0 <= tc.fim_rate <= 1,
          f"--fim-rate must be in [0, 1], got {tc.fim_rate}")  # NaN fails both comparisons
+    need(isinstance(tc.fim_lines, (int, float)) and 0 <= tc.fim_lines <= 1,
+         f"--fim-lines must be in [0, 1], got {tc.fim_lines}")
+    need(not tc.fim_lines or tc.fim_rate, "--fim-lines shapes the documents --fim-rate "
+         "rearranges: give --fim-rate above 0")
     need(not tc.add_fim_tokens or tc.init is not None,
          "--add-fim-tokens extends an existing model's vocabulary: give it with --init")
     need(not (tc.add_fim_tokens and tc.lora_rank),

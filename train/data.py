@@ -137,12 +137,12 @@ class TokenData:
 
 def token_cache_key(train_docs: Sequence[Document], val_docs: Sequence[Document],
                     tokenizer_bytes: bytes, seq_len: int, fim_rate: float = 0.0,
-                    fim_seed: int = 0) -> str:
+                    fim_seed: int = 0, fim_lines: float = 0.0) -> str:
     h = hashlib.sha256(f"tokens v{CACHE_FORMAT} seq_len={seq_len}\n".encode())
     h.update(hashlib.sha256(tokenizer_bytes).digest())
     if fim_rate:
         from train.fim_transform import cache_tag
-        h.update(cache_tag(fim_rate, fim_seed).encode())
+        h.update(cache_tag(fim_rate, fim_seed, fim_lines).encode())
     h.update(b"train\n")
     _docs_digest(h, train_docs)
     h.update(b"val\n")
@@ -151,19 +151,21 @@ def token_cache_key(train_docs: Sequence[Document], val_docs: Sequence[Document]
 
 
 def _encode(tokenizer, docs: Sequence[Document], dtype, *, packed: bool = False,
-            fim_rate: float = 0.0, fim_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            fim_rate: float = 0.0, fim_seed: int = 0,
+            fim_lines: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Docs as one stream of `document_ids` (BOS text EOS, or SEP text SEP for a model
     without BOS), plus offsets; encoded in chunks to bound memory. `packed` (the training
     stream) shares each separator between neighbours: SEP t1 SEP t2 SEP, as such models
     saw their pretraining data. `fim_rate` > 0 rearranges that share of the documents
-    (train.fim_transform, seeded by `fim_seed` and each document's name)."""
+    (train.fim_transform, seeded by `fim_seed` and each document's name; `fim_lines` of
+    them cut at line starts)."""
     from spark_model.tokenizers_io import document_separator, documents_ids
 
     def chunk_ids(chunk: Sequence[Document]) -> list[list[int]]:
         if not fim_rate:
             return documents_ids(tokenizer, [d.text for d in chunk])
         from train.fim_transform import documents_fim_ids
-        return documents_fim_ids(tokenizer, chunk, fim_rate, fim_seed)
+        return documents_fim_ids(tokenizer, chunk, fim_rate, fim_seed, fim_lines)
 
     shared = packed and document_separator(tokenizer) is not None
     parts, lengths = [], []
@@ -181,12 +183,14 @@ def _encode(tokenizer, docs: Sequence[Document], dtype, *, packed: bool = False,
 
 def build_token_cache(train_docs: Sequence[Document], val_docs: Sequence[Document],
                       tokenizer, seq_len: int, cache_dir: str | os.PathLike | None = None,
-                      *, fim_rate: float = 0.0, fim_seed: int = 0) -> tuple[TokenData, bool]:
+                      *, fim_rate: float = 0.0, fim_seed: int = 0,
+                      fim_lines: float = 0.0) -> tuple[TokenData, bool]:
     """Load the cache entry for these inputs, building it if absent; (data, built_now).
-    `fim_rate`, `fim_seed`: the fill-in-the-middle transform of the training stream."""
+    `fim_rate`, `fim_seed`, `fim_lines`: the fill-in-the-middle transform of the training
+    stream."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = token_cache_key(train_docs, val_docs, tokenizer.serialized(), seq_len, fim_rate,
-                          fim_seed)
+                          fim_seed, fim_lines)
     entry = cache / f"tokens-{key}"
     built = False
     if not (entry / "meta.json").is_file():
@@ -196,7 +200,7 @@ def build_token_cache(train_docs: Sequence[Document], val_docs: Sequence[Documen
         tmp = Path(tempfile.mkdtemp(prefix=f".tokens-{key}.", dir=cache))
         try:
             train, _ = _encode(tokenizer, train_docs, dtype, packed=True, fim_rate=fim_rate,
-                               fim_seed=fim_seed)
+                               fim_seed=fim_seed, fim_lines=fim_lines)
             val, val_offsets = _encode(tokenizer, val_docs, dtype)
             np.save(tmp / "train.npy", train)
             np.save(tmp / "val.npy", val)

@@ -9,6 +9,11 @@ uniformly and independently from 0 .. len(text) and sorted, into prefix, middle 
     spm:  BOS <fim_suffix> suffix <fim_prefix> prefix <fim_middle> middle EOS
 
 ``SPM_SHARE`` (one half) of the transformed documents take the spm order, the rest psm.
+With ``lines`` > 0 (``spark train --fim-lines``) that share of the transformed documents is
+cut at line starts instead, the middle being 1 to ``MAX_MIDDLE_LINES`` whole lines (uniform,
+fewer at the end of the text), newlines included: the shape of an editor's line or block
+completion, and of `spark eval --tasks infill`'s holes, where character cuts mostly start the
+middle inside a line's indentation.
 Everything before ``middle`` is exactly the prompt `spark_model.fim.prompt_ids` builds for
 that order at inference (each part encoded on its own: the prefix as the start of a text,
 suffix and middle as continuations), so the model learns to write the middle and then end
@@ -18,7 +23,8 @@ The other documents stay ``BOS text EOS``, and validation documents are never tr
 
 The draws come from SHA-256 of (run seed, document name): a document is transformed the
 same way in every build of the cache, whatever the other documents are; the expected
-fraction transformed is ``fim_rate``, and `count_transformed` says how many were.
+fraction transformed is ``fim_rate``, and `count_transformed` says how many were. The line
+draw comes from its own hash, so ``lines`` = 0 gives exactly the cuts of runs before it.
 """
 
 from __future__ import annotations
@@ -30,12 +36,17 @@ from spark_model import fim as fim_mod
 from train.corpus import Document
 
 SPM_SHARE = 0.5  # of the transformed documents, those in suffix-prefix-middle order
+MAX_MIDDLE_LINES = 8  # a line-cut middle spans 1 .. this many lines
 VERSION = 1  # of the transform's rules; part of the token cache key
 
 
-def cache_tag(rate: float, seed: int) -> str:
-    """What the token cache key records of the transform."""
-    return f"fim v{VERSION} rate={float(rate)!r} spm={SPM_SHARE!r} seed={int(seed)}\n"
+def cache_tag(rate: float, seed: int, lines: float = 0.0) -> str:
+    """What the token cache key records of the transform (`lines` only when used, so the
+    keys of runs before it stay valid)."""
+    tag = f"fim v{VERSION} rate={float(rate)!r} spm={SPM_SHARE!r} seed={int(seed)}"
+    if lines:
+        tag += f" lines={float(lines)!r} max_lines={MAX_MIDDLE_LINES}"
+    return tag + "\n"
 
 
 def _units(seed: int, name: str) -> tuple[float, float, int, int]:
@@ -46,13 +57,28 @@ def _units(seed: int, name: str) -> tuple[float, float, int, int]:
     return a / 2.0 ** 64, b / 2.0 ** 64, c, d
 
 
-def plan(text: str, name: str, rate: float, seed: int) -> tuple[str, int, int] | None:
+def _line_cut(text: str, c: int, d: int) -> tuple[int, int]:
+    """Whole-line cuts: the middle starts at a line start drawn by `c` and spans 1 ..
+    MAX_MIDDLE_LINES lines (drawn by `d`), the last one's newline included."""
+    starts = [0] + [k + 1 for k, ch in enumerate(text) if ch == "\n" and k + 1 < len(text)]
+    ends = starts[1:] + [len(text)]
+    first = c % len(starts)
+    last = min(first + d % MAX_MIDDLE_LINES, len(starts) - 1)
+    return starts[first], ends[last]
+
+
+def plan(text: str, name: str, rate: float, seed: int,
+         lines: float = 0.0) -> tuple[str, int, int] | None:
     """(order, i, j) when the document is transformed (prefix text[:i], middle text[i:j],
-    suffix text[j:]), else None."""
+    suffix text[j:]), else None. `lines`: the share of transformed documents cut at line
+    starts (see the module docstring)."""
     u_fim, u_order, c, d = _units(seed, name)
     if not u_fim < rate:
         return None
-    i, j = sorted((c % (len(text) + 1), d % (len(text) + 1)))
+    if lines and _units(seed, name + "\0lines")[0] < lines:
+        i, j = _line_cut(text, c, d)
+    else:
+        i, j = sorted((c % (len(text) + 1), d % (len(text) + 1)))
     return ("spm" if u_order < SPM_SHARE else "psm"), i, j
 
 
@@ -81,12 +107,13 @@ def fim_document_ids(tokenizer: Any, fim: fim_mod.FimTokens, prefix: str, middle
 
 
 def documents_fim_ids(tokenizer: Any, docs: Sequence[Document], rate: float,
-                      seed: int) -> list[list[int]]:
-    """Each document's ids: transformed with probability `rate`, else `document_ids`."""
+                      seed: int, lines: float = 0.0) -> list[list[int]]:
+    """Each document's ids: transformed with probability `rate` (a share `lines` of them
+    cut at line starts), else `document_ids`."""
     from spark_model.tokenizers_io import documents_ids
 
     fim = fim_mod.require(tokenizer)
-    plans = [plan(d.text, d.name, rate, seed) for d in docs]
+    plans = [plan(d.text, d.name, rate, seed, lines) for d in docs]
     plain = iter(documents_ids(tokenizer, [d.text for d, p in zip(docs, plans) if p is None]))
     out = []
     for d, p in zip(docs, plans):

@@ -85,12 +85,14 @@ def prepare_data(tc: TrainConfig, tokenizer=None, cache_dir=None, say=_say,
         from train.repo_order import repo_order
         stream_docs = repo_order(train_docs)
     data, built = data_mod.build_token_cache(stream_docs, val_docs, tokenizer, tc.seq_len,
-                                             cache_dir, fim_rate=tc.fim_rate, fim_seed=tc.seed)
+                                             cache_dir, fim_rate=tc.fim_rate, fim_seed=tc.seed,
+                                             fim_lines=tc.fim_lines)
     if tc.fim_rate:
         from train.fim_transform import count_transformed
         n_fim = count_transformed(train_docs, tc.fim_rate, tc.seed)
         say(f"fill-in-the-middle: {n_fim} of {len(train_docs)} training documents "
-            f"({n_fim / len(train_docs):.1%}; rate {tc.fim_rate}), about half in spm order")
+            f"({n_fim / len(train_docs):.1%}; rate {tc.fim_rate}), about half in spm order"
+            + (f", {tc.fim_lines:.0%} of them cut at line starts" if tc.fim_lines else ""))
     say(f"tokens: {len(data.train):,} train in {data.n_sequences:,} sequences of "
         f"{tc.seq_len}, {len(data.val):,} validation ({'built' if built else 'cached'} "
         f"{data.path}, {time.perf_counter() - t0:.1f}s)")
@@ -245,6 +247,8 @@ def _run(tc, out, trainer, tokenizer, data, manager, resume, progress, lead, say
         extra["train"].update(init=tc.init, lora_rank=tc.lora_rank or None)
     if tc.fim_rate:
         extra["train"]["fim_rate"] = tc.fim_rate
+        if tc.fim_lines:
+            extra["train"]["fim_lines"] = tc.fim_lines
     if tc.target_context is not None:
         extra["train"].update(target_context=tc.target_context, pose_share=tc.pose_share,
                               pose_chunks=tc.pose_chunks)
