@@ -81,19 +81,29 @@ def _verify(model, tokens, positions, cache):
         return model.logits(x), cache
 
 
-def test_verify_rows_equal_one_token_steps_bitwise():
+# SmolLM2's width: XLA reduced the norms' (B, T, 576) rows in another order than (B, 1, 576)
+WIDE = ModelConfig(vocab_size=101, d_model=576, n_layers=1, n_heads=9, n_kv_heads=3,
+                   head_dim=64, d_ff=96, rope_theta=10_000.0, rope_scaling=None)
+
+
+@pytest.mark.parametrize("cfg, weights", [(CFG, None), (WIDE, None), (WIDE, "q4_1"),
+                                          (WIDE, "q8_0")], ids=["f32", "wide", "wide-q4_1",
+                                                                "wide-q8_0"])
+def test_verify_rows_equal_one_token_steps_bitwise(cfg, weights):
     """k + 1 tokens per row in one row-exact call == k + 1 one-token steps, ragged rows."""
     if not kernels.available():
         pytest.skip(kernels.status())
-    model = init_model(CFG, seed=5)
+    from spark_model import packing
+
+    model = packing.convert_model(init_model(cfg, seed=5), weights)
     rng = np.random.default_rng(2)
     batch, t = 3, 6
     starts = np.array([5, 40, 17])
-    toks = rng.integers(0, CFG.vocab_size, (batch, 64))
-    cache = init_cache(CFG, batch, 256)
+    toks = rng.integers(0, cfg.vocab_size, (batch, 64))
+    cache = init_cache(cfg, batch, 256)
     _, cache = _step(model, jnp.asarray(toks), jnp.broadcast_to(jnp.arange(64), (batch, 64)),
                      cache)
-    new = jnp.asarray(rng.integers(0, CFG.vocab_size, (batch, t)))
+    new = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, t)))
     pos = jnp.asarray(starts[:, None] + np.arange(t)[None, :])
     cache2 = jax.tree.map(jnp.copy, cache)
     many, _ = _verify(model, new, pos, cache)
