@@ -8,9 +8,9 @@ greedy), once plainly and once with `speculative="prompt_lookup"`, and compare:
                  and the renamed header. Effective tokens/s (new tokens / wall time) with
                  and without speculation, end to end and for the decoding after the first
                  token (wall time less a timed prefill-and-first-token call of the same
-                 prompt, which speculation cannot shorten), the acceptance rate (accepted / drafted), the
-                 mean tokens emitted per verify step, and whether every greedy output was
-                 identical. Target: speculation at least 3x plain tokens/s.
+                 prompt, which speculation cannot shorten), the acceptance rate (accepted /
+                 drafted), the mean tokens emitted per verify step, and whether every
+                 greedy output was identical. Target: speculation at least 3x plain tokens/s.
   fresh_code     HumanEval prompts, where drafts rarely match: the slowdown from
                  speculation. Target: at most 5% slower.
 

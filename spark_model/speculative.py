@@ -35,6 +35,7 @@ one-token step.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -225,12 +226,37 @@ def cond_in_place(pred: jax.Array, true_fn, false_fn, carry):
     return carry
 
 
+def verify_or_step(model: Transformer, cache, last_b: jax.Array, pos_b: jax.Array,
+                   draft_bk: jax.Array, want_b: jax.Array, sampling: SamplingParams, step
+                   ) -> tuple[Any, jax.Array, jax.Array]:
+    """One iteration's model call: when any sequence drafted, the row-exact verify call over
+    its latest token and k drafts and `accept`; else the plain one-token step. Returns the
+    cache, y (B, k + 1) whose first m_b + 1 entries a sequence emits, and m_b."""
+    batch, k = draft_bk.shape
+
+    def verify(carry):
+        cache, _, _ = carry
+        toks = jnp.concatenate([last_b[:, None], draft_bk], axis=1)  # (B, k + 1)
+        with kernels.row_exact():
+            x_btd, cache = model.cached(toks, pos_b[:, None] + jnp.arange(k + 1), cache)
+            logits = model.logits(x_btd)
+        y_bt, m_b = accept(logits, draft_bk, want_b, sampling, step)
+        return cache, y_bt, m_b
+
+    def single(carry):
+        cache, y_bt, m_b = carry
+        x_btd, cache = model.cached(last_b[:, None], pos_b[:, None], cache)
+        y0 = sample(model.logits(x_btd)[:, 0], sampling, step).astype(jnp.int32)
+        return cache, y_bt.at[:, 0].set(y0), m_b
+
+    zeros = (jnp.zeros((batch, k + 1), jnp.int32), jnp.zeros((batch,), jnp.int32))
+    return cond_in_place(jnp.any(want_b), verify, single, (cache, *zeros))
+
+
 def decode(model: Transformer, state: DecodeState, sp: SpecState, c: Constants,
            limit: jax.Array, k: int) -> tuple[DecodeState, SpecState]:
     """Decoding with prompt-lookup drafts until every sequence is done or `limit`
     iterations (each emitting 1 .. k + 1 tokens per sequence) have run."""
-    batch = state.last_b.shape[0]
-
     def cond(carry):
         s, _ = carry
         return (s.step < limit) & ~jnp.all(s.done_b)
@@ -240,24 +266,8 @@ def decode(model: Transformer, state: DecodeState, sp: SpecState, c: Constants,
         draft_bk, found_b = propose(sp.hist_bl, sp.hist_n_b, k)
         want_b = found_b & (sp.pause_b <= 0) & ~s.done_b
 
-        def verify(carry):
-            cache, _, _ = carry
-            toks = jnp.concatenate([s.last_b[:, None], draft_bk], axis=1)  # (B, k + 1)
-            pos = s.position_b[:, None] + jnp.arange(k + 1)[None, :]
-            with kernels.row_exact():
-                x_btd, cache = model.cached(toks, pos, cache)
-                logits = model.logits(x_btd)
-            y_bt, m_b = accept(logits, draft_bk, want_b, c.sampling, s.step)
-            return cache, y_bt, m_b
-
-        def single(carry):
-            cache, y_bt, m_b = carry
-            x_btd, cache = model.cached(s.last_b[:, None], s.position_b[:, None], cache)
-            y0 = sample(model.logits(x_btd)[:, 0], c.sampling, s.step).astype(jnp.int32)
-            return cache, y_bt.at[:, 0].set(y0), m_b
-
-        zeros = (jnp.zeros((batch, k + 1), jnp.int32), jnp.zeros((batch,), jnp.int32))
-        cache, y_bt, m_b = cond_in_place(jnp.any(want_b), verify, single, (s.cache, *zeros))
+        cache, y_bt, m_b = verify_or_step(model, s.cache, s.last_b, s.position_b, draft_bk,
+                                          want_b, c.sampling, s.step)
         n_emit = m_b + 1
 
         count0, step0 = s.count_b, s.step

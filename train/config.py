@@ -96,7 +96,8 @@ class TrainConfig:
 RUN_FIELDS = ("preset", "init", "lora_rank", "lora_alpha", "overrides", "vocab_size", "data",
               "val_permille", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "b1", "b2", "clip", "seed", "bf16", "repo_order")
-RUN_FIELDS += ("fim_rate", "add_fim_tokens", "fim_lines")  # fill-in-the-middle (train/fim_transform.py)
+# fill-in-the-middle (train/fim_transform.py)
+RUN_FIELDS += ("fim_rate", "add_fim_tokens", "fim_lines")
 RUN_FIELDS += ("target_context", "pose_share", "pose_chunks")  # PoSE (train/pose.py)
 
 

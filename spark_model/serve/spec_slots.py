@@ -31,11 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from spark_model import engine, kernels
-from spark_model.sampling import sample
+from spark_model import engine
 from spark_model.serve.slots import _ROW_FIELDS, Slots, _put_row, _rows
-from spark_model.speculative import (BACKOFF_MIN, accept, backoff, cond_in_place,
-                                     emit_tokens, propose, record)
+from spark_model.speculative import (BACKOFF_MIN, backoff, emit_tokens, propose, record,
+                                     verify_or_step)
 
 METHODS = ("prompt_lookup",)  # what `spark serve --speculative` accepts
 
@@ -133,23 +132,8 @@ def decode_jit(graphdef, params, slots: Slots, spec: SpecSlots, keep_b: jax.Arra
         draft_bk, found_b = propose(hist, hist_n, k)
         want_b = found_b & sp.on_b & (sp.pause_b <= 0) & ~s.done_b
 
-        def verify(carry):
-            cache, _, _ = carry
-            toks = jnp.concatenate([s.last_b[:, None], draft_bk], axis=1)  # (W, k + 1)
-            with kernels.row_exact():
-                x_btd, cache = model.cached(toks, pos_b[:, None] + jnp.arange(k + 1), cache)
-                logits = model.logits(x_btd)
-            y_bt, m_b = accept(logits, draft_bk, want_b, c.sampling, s.count_b)
-            return cache, y_bt, m_b
-
-        def single(carry):
-            cache, y_bt, m_b = carry
-            x_btd, cache = model.cached(s.last_b[:, None], pos_b[:, None], cache)
-            y0 = sample(model.logits(x_btd)[:, 0], c.sampling, s.count_b).astype(jnp.int32)
-            return cache, y_bt.at[:, 0].set(y0), m_b
-
-        zeros = (jnp.zeros((width, k + 1), jnp.int32), jnp.zeros((width,), jnp.int32))
-        cache, y_bt, m_b = cond_in_place(jnp.any(want_b), verify, single, (s.cache, *zeros))
+        cache, y_bt, m_b = verify_or_step(model, s.cache, s.last_b, pos_b, draft_bk, want_b,
+                                          c.sampling, s.count_b)
         n_emit = m_b + 1
 
         count0 = s.count_b
