@@ -201,7 +201,8 @@ def llama_cpp_peer(m: SparkModel, gguf: Path | None, *, runs: int, prompt: list[
                              input=json.dumps(spec), capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent.parent)
     if res.returncode != 0:
-        raise RuntimeError(f"the llama.cpp peer failed: {res.stderr.strip()[-800:]}")
+        why = res.stderr.strip()[-800:] or res.stdout.strip()[-800:] or "no output"
+        raise RuntimeError(f"the llama.cpp peer failed (exit status {res.returncode}): {why}")
     out = json.loads(res.stdout)
     out["gguf"] = "exported from Spark's weights" if exported else str(gguf)
     if agree:

@@ -1,6 +1,7 @@
 """Packed block weights (spark_model/quant.py) against the `gguf` package's reference
-quantizer, and the native packed product (kernels/qmatvec.cc) and its XLA fallback against a
-float64 NumPy dequantize-and-dot."""
+quantizer, and the native packed products (kernels/qmatvec.cc for decode rows,
+kernels/qmatmul.cc on AMX tiles for many rows) and the XLA fallback against a float64 NumPy
+dequantize-and-dot."""
 
 import gguf
 import jax
@@ -124,6 +125,21 @@ def _kernel_bound(x64, w64, mins):
     return amax / 254 * 1.0001 @ spread.T + _float_bound(x64, w64, mins)
 
 
+def _amx_bound(x64: np.ndarray, w64: np.ndarray) -> np.ndarray:
+    """|y - exact| for qmatmul.cc: x rounded to bfloat16 (relative error 2^-8), w to a sum
+    of two (2^-16), products exact and summed in float32, subnormals flushed."""
+    k = x64.shape[1]
+    return ((2.0 ** -8 + 2.0 ** -15 + k * U) * (np.abs(x64) @ np.abs(w64).T)
+            + _flush_floor(w64))
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (to nearest even), as float64."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+    return u.view(np.float32).astype(np.float64)
+
+
 def _emulated(x: np.ndarray, w64: np.ndarray) -> np.ndarray:
     """The kernel's arithmetic in float64: x rounded per block (half to even) as it does,
     times the weights."""
@@ -180,10 +196,40 @@ def test_quantized_real_weights_product(fmt):
         off = np.asarray(jax.jit(lambda a, b: kernels.packed_linear(a, b))(jnp.asarray(x),
                                                                           packed))
     np.testing.assert_array_equal(off, np.asarray(quant.packed_linear(jnp.asarray(x), packed)))
-    many = _activations(9, 576, seed=5)  # more rows than the kernel takes: the fallback
-    gamma = 576 * U * (np.abs(many.astype(np.float64)) @ np.abs(w64).T) + _flush_floor(w64)
+    many = _activations(9, 576, seed=5)  # more rows than qmatvec.cc takes
+    m64 = many.astype(np.float64)
+    gamma = (_amx_bound(m64, w64) if kernels.amx_usable()
+             else 576 * U * (np.abs(m64) @ np.abs(w64).T) + _flush_floor(w64))
     got = np.asarray(kernels.packed_linear(jnp.asarray(many), packed))
-    assert (np.abs(got - many.astype(np.float64) @ w64.T) <= gamma).all()
+    assert (np.abs(got - m64 @ w64.T) <= gamma).all()
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("m,n,k", [(9, 37, 32), (33, 300, 96), (100, 64, 4096), (64, 1001, 64)])
+def test_many_row_product_on_amx_tiles(fmt, m, n, k, monkeypatch):
+    """qmatmul.cc (rows past 8, where the CPU has AMX) on random blocks with extreme scales
+    and zero blocks, ragged in rows and columns: within its bound of the float64 product,
+    within float32 summation of its own bfloat16 roundings emulated in float64, and
+    SPARK_AMX=0 takes the float32 expansion instead."""
+    if not kernels.amx_usable():
+        pytest.skip("no AMX here: " + kernels.status())
+    packed = _random_packed(fmt, n, k, seed=m + n + k)
+    pj = jax.tree.map(jnp.asarray, packed)
+    w64 = quant.dequantize(packed).astype(np.float64)
+    x = np.concatenate([_activations(8, k, seed=k), _activations(m - 8, k, seed=k + 1)])
+    x64 = x.astype(np.float64)
+    got = np.asarray(jax.jit(kernels.packed_linear)(jnp.asarray(x), pj))
+    assert (np.abs(got - x64 @ w64.T) <= _amx_bound(x64, w64)).all()
+    w32 = w64.astype(np.float32)
+    hi = _bf16(w32)
+    xr, wr = _bf16(x), hi + _bf16((w32 - hi).astype(np.float32))
+    summed = k * U * (np.abs(xr) @ np.abs(wr).T) + _flush_floor(w64)
+    assert (np.abs(got - xr @ wr.T) <= summed).all()
+    monkeypatch.setenv("SPARK_AMX", "0")  # read at tracing: a fresh function
+    off = np.asarray(jax.jit(lambda a, b: kernels.packed_linear(a, b))(jnp.asarray(x), pj))
+    gamma = k * U * (np.abs(x64) @ np.abs(w64).T) + _flush_floor(w64)
+    assert (np.abs(off - x64 @ w64.T) <= gamma).all()
+    assert not np.array_equal(off, got)
 
 
 def test_weights_sharing_x_in_one_call_match_separate_calls():
@@ -244,10 +290,11 @@ def test_bad_inputs_get_one_line_errors():
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-def test_native_dequantize_gives_the_reference_values(fmt):
-    """kernels.dequantize (the prefill's expansion) against the gguf package's values:
-    q8_0 and q4_0 bit for bit, q4_1's d*q + m within one unit in the last place; and a
-    many-row product through it within a float32 dot's rounding of the float64 one."""
+def test_native_dequantize_gives_the_reference_values(fmt, monkeypatch):
+    """kernels.dequantize (the prefill's expansion without AMX) against the gguf package's
+    values: q8_0 and q4_0 bit for bit, q4_1's d*q + m within one unit in the last place; and
+    a many-row product through it within a float32 dot's rounding of the float64 one."""
+    monkeypatch.setenv("SPARK_AMX", "0")
     if not kernels.usable(jnp.zeros((1,), jnp.float32)):
         pytest.skip(kernels.status())
     packed = _random_packed(fmt, 37, 4096, seed=9)  # extreme scales, zero blocks

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import spark_model
-from spark_model import packing, quant
+from spark_model import kernels, packing, quant
 from spark_model.checkpoint import flat_params, model_from_flat
 from spark_model.transformer import full_logits
 from test_formats_gguf import SMOLLM2
@@ -41,6 +41,9 @@ def test_smollm2_loads_packed_and_decodes_like_its_dequantized_forward():
     clear = top2[:, 1] - top2[:, 0] > 0.5
     assert clear.mean() > 0.5
     np.testing.assert_array_equal(np.asarray(new)[clear], logits[at].argmax(-1)[clear])
-    # The packed model's own full forward is the dequantized one's (to float rounding).
+    # The packed model's own full forward is the dequantized one's: to float rounding
+    # through the float32 expansion; where its products run on AMX tiles (activations
+    # rounded to bfloat16), within 1% of the largest logit (0.8% measured).
     ours = np.asarray(m.logits(seq[None]))[0]
-    np.testing.assert_allclose(ours, logits, atol=2e-3 * np.abs(logits).max(), rtol=0)
+    tol = 1e-2 if kernels.amx_usable() else 2e-3
+    np.testing.assert_allclose(ours, logits, atol=tol * np.abs(logits).max(), rtol=0)

@@ -1,6 +1,6 @@
 """Native CPU kernels called from inside the compiled programs (XLA FFI custom calls).
 
-Five kernels, each with a comment at the top of its source that says why it exists:
+Six kernels, each with a comment at the top of its source that says why it exists:
 
 - `decode_attention` (decode_attention.cc): single-query attention over the KV cache;
 - `linear` (matvec.cc): the layer products of a decode step, (M <= 8, K) x (K, N) on all
@@ -8,7 +8,8 @@ Five kernels, each with a comment at the top of its source that says why it exis
 - `argmax` (argmax.cc): the greedy token of each row of logits;
 - `packed_linear`, `packed_linear_many` (qmatvec.cc): (M <= 8, K) x block-quantized (N, K)
   weights (spark_model/quant.py), as integer dot products on all intra-op threads; several
-  weights that share x in one call. With more rows (prefill) `dequantize` (dequant.cc)
+  weights that share x in one call. With more rows (prefill) `qmatmul` (qmatmul.cc)
+  multiplies bfloat16 tiles on AMX where the CPU has it, else `dequantize` (dequant.cc)
   expands the weight to float32 for an XLA dot.
 
 They are built from source with the machine's C++ compiler on first use, into one library
@@ -42,13 +43,14 @@ import numpy as np
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc",
-           HERE / "qmatvec.cc", HERE / "dequant.cc")
+           HERE / "qmatvec.cc", HERE / "dequant.cc", HERE / "qmatmul.cc")
 HEADERS = (HERE / "parallel.h",)
 TARGETS = {  # XLA target name -> exported symbol
     "spark_decode_attention": "SparkDecodeAttention",
     "spark_decode_attention_rows": "SparkDecodeAttentionRows", "spark_matvec": "SparkMatVec",
     "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax",
-    "spark_qmatvec": "SparkQMatVec", "spark_dequantize": "SparkDequantize"}
+    "spark_qmatvec": "SparkQMatVec", "spark_dequantize": "SparkDequantize",
+    "spark_qmatmul": "SparkQMatMul"}
 MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
 # Compile flags. -ffast-math lets the compiler vectorise the exp and the dot-product
 # reductions; the kernels never form an infinity or a NaN from finite inputs, which that flag
@@ -135,7 +137,10 @@ def _load() -> None:
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")
-        _state.update(ok=True, why=f"native decode kernels from {path}", path=path)
+        amx = bool(lib.SparkAmxReady())
+        _state.update(ok=True, path=path, amx=amx,
+                      why=f"native decode kernels from {path}"
+                          + ("; AMX tiles for packed prefill products" if amx else ""))
     except Exception as e:  # any failure leaves the pure-XLA path in place
         _state.update(ok=False, why=f"native decode kernels unavailable: {e}")
         warnings.warn(f"{_state['why']}; using the slower XLA operations", stacklevel=3)
@@ -146,6 +151,14 @@ def available() -> bool:
     if not _state:
         _load()
     return _state["ok"]
+
+
+def amx_usable() -> bool:
+    """Whether products of many rows with packed weights run on AMX tiles (qmatmul.cc): the
+    kernels are usable, the CPU and the OS grant AMX, and ``SPARK_AMX=0`` is not set (it is
+    read when a function is traced)."""
+    return (usable(jnp.zeros((), jnp.float32)) and _state.get("amx", False)
+            and os.environ.get("SPARK_AMX", "1") != "0")
 
 
 def status() -> str:
@@ -272,8 +285,9 @@ def packed_linear(x_mk: jax.Array, w) -> jax.Array:
     """x (M, K) @ w.T for a `quant.PackedWeight` w (N, K) -> (M, N) float32.
 
     Up to MAX_ROWS rows in f32 on CPU this is the native kernel (activations rounded to
-    8 bits per 32-block; see qmatvec.cc for the error bound); more rows on CPU expand the
-    weight natively (`dequantize`) for an XLA dot; anything else is the XLA product
+    8 bits per 32-block; see qmatvec.cc for the error bound); more rows on CPU multiply
+    bfloat16 tiles on AMX (qmatmul.cc, its error bound there) where `amx_usable`, else
+    expand the weight natively (`dequantize`) for an XLA dot; anything else is the XLA product
     `quant.packed_linear` (dequantize, then dot). Not differentiable: packed weights are
     for inference.
     """
@@ -293,8 +307,10 @@ def packed_linear_many(x_mk: jax.Array, ws: Sequence) -> list[jax.Array]:
         return [quant.packed_linear(x_mk, w) for w in ws]
     if _row_exact and x_mk.shape[0] > MAX_ROWS:
         return _by_row_groups(x_mk, lambda x: packed_linear_many(x, ws))
-    if x_mk.shape[0] > MAX_ROWS:  # many rows: expand natively, then one float32 dot each
+    many = x_mk.shape[0] > MAX_ROWS
+    if many and not amx_usable():  # expand natively, then one float32 dot each
         return [jnp.einsum("mk,nk->mn", x_mk, dequantize(w, after=x_mk)) for w in ws]
+    target = "spark_qmatmul" if many else "spark_qmatvec"
     out: list = [None] * len(ws)
     for fmt in dict.fromkeys(w.fmt for w in ws):  # one call per format, in first-seen order
         idx = [i for i, w in enumerate(ws) if w.fmt == fmt]
@@ -303,7 +319,7 @@ def packed_linear_many(x_mk: jax.Array, ws: Sequence) -> list[jax.Array]:
         # The kernel reads m for q4_1 only; the other formats pass d in its place.
         args = [a for i in idx for a in (ws[i].qs, ws[i].d,
                                          ws[i].m if ws[i].m is not None else ws[i].d)]
-        ys = jax.ffi.ffi_call("spark_qmatvec", shapes, vmap_method="sequential")(
+        ys = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(
             x_mk, *args, fmt=np.int32(_QMATVEC_FMT[fmt]))
         for i, y in zip(idx, ys):
             out[i] = y
