@@ -134,7 +134,8 @@ def cached_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array,
 
     Query sequence b reads cache row b; a cache with more rows than queries is read only
     in its first rows. A decode step (T = 1) on CPU runs the native kernel when it is
-    available (see `spark_model.kernels`); everything else runs `blocked_attention`.
+    available (see `spark_model.kernels`), and so do many queries per sequence (a prefill
+    chunk, `kernels.prefill_attention`); everything else runs `blocked_attention`.
     """
     b, t, n, h = q_btnh.shape
     k_heads = k_bksh.shape[1]
@@ -149,6 +150,11 @@ def cached_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array,
         row_q = jnp.repeat(jnp.arange(b, dtype=jnp.int32), t)
         o = kernels.decode_attention_rows(q_qkgh, k_bksh, v_bksh, q_pos_bt.reshape(-1), row_q)
         return rearrange(o, "(b t) k g h -> b t (k g) h", b=b).astype(q_btnh.dtype)
+    if kernels.usable(q_btnh, k_bksh) and kernels.prefill_attention_fits(q_btnh, k_bksh):
+        # A prefill chunk: score blocks in registers, keys past every query skipped.
+        q_bkgth = rearrange(q_btnh, "b t (k g) h -> b k g t h", k=k_heads) * (1.0 / math.sqrt(h))
+        o = kernels.prefill_attention(q_bkgth, k_bksh, v_bksh, q_pos_bt)
+        return rearrange(o, "b k g t h -> b t (k g) h").astype(q_btnh.dtype)
     return blocked_attention(q_btnh, k_bksh, v_bksh, q_pos_bt)
 
 

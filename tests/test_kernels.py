@@ -59,6 +59,34 @@ def test_decode_step_matches_direct_softmax(path, h):
     np.testing.assert_allclose(ours, _direct(q, k, v, pos_bt), atol=1e-4, rtol=1e-4)
 
 
+# Prefill chunks: ragged query counts (not whole 16-query units), sequences of one batch
+# starting at different positions (one continuing past earlier positions, as a shared
+# context does), G from 1 to 16, compiled-in and generic head dims, keys past the
+# positions filled with garbage that must never leak in; one case runs on both threads.
+@pytest.mark.parametrize("t, starts, k_heads, g, h", [
+    (1 + 16 * 2, [0, 70], 2, 2, 64), (7, [0], 1, 16, 16), (20, [33, 0, 300], 1, 1, 128),
+    (40, [5], 3, 3, 48), (300, [0], 3, 3, 64)])
+def test_prefill_chunk_attention_matches_direct_softmax(t, starts, k_heads, g, h):
+    if not kernels.usable(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)):
+        pytest.skip(kernels.status())
+    rng = np.random.default_rng(t + h)
+    rows, s = len(starts) + 1, cache_length(max(starts) + t)
+    k = rng.normal(size=(rows, k_heads, s, h)).astype(np.float32)
+    v = rng.normal(size=(rows, k_heads, s, h)).astype(np.float32)
+    pos_bt = np.stack([np.arange(a, a + t) for a in starts]).astype(np.int32)
+    for b, a in enumerate(starts):
+        k[b, :, a + t:] = 1e3
+        v[b, :, a + t:] = 1e6
+    q = rng.normal(size=(len(starts), t, k_heads * g, h)).astype(np.float32) * 3
+    args = [jnp.asarray(a) for a in (q, k, v, pos_bt)]
+    assert "spark_prefill_attention" in jax.jit(cached_attention).lower(*args).as_text()
+    ours = np.asarray(jax.jit(cached_attention)(*args))
+    want = _direct(q, k, v, pos_bt)
+    np.testing.assert_allclose(ours, want, atol=2e-5, rtol=2e-5)
+    xla = np.asarray(jax.jit(blocked_attention)(*args))  # the XLA path, the same rounding
+    assert np.abs(ours - want).max() <= 2 * np.abs(xla - want).max() + 1e-6
+
+
 def test_build_failure_falls_back_with_a_reason(monkeypatch, tmp_path):
     """A broken compiler leaves the XLA path in place and says why."""
     monkeypatch.setattr(kernels, "_state", {})

@@ -1,8 +1,10 @@
 """Native CPU kernels called from inside the compiled programs (XLA FFI custom calls).
 
-Six kernels, each with a comment at the top of its source that says why it exists:
+Seven kernels, each with a comment at the top of its source that says why it exists:
 
 - `decode_attention` (decode_attention.cc): single-query attention over the KV cache;
+- `prefill_attention` (prefill_attention.cc): causal attention of a prefill chunk's many
+  queries over the KV cache;
 - `linear` (matvec.cc): the layer products of a decode step, (M <= 8, K) x (K, N) on all
   intra-op threads; larger products (prefill, training) stay XLA dots;
 - `argmax` (argmax.cc): the greedy token of each row of logits;
@@ -43,14 +45,15 @@ import numpy as np
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc",
-           HERE / "qmatvec.cc", HERE / "dequant.cc", HERE / "qmatmul.cc")
+           HERE / "qmatvec.cc", HERE / "dequant.cc", HERE / "qmatmul.cc",
+           HERE / "prefill_attention.cc")
 HEADERS = (HERE / "parallel.h",)
 TARGETS = {  # XLA target name -> exported symbol
     "spark_decode_attention": "SparkDecodeAttention",
     "spark_decode_attention_rows": "SparkDecodeAttentionRows", "spark_matvec": "SparkMatVec",
     "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax",
     "spark_qmatvec": "SparkQMatVec", "spark_dequantize": "SparkDequantize",
-    "spark_qmatmul": "SparkQMatMul"}
+    "spark_qmatmul": "SparkQMatMul", "spark_prefill_attention": "SparkPrefillAttention"}
 MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
 # Compile flags. -ffast-math lets the compiler vectorise the exp and the dot-product
 # reductions; the kernels never form an infinity or a NaN from finite inputs, which that flag
@@ -243,6 +246,22 @@ def decode_attention_rows(q_qkgh: jax.Array, k_rksh: jax.Array, v_rksh: jax.Arra
     out = jax.ShapeDtypeStruct(q_qkgh.shape, jnp.float32)
     return jax.ffi.ffi_call("spark_decode_attention_rows", out, vmap_method="sequential")(
         q_qkgh, k_rksh, v_rksh, pos_q.astype(jnp.int32), row_q.astype(jnp.int32))
+
+
+def prefill_attention_fits(q_btnh: jax.Array, k_bksh: jax.Array) -> bool:
+    """Whether `prefill_attention` takes these shapes: at most 16 query heads per kv head and
+    a head dim of 16 to 256 in steps of 16."""
+    g, h = q_btnh.shape[2] // k_bksh.shape[1], q_btnh.shape[3]
+    return g <= 16 and h % 16 == 0 and 16 <= h <= 256
+
+
+def prefill_attention(q_bkgth: jax.Array, k_rksh: jax.Array, v_rksh: jax.Array,
+                      pos_bt: jax.Array) -> jax.Array:
+    """o (B, K, G, T, H): query (b, t) (pre-scaled) over cache row b's positions 0 ..
+    pos_bt[b, t], in float32 (callers check `usable` and `prefill_attention_fits` first)."""
+    out = jax.ShapeDtypeStruct(q_bkgth.shape, jnp.float32)
+    return jax.ffi.ffi_call("spark_prefill_attention", out, vmap_method="sequential")(
+        q_bkgth, k_rksh, v_rksh, pos_bt.astype(jnp.int32))
 
 
 def argmax(x_bv: jax.Array) -> jax.Array:
