@@ -17,9 +17,10 @@
 //   pos  (B, T)          s32: query (b, t) attends to cache positions 0 .. pos[b, t]
 //   out  (B, K, G, T, H) f32
 //
-// Method: a unit of work is (b, kv head, 16 consecutive queries), all G query heads of them
-// (G x 16 rows sharing every key block). Keys go by blocks of 32, transposed once per block
-// so that 4 rows' scores against 32 keys are 8 vector accumulators; then an online softmax
+// Method: the keys any query sees are first transposed by blocks of 32 (in parallel, once
+// per call). A unit of work is then (b, kv head, 16 consecutive queries), all G query heads
+// of them (G x 16 rows sharing every key block): 4 rows' scores against a block of 32 keys
+// are 8 vector accumulators; then an online softmax
 // per row (running max and sum, rescaling the row's output), and the probabilities times
 // the block's values, 4 rows at a time. Keys past a row's position get probability zero,
 // and blocks past the unit's furthest query are never read. float32 throughout: the result
@@ -140,9 +141,13 @@ inline void values4(float* const* o, const float* alpha, const float (*p)[KB], c
 // Online softmax of one row over a block: s (KB scores, the first `vis` visible) -> p, and
 // the row's running max m and sum l; returns alpha, the factor for its earlier output.
 inline float softmax_step(const float* s, int64_t vis, float* p, float& m, float& l) {
-  float mx = m;
-  for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, s[j]);
 #if SPARK_PREFILL_AVX512
+  __m512 mxv = _mm512_set1_ps(m);
+  for (int64_t j0 = 0; j0 < vis; j0 += 16) {
+    const __mmask16 keep = static_cast<__mmask16>(vis - j0 >= 16 ? 0xFFFF : (1u << (vis - j0)) - 1);
+    mxv = _mm512_mask_max_ps(mxv, keep, mxv, _mm512_loadu_ps(s + j0));
+  }
+  const float mx = _mm512_reduce_max_ps(mxv);
   const __m512 mv = _mm512_set1_ps(mx);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j0 = 0; j0 < KB; j0 += 16) {
@@ -155,6 +160,8 @@ inline float softmax_step(const float* s, int64_t vis, float* p, float& m, float
   const float alpha = _mm512_cvtss_f32(exp_neg(_mm512_set1_ps(m - mx)));
   l = l * alpha + _mm512_reduce_add_ps(sum);
 #else
+  float mx = m;
+  for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, s[j]);
   float add = 0.f;
   for (int64_t j = 0; j < KB; ++j) {
     p[j] = j < vis ? std::exp(s[j] - mx) : 0.f;
@@ -167,17 +174,17 @@ inline float softmax_step(const float* s, int64_t vis, float* p, float& m, float
   return alpha;
 }
 
+// kT: the keys of this (b, kv head) transposed by blocks, kT[(kb / KB) * H * KB + h * KB + j]
+// = k[kb + j][h] (zero past the last position any query of the call sees).
 template <int64_t H>
-void attend_unit(const float* q, const float* k, const float* v, const int32_t* pos,
+void attend_unit(const float* q, const float* kT_all, const float* v, const int32_t* pos,
                  int64_t g_n, int64_t t_n, int64_t h_n, int64_t s_n, int64_t t0, float* out) {
   const int64_t hn = H ? H : h_n;
   const int64_t nq = std::min(QB, t_n - t0);
   const int64_t rows = g_n * QB;  // row g * QB + i: head g, query t0 + i (i < nq real)
   thread_local std::vector<float> o_buf(MAX_ROWS * MAX_H);  // too big for a pool thread's stack
   thread_local std::vector<float> p_buf(MAX_ROWS * KB);
-  thread_local std::vector<float> kT_buf(MAX_H * KB);
   float* o = o_buf.data();
-  float* kT = kT_buf.data();
   float (*p)[KB] = reinterpret_cast<float (*)[KB]>(p_buf.data());
   alignas(64) float s[4][KB];
   float m[MAX_ROWS], l[MAX_ROWS], alpha[MAX_ROWS];
@@ -198,8 +205,7 @@ void attend_unit(const float* q, const float* k, const float* v, const int32_t* 
   std::memset(o, 0, rows * hn * sizeof(float));
   for (int64_t kb = 0; kb <= furthest; kb += KB) {
     const int64_t nk = std::min<int64_t>(KB, furthest + 1 - kb);
-    for (int64_t j = 0; j < KB; ++j)  // kT[h][j] = k[kb + j][h], zero past nk
-      for (int64_t h = 0; h < hn; ++h) kT[h * KB + j] = j < nk ? k[(kb + j) * hn + h] : 0.f;
+    const float* kT = kT_all + (kb / KB) * hn * KB;
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       scores4<H>(qr + r0, kT, hn, s);
       for (int i = 0; i < 4; ++i) {
@@ -259,13 +265,29 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const float* v_p = v.typed_data();
   const int32_t* pos_p = pos.typed_data();
   float* o_p = out->typed_data();
+  // Keys any query of the call sees, transposed once per (b, kv head) and block of KB
+  // (every unit of that (b, kv head) reads them), in parallel.
+  int64_t furthest = 0;
+  for (int64_t i = 0; i < b_n * t_n; ++i)
+    furthest = std::max<int64_t>(furthest, std::min<int64_t>(int64_t{pos_p[i]} + 1, s_n));
+  const int64_t k_blocks = (furthest + KB - 1) / KB;
+  std::vector<float> kT(b_n * k_n * k_blocks * h_n * KB);
+  spark::parallel_units(pool, b_n * k_n * k_blocks, pool.num_threads(), [&](int64_t u) {
+    const int64_t bk = u / k_blocks, kb = (u % k_blocks) * KB;
+    const float* src = k_p + bk * s_n * h_n;  // b * k_n + kh == bk
+    float* dst = kT.data() + u * h_n * KB;
+    const int64_t nk = std::min<int64_t>(KB, furthest - kb);
+    for (int64_t j = 0; j < KB; ++j)
+      for (int64_t h = 0; h < h_n; ++h) dst[h * KB + j] = j < nk ? src[(kb + j) * h_n + h] : 0.f;
+  });
   // Later query blocks see more keys: hand them out first, so the last units are short.
   spark::parallel_units(pool, n_units, pool.num_threads(), [&](int64_t u) {
     const int64_t qb = q_blocks - 1 - u % q_blocks, bk = u / q_blocks;
     const int64_t b = bk / k_n, kh = bk % k_n;
     const int64_t cache_off = (b * k_n + kh) * s_n * h_n;
-    unit(q_p + bk * g_n * t_n * h_n, k_p + cache_off, v_p + cache_off, pos_p + b * t_n, g_n,
-         t_n, h_n, s_n, qb * QB, o_p + bk * g_n * t_n * h_n);
+    unit(q_p + bk * g_n * t_n * h_n, kT.data() + bk * k_blocks * h_n * KB, v_p + cache_off,
+         pos_p + b * t_n, g_n, t_n, h_n, std::min(s_n, furthest), qb * QB,
+         o_p + bk * g_n * t_n * h_n);
   });
   return ffi::Error::Success();
 }
