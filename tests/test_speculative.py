@@ -163,14 +163,18 @@ def test_speculative_greedy_is_bitwise_plain_decoding(weights):
     m = spark_model.load(weights=None if weights == "f32" else weights, capacity=1280)
     ids = _prompts(m.tokenizer)
     # Ragged batches mixing both kinds; end ids switched off: 256 tokens per row.
+    # q8_0 runs one of the two batches, and the end-id and stop checks run in f32 only (the
+    # suite's time): its packed products are the case the f32 run does not cover.
     none = np.full((engine.MAX_END_IDS,), -1, np.int32)
     total_accepted = 0
-    for batch in (ids[0::2], ids[1::2]):
+    for batch in (ids[0::2], ids[1::2])[:2 if weights == "f32" else 1]:
         plain, spec, sp = _run_both(m, batch, 256, end_bk=none)
         assert plain == spec
         assert all(len(r) == 256 for r in plain)
         total_accepted += int(np.sum(sp.accepted_b))
-    assert total_accepted > 100  # the repetitive prompts really took drafts
+    assert total_accepted > (100 if weights == "f32" else 50)  # drafts really were taken
+    if weights != "f32":
+        return
 
     # End ids that fall mid-draft: each row ends at a token its plain output holds at
     # position 40 (or earlier, where that token first appears), and emits nothing after.
