@@ -47,7 +47,7 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc",
            HERE / "qmatvec.cc", HERE / "dequant.cc", HERE / "qmatmul.cc",
            HERE / "prefill_attention.cc")
-HEADERS = (HERE / "parallel.h",)
+HEADERS = (HERE / "parallel.h", HERE / "packed_args.h")
 TARGETS = {  # XLA target name -> exported symbol
     "spark_decode_attention": "SparkDecodeAttention",
     "spark_decode_attention_rows": "SparkDecodeAttentionRows", "spark_matvec": "SparkMatVec",

@@ -43,6 +43,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "packed_args.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -272,13 +273,7 @@ void round_rows(const float* x, int64_t m_n, int64_t m_pad, int64_t k_n, uint16_
 }
 #endif
 
-struct Weight {
-  const uint8_t* qs;
-  const uint16_t* d;
-  const uint16_t* m;
-  float* y;
-  int64_t n_n;
-};
+using Weight = spark::PackedWeight;
 
 ffi::Error QMatMul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
                    ffi::RemainingRets outs, int32_t fmt) {
@@ -289,31 +284,13 @@ ffi::Error QMatMul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remaining
   if (xd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: expected x (M, K)");
   const int64_t m_n = xd[0], k_n = xd[1];
   if (k_n % QK != 0) return ffi::Error::InvalidArgument("qmatmul: K is not a multiple of 32");
-  const int64_t n_w = static_cast<int64_t>(outs.size());
-  if (n_w == 0 || static_cast<int64_t>(args.size()) != 3 * n_w)
-    return ffi::Error::InvalidArgument("qmatmul: expected qs, d, m and one output per weight");
-  std::vector<Weight> ws(n_w);
+  std::vector<Weight> ws;
+  if (auto err = spark::packed_weights("qmatmul", args, outs, fmt == Q8_0, k_n, ws);
+      !err.success())
+    return err;
+  const int64_t n_w = static_cast<int64_t>(ws.size());
   std::vector<int64_t> first(n_w + 1, 0);  // first[i]: weight i's first panel
-  for (int64_t i = 0; i < n_w; ++i) {
-    auto qs = args.get<ffi::AnyBuffer>(3 * i);
-    auto d = args.get<ffi::Buffer<ffi::F16>>(3 * i + 1);
-    auto mn = args.get<ffi::Buffer<ffi::F16>>(3 * i + 2);
-    auto y = outs.get<ffi::Buffer<ffi::F32>>(i);
-    if (qs.has_error()) return qs.error();
-    if (d.has_error()) return d.error();
-    if (mn.has_error()) return mn.error();
-    if (y.has_error()) return y.error();
-    const auto qd = qs->dimensions(), dd = d->dimensions(), md = mn->dimensions();
-    if (qd.size() != 2 || dd.size() != 2 || md.size() != 2)
-      return ffi::Error::InvalidArgument("qmatmul: expected qs, d and m 2-D");
-    const int64_t n_n = qd[0];
-    if (qd[1] != (fmt == Q8_0 ? k_n : k_n / 2) || dd[0] != n_n || dd[1] != k_n / QK ||
-        md[0] != n_n || md[1] != k_n / QK)
-      return ffi::Error::InvalidArgument("qmatmul: packed weight does not match x's K");
-    ws[i] = {static_cast<const uint8_t*>(qs->untyped_data()), d->typed_data(),
-             mn->typed_data(), (*y)->typed_data(), n_n};
-    first[i + 1] = first[i] + (n_n + PANEL - 1) / PANEL;
-  }
+  for (int64_t i = 0; i < n_w; ++i) first[i + 1] = first[i] + (ws[i].n_n + PANEL - 1) / PANEL;
   if (m_n == 0 || k_n == 0) {
     for (auto& w : ws) std::fill(w.y, w.y + m_n * w.n_n, 0.f);
     return ffi::Error::Success();

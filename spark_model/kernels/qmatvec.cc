@@ -47,6 +47,7 @@
 
 #include <immintrin.h>
 
+#include "packed_args.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -288,13 +289,7 @@ void with_rows(int64_t m_n, Fn&& fn) {
 }
 
 // One weight of a call: its arrays and where its output goes.
-struct Weight {
-  const uint8_t* qs;
-  const uint16_t* d;
-  const uint16_t* m;
-  float* y;
-  int64_t n_n;
-};
+using Weight = spark::PackedWeight;
 
 void rows(const Acts& a, Fmt f, const Weight& w, int64_t m_n, int64_t k_n, int64_t n0,
           int64_t n1) {
@@ -319,31 +314,13 @@ ffi::Error QMatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remaining
   const int64_t m_n = xd[0], k_n = xd[1];
   if (m_n > MAX_M) return ffi::Error::InvalidArgument("qmatvec: more than 8 rows");
   if (k_n % QK != 0) return ffi::Error::InvalidArgument("qmatvec: K is not a multiple of 32");
-  const int64_t n_w = static_cast<int64_t>(outs.size());
-  if (n_w == 0 || static_cast<int64_t>(args.size()) != 3 * n_w)
-    return ffi::Error::InvalidArgument("qmatvec: expected qs, d, m and one output per weight");
-  std::vector<Weight> ws(n_w);
+  std::vector<Weight> ws;
+  if (auto err = spark::packed_weights("qmatvec", args, outs, f == Q8_0, k_n, ws);
+      !err.success())
+    return err;
+  const int64_t n_w = static_cast<int64_t>(ws.size());
   std::vector<int64_t> first(n_w + 1, 0);  // first[i]: row of weight i in all the rows
-  for (int64_t i = 0; i < n_w; ++i) {
-    auto qs = args.get<ffi::AnyBuffer>(3 * i);
-    auto d = args.get<ffi::Buffer<ffi::F16>>(3 * i + 1);
-    auto mn = args.get<ffi::Buffer<ffi::F16>>(3 * i + 2);
-    auto y = outs.get<ffi::Buffer<ffi::F32>>(i);
-    if (qs.has_error()) return qs.error();
-    if (d.has_error()) return d.error();
-    if (mn.has_error()) return mn.error();
-    if (y.has_error()) return y.error();
-    const auto qd = qs->dimensions(), dd = d->dimensions(), md = mn->dimensions();
-    if (qd.size() != 2 || dd.size() != 2 || md.size() != 2)
-      return ffi::Error::InvalidArgument("qmatvec: expected qs, d and m 2-D");
-    const int64_t n_n = qd[0];
-    if (qd[1] != (f == Q8_0 ? k_n : k_n / 2) || dd[0] != n_n || dd[1] != k_n / QK ||
-        md[0] != n_n || md[1] != k_n / QK)
-      return ffi::Error::InvalidArgument("qmatvec: packed weight does not match x's K");
-    ws[i] = {static_cast<const uint8_t*>(qs->untyped_data()), d->typed_data(),
-             mn->typed_data(), (*y)->typed_data(), n_n};
-    first[i + 1] = first[i] + n_n;
-  }
+  for (int64_t i = 0; i < n_w; ++i) first[i + 1] = first[i] + ws[i].n_n;
   const int64_t total = first[n_w];
   if (m_n == 0 || total == 0) return ffi::Error::Success();
   thread_local Acts acts;  // reused between calls: no allocation per decode step
