@@ -5,7 +5,8 @@ For SmolLM2-135M's matrix shapes (N out, K in): (1536, 576) gate/up, (576, 1536)
 products inside one compiled loop (so dispatch is excluded) and reports, per format, the
 time per product, the bytes it reads (packed quants + scales, `PackedWeight.nbytes`) per
 second, and the speedup over the f32 `kernels.linear` on the same shape (the faster of the
-two weight orientations the model uses). Not a test: figures depend on the machine's load.
+two weight orientations the model uses). Each format runs in the row layout and in the
+interleaved one a loaded model uses (`quant.interleave`; "q4_1/16"). Not a test: figures depend on the machine's load.
 
     python -m eval.bench_quant [--runs 5] [--json out.json]
 """
@@ -54,7 +55,11 @@ def bench(runs: int = 5, log=print) -> list[dict]:
     for n_n, k_n in SHAPES:
         w = (rng.standard_normal((n_n, k_n)) * 0.02).astype(np.float32)
         w_nk, w_kn = jnp.asarray(w), jnp.asarray(np.ascontiguousarray(w.T))
-        packed = {f: jax.tree.map(jnp.asarray, quant.quantize(w, f)) for f in quant.FORMATS}
+        packed = {}
+        for f in quant.FORMATS:  # each format in the row layout, then interleaved (rows/16)
+            pw = quant.quantize(w, f)
+            packed[f] = jax.tree.map(jnp.asarray, pw)
+            packed[f + "/16"] = jax.tree.map(jnp.asarray, quant.interleave(pw))
         for m in ROWS:
             x = jnp.asarray(rng.standard_normal((m, k_n)).astype(np.float32))
             f32_bytes = n_n * k_n * 4
@@ -70,7 +75,7 @@ def bench(runs: int = 5, log=print) -> list[dict]:
                                  bytes=pw.nbytes, gb_per_s=pw.nbytes / t / 1e9,
                                  speedup=t_f32 / t))
             for r in rows:
-                log(f"N={n_n:>6} K={k_n:>5} M={m}  {r['format']:>5}: "
+                log(f"N={n_n:>6} K={k_n:>5} M={m}  {r['format']:>8}: "
                     f"{r['seconds'] * 1e6:9.1f} us  {r['bytes'] / 2**20:7.2f} MiB  "
                     f"{r['gb_per_s']:6.1f} GB/s  x{r['speedup']:.2f} vs f32")
             out.extend(rows)

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from spark_model import chat as chat_format
-from spark_model import checkpoint, engine, generation, scoring, stops
+from spark_model import checkpoint, engine, generation, kernels, packing, scoring, stops
 from spark_model import draft_model as draft_mod
 from spark_model import speculative as speculative_mod
 from spark_model import fim as fim_tokens
@@ -82,6 +82,8 @@ class SparkModel:
         # ...): the model's own end ids first, then those, as many as the engine takes.
         self._fim_end_vec = None if fim is None else generation.end_id_vector(
             _merged(tokenizer.end_ids, fim.stops)[:engine.MAX_END_IDS], model.cfg.vocab_size)
+        if jax.default_backend() == "cpu" and kernels.available():
+            model = packing.interleave_model(model)  # the decode kernel's layout, same bytes
         self.model = model
         self.tokenizer = tokenizer
         self.path = path

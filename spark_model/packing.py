@@ -199,7 +199,9 @@ def permute_rows(w: PackedWeight, order: np.ndarray) -> PackedWeight:
     """The packed matrix with its rows (outputs) reordered: row i becomes row order[i].
 
     Each row holds whole blocks, so a row permutation moves bytes and never requantizes.
+    The result has the row layout.
     """
+    w = quant.deinterleave(w)
     return PackedWeight(w.fmt, np.ascontiguousarray(np.asarray(w.qs)[order]),
                         np.ascontiguousarray(np.asarray(w.d)[order]),
                         None if w.m is None else np.ascontiguousarray(np.asarray(w.m)[order]))
@@ -213,3 +215,19 @@ def convert_model(model: Any, fmt: str | None, notes: list[str] | None = None) -
 
     flat = convert(flat_params(model), param_shapes(model.cfg), fmt, notes)
     return model_from_flat(model.cfg, flat)
+
+
+def interleave_model(model: Any) -> Any:
+    """The Transformer with each packed matrix whose N is a multiple of 16 in the interleaved
+    layout the decode kernel reads fastest (`quant.interleave`; the same bytes), the others
+    as they are. Saving and exporting write the row layout again."""
+    from spark_model.checkpoint import flat_params, model_from_flat
+
+    def wanted(v: Any) -> bool:
+        return is_packed(v) and not v.interleaved and v.shape[0] % quant.GROUP == 0
+
+    flat = flat_params(model)
+    if not any(wanted(v) for v in flat.values()):
+        return model
+    return model_from_flat(model.cfg, {k: quant.interleave(v) if wanted(v) else v
+                                       for k, v in flat.items()})

@@ -20,6 +20,18 @@ so a product reads, per weight, 1 + 2/32 = 1.0625 bytes (q8_0), 0.5 + 2/32 = 0.5
 or 0.5 + 4/32 = 0.625 (q4_1) — the GGUF sizes, and what a bandwidth roofline counts
 (`bytes_per_weight`). f32 reads 4.
 
+For the decode kernel, `interleave` regroups the same bytes of a matrix whose N is a multiple
+of 16 into groups of 16 rows, so that one vector instruction reads 4 bytes of the same block
+of each of 16 rows (spark_model/kernels/packed_args.h):
+
+  qs  (N/16, K/32, C, 16, 4): chunk t of (group g, block b) holds bytes 4t .. 4t+3 of the
+      block of each row of the group (C = 8 chunks of a q8_0 block, 4 of a 4-bit one)
+  d   (N/16, K/32, 16), m likewise
+
+`PackedWeight.interleaved` tells the layouts apart (by qs's rank); `deinterleave` is the
+inverse, and everything that reads or writes blocks (`dequantize`, `to_gguf_blocks`,
+`take_rows`) accepts both. Files and checkpoints always hold the row layout.
+
 `quantize` reproduces ggml's reference quantizer bit for bit (the `gguf` package's Python
 port is the reference): q8_0 rounds half away from zero with d = amax/127; q4_0 takes the
 signed value of largest magnitude (first on ties) as -8 d and truncates q*1/d + 8.5;
@@ -41,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BLOCK = 32  # weights per block, every format
+GROUP = 16  # rows per group of the interleaved layout
 
 
 class QuantError(ValueError):
@@ -110,8 +123,16 @@ class PackedWeight:
     m: Any = None  # (N, K/32) float16, q4_1 only
 
     @property
+    def interleaved(self) -> bool:
+        """Whether the arrays hold the interleaved layout (groups of 16 rows), not rows."""
+        return len(self.qs.shape) == 5
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(N, K): the shape of the dense matrix."""
+        if self.interleaved:
+            groups, nb = self.qs.shape[:2]
+            return groups * GROUP, nb * BLOCK
         n_n, cols = self.qs.shape
         return n_n, cols * 8 // FORMATS[self.fmt].bits
 
@@ -170,8 +191,56 @@ def from_gguf_blocks(raw: np.ndarray, fmt: str, shape: Any, *,
     return PackedWeight(f.name, qs, d, m)
 
 
+def interleave(w: PackedWeight) -> PackedWeight:
+    """`w` in the interleaved layout (module docstring): the same bytes, regrouped (NumPy).
+
+    N must be a multiple of 16; an interleaved weight comes back as it is.
+    """
+    if w.interleaved:
+        return w
+    f = get_format(w.fmt)
+    n_n, k_n = w.shape
+    if n_n % GROUP:
+        raise QuantError(f"interleave: {n_n} rows are not a multiple of {GROUP}")
+    g, nb, c = n_n // GROUP, k_n // BLOCK, f.bits  # 4-byte chunks per block: 8 or 4
+    qs = np.asarray(w.qs).reshape(g, GROUP, nb, c, 4).transpose(0, 2, 3, 1, 4)
+
+    def scales(a):
+        return None if a is None else np.ascontiguousarray(
+            np.asarray(a).reshape(g, GROUP, nb).transpose(0, 2, 1))
+    return PackedWeight(w.fmt, np.ascontiguousarray(qs), scales(w.d), scales(w.m))
+
+
+def deinterleave(w: PackedWeight, xp: Any = np) -> PackedWeight:
+    """`w` in the row layout (`interleave`'s inverse); `xp` is numpy or jax.numpy."""
+    if not w.interleaved:
+        return w
+    n_n, k_n = w.shape
+    g, nb = n_n // GROUP, k_n // BLOCK
+    qs = xp.transpose(w.qs, (0, 3, 1, 2, 4)).reshape(n_n, -1)
+
+    def scales(a):
+        return None if a is None else xp.transpose(a, (0, 2, 1)).reshape(n_n, nb)
+    return PackedWeight(w.fmt, qs, scales(w.d), scales(w.m))
+
+
+def take_rows(w: PackedWeight, ids: jax.Array) -> PackedWeight:
+    """Rows `ids` (a 1-D integer array) of `w`, in the row layout (traceable): how an
+    embedding lookup reads a packed table."""
+    if not w.interleaved:
+        return jax.tree.map(lambda a: jnp.take(jnp.asarray(a), ids, axis=0), w)
+    n_n, k_n = w.shape
+    g, j = ids // GROUP, ids % GROUP
+    qs = jnp.asarray(w.qs)[g, :, :, j, :].reshape(ids.shape[0], -1)  # (n, nb, C, 4)
+
+    def scales(a):
+        return None if a is None else jnp.asarray(a)[g, :, j]
+    return PackedWeight(w.fmt, qs, scales(w.d), scales(w.m))
+
+
 def to_gguf_blocks(w: PackedWeight) -> np.ndarray:
     """The GGUF block bytes of `w`: (N, K/32 * block_bytes) uint8 (`from_gguf_blocks`'s inverse)."""
+    w = deinterleave(w)
     f = get_format(w.fmt)
     n_n, k_n = w.shape
     nb = k_n // BLOCK
@@ -240,6 +309,7 @@ def _unpack_nibbles(qs: Any, n_n: int, k_n: int, xp: Any) -> Any:
 
 
 def _dequantize(w: PackedWeight, xp: Any) -> Any:
+    w = deinterleave(w, xp)
     f = get_format(w.fmt)
     n_n, k_n = w.shape
     d = w.d.astype(xp.float32)[..., None]

@@ -37,8 +37,7 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(self.cfg.dtype)
         table = self.embed.get_value()
         if isinstance(table, quant.PackedWeight):  # gather the rows, expand only those
-            rows = jax.tree.map(lambda a: jnp.take(a, tokens_bt.reshape(-1), axis=0), table)
-            x = quant.dequantize_jnp(rows)
+            x = quant.dequantize_jnp(quant.take_rows(table, tokens_bt.reshape(-1)))
             return x.reshape(*tokens_bt.shape, x.shape[-1]).astype(dt)
         return jnp.take(table, tokens_bt, axis=0).astype(dt)
 

@@ -151,11 +151,47 @@ def _emulated(x: np.ndarray, w64: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("n,k", [(37, 32), (1001, 64), (300, 96), (37, 4096)])
-def test_packed_product_kernel_fallback_and_float64_agree(fmt, n, k):
+def test_interleaved_layout_holds_the_same_blocks(fmt):
+    """quant.interleave regroups the bytes of 16 rows (what a loaded model holds for the
+    decode kernel): the same dense matrix, the same GGUF blocks, rows taken for an
+    embedding lookup alike, and deinterleave gives the arrays back."""
+    packed = _random_packed(fmt, 48, 96, seed=12)
+    inter = quant.interleave(packed)
+    assert inter.interleaved and not packed.interleaved
+    assert inter.shape == packed.shape == (48, 96) and inter.nbytes == packed.nbytes
+    assert inter.qs.shape == (3, 3, 8 if fmt == "q8_0" else 4, 16, 4)
+    np.testing.assert_array_equal(quant.dequantize(inter), quant.dequantize(packed))
+    np.testing.assert_array_equal(quant.to_gguf_blocks(inter), quant.to_gguf_blocks(packed))
+    back = quant.deinterleave(inter)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(packed)):
+        np.testing.assert_array_equal(a, b)
+    assert quant.interleave(inter) is inter
+    ids = jnp.asarray([47, 0, 16, 5, 5, 31])
+    for w in (packed, inter):
+        rows = quant.dequantize_jnp(quant.take_rows(jax.tree.map(jnp.asarray, w), ids))
+        np.testing.assert_array_max_ulp(np.asarray(rows),
+                                        quant.dequantize(packed)[np.asarray(ids)], 1)
+    jit_inter = jax.tree.map(jnp.asarray, inter)  # the XLA fallback reads it too
+    x = jnp.asarray(_activations(3, 96, seed=13))
+    np.testing.assert_array_equal(
+        np.asarray(quant.packed_linear(x, jit_inter)),
+        np.asarray(quant.packed_linear(x, jax.tree.map(jnp.asarray, packed))))
+    with pytest.raises(quant.QuantError, match="40 rows are not a multiple of 16"):
+        quant.interleave(_random_packed(fmt, 40, 32, seed=1))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("n,k,layout", [(37, 32, "rows"), (1001, 64, "rows"),
+                                        (300, 96, "rows"), (37, 4096, "rows"),
+                                        (48, 32, "interleaved"), (1008, 64, "interleaved"),
+                                        (32, 4096, "interleaved")])
+def test_packed_product_kernel_fallback_and_float64_agree(fmt, n, k, layout):
     packed = _random_packed(fmt, n, k, seed=k + n)
+    if layout == "interleaved":  # the reference below reads the rows; the kernel these
+        packed = quant.interleave(packed)
     w64 = quant.dequantize(packed).astype(np.float64)
-    mins = (np.asarray(packed.m, np.float64) if packed.m is not None
+    rows = quant.deinterleave(packed)
+    mins = (np.asarray(rows.m, np.float64) if rows.m is not None
             else np.zeros((n, k // quant.BLOCK)))
     x = _activations(8, k, seed=k)
     x64 = x.astype(np.float64)
@@ -205,7 +241,7 @@ def test_quantized_real_weights_product(fmt):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("m,n,k", [(9, 37, 32), (33, 300, 96), (100, 64, 4096), (64, 1001, 64)])
+@pytest.mark.parametrize("m,n,k", [(9, 37, 32), (33, 304, 96), (100, 64, 4096), (64, 1001, 64)])
 def test_many_row_product_on_amx_tiles(fmt, m, n, k, monkeypatch):
     """qmatmul.cc (rows past 8, where the CPU has AMX) on random blocks with extreme scales
     and zero blocks, ragged in rows and columns: within its bound of the float64 product,
@@ -220,6 +256,10 @@ def test_many_row_product_on_amx_tiles(fmt, m, n, k, monkeypatch):
     x64 = x.astype(np.float64)
     got = np.asarray(jax.jit(kernels.packed_linear)(jnp.asarray(x), pj))
     assert (np.abs(got - x64 @ w64.T) <= _amx_bound(x64, w64)).all()
+    if n % 16 == 0:  # the interleaved layout expands to the same tiles
+        inter = jax.tree.map(jnp.asarray, quant.interleave(packed))
+        np.testing.assert_array_equal(
+            np.asarray(jax.jit(kernels.packed_linear)(jnp.asarray(x), inter)), got)
     w32 = w64.astype(np.float32)
     hi = _bf16(w32)
     xr, wr = _bf16(x), hi + _bf16((w32 - hi).astype(np.float32))
@@ -240,7 +280,9 @@ def test_weights_sharing_x_in_one_call_match_separate_calls():
     rng = np.random.default_rng(7)
     ws = [jax.tree.map(jnp.asarray, quant.quantize(
         rng.standard_normal((n, 96)).astype(np.float32), fmt))
-        for n, fmt in [(40, "q4_1"), (7, "q8_0"), (130, "q4_1"), (1, "q4_1"), (33, "q4_0")]]
+        for n, fmt in [(40, "q4_1"), (7, "q8_0"), (130, "q4_1"), (1, "q4_1"), (33, "q4_0"),
+                       (48, "q4_1"), (32, "q8_0")]]
+    ws[5:] = [quant.interleave(w) for w in ws[5:]]  # layouts mixed too
     x = _activations(8, 96, seed=8)
     many = jax.jit(kernels.packed_linear_many)
     one = jax.jit(kernels.packed_linear)
@@ -251,7 +293,7 @@ def test_weights_sharing_x_in_one_call_match_separate_calls():
             np.testing.assert_array_equal(np.asarray(y).view(np.uint32),
                                           np.asarray(want).view(np.uint32))
     text = jax.jit(kernels.packed_linear_many).lower(jnp.asarray(x[:1]), ws).as_text()
-    assert text.count("spark_qmatvec") == 3  # one call per format
+    assert text.count("spark_qmatvec") == 5  # one call per format and layout
 
 
 def test_bad_inputs_get_one_line_errors():
@@ -305,6 +347,11 @@ def test_native_dequantize_gives_the_reference_values(fmt, monkeypatch):
         np.testing.assert_array_max_ulp(got, want, 1)
     else:
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    inter = quant.interleave(_random_packed(fmt, 48, 4096, seed=9))  # the other layout
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(kernels.dequantize)(jax.tree.map(jnp.asarray, inter))),
+        np.asarray(jax.jit(kernels.dequantize)(
+            jax.tree.map(jnp.asarray, quant.deinterleave(inter)))))
     w = _weights(300, 96, seed=10)
     pw = jax.tree.map(jnp.asarray, quant.quantize(w, fmt))
     w64 = quant.dequantize(pw).astype(np.float64)

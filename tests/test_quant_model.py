@@ -75,8 +75,12 @@ def test_packed_forward_matches_float64_reference(fmt, tie, bias, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-def test_embedding_expands_only_the_gathered_rows_exactly(fmt):
-    packed = packing.convert_model(init_model(CFG, seed=2), fmt)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_embedding_expands_only_the_gathered_rows_exactly(fmt, interleaved):
+    packed = packing.convert_model(init_model(CFG.replace(vocab_size=112), seed=2), fmt)
+    if interleaved:  # as a loaded model holds it
+        packed = packing.interleave_model(packed)
+        assert flat_params(packed)["embed"].interleaved
     tokens = jnp.asarray([[5, 0, 96, 5], [1, 2, 3, 4]])
     got = np.asarray(jax.jit(lambda m, t: m.embed_tokens(t))(packed, tokens))
     table = quant.dequantize(flat_params(packed)["embed"])
@@ -148,6 +152,8 @@ def test_load_quantizes_a_float_checkpoint_and_dequantizes_a_packed_one(tmp_path
     path = spark_model.SparkModel(small_model, small_tokenizer).save(tmp_path / "f32")
     q = spark_model.load(path, weights="q8_0", capacity=64)
     assert q.weights == "q8_0" and q.source_info["weights"] == "q8_0"
+    if kernels.usable(jnp.zeros((1,), jnp.float32)):  # held for the decode kernel
+        assert flat_params(q.model)["blocks.0.mlp.up"].interleaved
     want = packing.convert_model(small_model, "q8_0")
     for name, value in flat_params(want).items():
         got = flat_params(q.model)[name]

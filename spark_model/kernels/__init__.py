@@ -331,8 +331,9 @@ def packed_linear_many(x_mk: jax.Array, ws: Sequence) -> list[jax.Array]:
         return [jnp.einsum("mk,nk->mn", x_mk, dequantize(w, after=x_mk)) for w in ws]
     target = "spark_qmatmul" if many else "spark_qmatvec"
     out: list = [None] * len(ws)
-    for fmt in dict.fromkeys(w.fmt for w in ws):  # one call per format, in first-seen order
-        idx = [i for i, w in enumerate(ws) if w.fmt == fmt]
+    # One call per format and layout, in first-seen order.
+    for fmt, inter in dict.fromkeys((w.fmt, w.interleaved) for w in ws):
+        idx = [i for i, w in enumerate(ws) if (w.fmt, w.interleaved) == (fmt, inter)]
         shapes = tuple(jax.ShapeDtypeStruct((x_mk.shape[0], ws[i].shape[0]), jnp.float32)
                        for i in idx)
         # The kernel reads m for q4_1 only; the other formats pass d in its place.

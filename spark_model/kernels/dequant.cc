@@ -7,7 +7,7 @@
 // matrices, which made a q4_1 prefill slower than the float32 one; this one runs at memory
 // speed, on all intra-op threads.
 //
-//   SparkDequantize: qs, d (N, K/32) f16, m (N, K/32) f16 (d again unless q4_1), after (any
+//   SparkDequantize: qs, d, m (d again unless q4_1; a layout of packed_args.h), after (any
 //                    array, not read: it orders the expansion after the activations it
 //                    serves; see kernels.dequantize), attr fmt
 //                    -> w (N, K) f32, the values quant.dequantize gives: d q (q8_0),
@@ -22,6 +22,7 @@
 
 #include <immintrin.h>
 
+#include "packed_args.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -54,25 +55,26 @@ inline float half(uint16_t h) {  // IEEE binary16 -> float, exactly
 }
 
 // Rows [n0, n1) of the (N, K) output.
-void expand(Fmt f, const uint8_t* qs, const uint16_t* d, const uint16_t* mn, float* out,
-            int64_t k_n, int64_t n0, int64_t n1) {
+void expand(Fmt f, const spark::PackedWeight& w, float* out, int64_t k_n, int64_t n0,
+            int64_t n1) {
   const int64_t nb = k_n / QK;
-  const int64_t row_bytes = f == Q8_0 ? k_n : k_n / 2;
+  uint8_t buf[QK];
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* q = qs + n * row_bytes;
     float* o = out + n * k_n;
     for (int64_t b = 0; b < nb; ++b, o += QK) {
-      const float dv = half(d[n * nb + b]);
-      const float mv = f == Q4_1 ? half(mn[n * nb + b]) : 0.f;
+      const uint8_t* q = w.block(n, b, buf);
+      const int64_t sb = w.scale_index(n, b);
+      const float dv = half(w.d[sb]);
+      const float mv = f == Q4_1 ? half(w.m[sb]) : 0.f;
 #if SPARK_DEQUANT_AVX512
       const __m512 vd = _mm512_set1_ps(dv);
       __m512i lo, hi;  // the block's 32 quants as int32, in weight order
       if (f == Q8_0) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * QK));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
         lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(v));
         hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1));
       } else {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * QK / 2));
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
         const __m128i low4 = _mm_set1_epi8(0x0F);
         lo = _mm512_cvtepu8_epi32(_mm_and_si128(v, low4));
         hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low4));
@@ -95,9 +97,9 @@ void expand(Fmt f, const uint8_t* qs, const uint16_t* d, const uint16_t* mn, flo
       for (int64_t j = 0; j < QK; ++j) {
         int32_t v;
         if (f == Q8_0) {
-          v = static_cast<int8_t>(q[b * QK + j]);
+          v = static_cast<int8_t>(q[j]);
         } else {
-          const uint8_t byte = q[b * QK / 2 + (j & 15)];
+          const uint8_t byte = q[j & 15];
           v = (j < 16 ? byte & 0x0F : byte >> 4) - (f == Q4_0 ? 8 : 0);
         }
         o[j] = dv * static_cast<float>(v) + mv;
@@ -112,24 +114,22 @@ ffi::Error Dequantize(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::Buffer<ffi::
                       ffi::ResultBuffer<ffi::F32> out) {
   if (fmt < Q8_0 || fmt > Q4_1) return ffi::Error::InvalidArgument("dequantize: unknown format");
   const Fmt f = static_cast<Fmt>(fmt);
-  const auto qd = qs.dimensions(), dd = d.dimensions(), md = mn.dimensions(),
-             od = out->dimensions();
-  if (qd.size() != 2 || dd.size() != 2 || md.size() != 2 || od.size() != 2)
-    return ffi::Error::InvalidArgument("dequantize: expected 2-D arrays");
-  const int64_t n_n = dd[0], k_n = dd[1] * QK;
-  if (qd[0] != n_n || qd[1] != (f == Q8_0 ? k_n : k_n / 2) || md[0] != n_n ||
-      md[1] != dd[1] || od[0] != n_n || od[1] != k_n)
-    return ffi::Error::InvalidArgument("dequantize: arrays of one weight do not match");
+  spark::PackedWeight w;
+  if (auto err = spark::packed_weight("dequantize", qs, d, mn, f == Q8_0, -1, w);
+      !err.success())
+    return err;
+  const int64_t n_n = w.n_n, k_n = w.nb * QK;
+  const auto od = out->dimensions();
+  if (od.size() != 2 || od[0] != n_n || od[1] != k_n)
+    return ffi::Error::InvalidArgument("dequantize: the output does not match the weight");
   if (n_n == 0 || k_n == 0) return ffi::Error::Success();
   int64_t units = 1;
   if (n_n * k_n >= SERIAL_BELOW)
     units = std::clamp<int64_t>(4 * pool.num_threads(), 1,
                                 std::max<int64_t>(n_n / MIN_ROWS_PER_UNIT, 1));
-  const auto* q = static_cast<const uint8_t*>(qs.untyped_data());
   spark::parallel_units(pool, units, std::min<int64_t>(units, pool.num_threads()),
                         [&](int64_t u) {
-    expand(f, q, d.typed_data(), mn.typed_data(), out->typed_data(), k_n, n_n * u / units,
-           n_n * (u + 1) / units);
+    expand(f, w, out->typed_data(), k_n, n_n * u / units, n_n * (u + 1) / units);
   });
   return ffi::Error::Success();
 }
@@ -139,9 +139,9 @@ ffi::Error Dequantize(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::Buffer<ffi::
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkDequantize, Dequantize,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // qs (N, K) s8 / (N, K/2) u8
-                                  .Arg<ffi::Buffer<ffi::F16>>()  // d (N, K/32)
-                                  .Arg<ffi::Buffer<ffi::F16>>()  // m (N, K/32), or d again
+                                  .Arg<ffi::AnyBuffer>()         // qs, d, m: a layout of
+                                  .Arg<ffi::Buffer<ffi::F16>>()  // packed_args.h (m: d
+                                  .Arg<ffi::Buffer<ffi::F16>>()  // again unless q4_1)
                                   .Arg<ffi::AnyBuffer>()         // after: not read
                                   .Attr<int32_t>("fmt")          // 0 q8_0, 1 q4_0, 2 q4_1
                                   .Ret<ffi::Buffer<ffi::F32>>());  // (N, K)

@@ -8,7 +8,7 @@
 // 16 x 32 by 32 x 16 bfloat16 tiles into float32 accumulators in one instruction.
 //
 //   SparkQMatMul: x (M, K) f32, then for each of W weights of one format (attr fmt) qs_i,
-//                 d_i (N_i, K/32) f16, m_i (N_i, K/32) f16 (d again unless q4_1)
+//                 d_i, m_i (d again unless q4_1) in a layout of packed_args.h
 //                 -> y_i (M, N_i) f32, y_i[r, n] ~ sum_k x[r, k] w_i[n, k].
 //   SparkAmxReady(): 1 where this library was built with AMX and the kernel grants the
 //                 process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM), else 0.
@@ -102,21 +102,22 @@ inline __m512i to_pairs(__m512 lo, __m512 hi) {
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
-// Block b of weight row n, expanded to float32 (lo: weights 0..15, hi: 16..31).
+// Block b of weight row n (either layout), expanded to float32 (lo: weights 0..15, hi:
+// 16..31).
 template <Fmt F>
-inline void expand_block(const uint8_t* qs, const uint16_t* d, const uint16_t* mn,
-                         int64_t row_bytes, int64_t nb, int64_t n, int64_t b, __m512& lo_f,
+inline void expand_block(const spark::PackedWeight& w, int64_t n, int64_t b, __m512& lo_f,
                          __m512& hi_f) {
-  const __m512 vd = _mm512_set1_ps(_cvtsh_ss(d[n * nb + b]));
+  alignas(32) uint8_t buf[QK];
+  const uint8_t* q = w.block(n, b, buf);
+  const int64_t sb = w.scale_index(n, b);
+  const __m512 vd = _mm512_set1_ps(_cvtsh_ss(w.d[sb]));
   __m512i lo, hi;
   if constexpr (F == Q8_0) {
-    const __m256i v = _mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(qs + n * row_bytes + b * QK));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
     lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(v));
     hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1));
   } else {  // byte j of a block holds weight j (low nibble) and weight j + 16 (high)
-    const __m128i v = _mm_loadu_si128(
-        reinterpret_cast<const __m128i*>(qs + n * row_bytes + b * QK / 2));
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
     const __m128i low4 = _mm_set1_epi8(0x0F);
     lo = _mm512_cvtepu8_epi32(_mm_and_si128(v, low4));
     hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low4));
@@ -128,7 +129,7 @@ inline void expand_block(const uint8_t* qs, const uint16_t* d, const uint16_t* m
   lo_f = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(lo));
   hi_f = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(hi));
   if constexpr (F == Q4_1) {
-    const __m512 vm = _mm512_set1_ps(_cvtsh_ss(mn[n * nb + b]));
+    const __m512 vm = _mm512_set1_ps(_cvtsh_ss(w.m[sb]));
     lo_f = _mm512_add_ps(lo_f, vm);
     hi_f = _mm512_add_ps(hi_f, vm);
   }
@@ -176,10 +177,8 @@ inline void split(__m512 w, __m512& hi, __m512& lo) {
 // (w[n0 + 16 t + c, 32 s + 2 r], w[..., 32 s + 2 r + 1]), the layout in which the tile
 // product reads its second operand.
 template <Fmt F>
-void pack_panel(const uint8_t* qs, const uint16_t* d, const uint16_t* mn, int64_t n_n,
-                int64_t k_n, int64_t n0, uint32_t* panel) {
-  const int64_t nb = k_n / QK;
-  const int64_t row_bytes = F == Q8_0 ? k_n : k_n / 2;
+void pack_panel(const spark::PackedWeight& w, int64_t k_n, int64_t n0, uint32_t* panel) {
+  const int64_t nb = k_n / QK, n_n = w.n_n;
   __m512i hi_rows[TILE], lo_rows[TILE];
   for (int64_t b = 0; b < nb; ++b) {
     for (int64_t t = 0; t < 2; ++t) {
@@ -188,7 +187,7 @@ void pack_panel(const uint8_t* qs, const uint16_t* d, const uint16_t* mn, int64_
         hi_rows[c] = lo_rows[c] = _mm512_setzero_si512();
         if (n < n_n) {
           __m512 lo, hi, lo_h, lo_l, hi_h, hi_l;
-          expand_block<F>(qs, d, mn, row_bytes, nb, n, b, lo, hi);
+          expand_block<F>(w, n, b, lo, hi);
           split(lo, lo_h, lo_l);
           split(hi, hi_h, hi_l);
           hi_rows[c] = to_pairs(lo_h, hi_h);
@@ -307,9 +306,9 @@ ffi::Error QMatMul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remaining
     const int64_t n0 = (u - first[i]) * PANEL;
     thread_local std::vector<uint32_t> panel;
     panel.resize(k_n / QK * 4 * TILE * TILE);
-    if (f == Q8_0) pack_panel<Q8_0>(w.qs, w.d, w.m, w.n_n, k_n, n0, panel.data());
-    else if (f == Q4_0) pack_panel<Q4_0>(w.qs, w.d, w.m, w.n_n, k_n, n0, panel.data());
-    else pack_panel<Q4_1>(w.qs, w.d, w.m, w.n_n, k_n, n0, panel.data());
+    if (f == Q8_0) pack_panel<Q8_0>(w, k_n, n0, panel.data());
+    else if (f == Q4_0) pack_panel<Q4_0>(w, k_n, n0, panel.data());
+    else pack_panel<Q4_1>(w, k_n, n0, panel.data());
     configure_tiles();  // per thread, and cheap next to a panel's products
     panel_product(xb.data(), m_n, m_pad, k_n, panel.data(), w.y, w.n_n, n0);
     _tile_release();
@@ -326,6 +325,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparkQMatMul, QMatMul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x (M, K)
-                                  .RemainingArgs()  // per weight: qs, d, m as in qmatvec.cc
+                                  .RemainingArgs()  // per weight: qs, d, m (packed_args.h)
                                   .RemainingRets()  // per weight: (M, N) f32
                                   .Attr<int32_t>("fmt"));  // 0 q8_0, 1 q4_0, 2 q4_1
