@@ -290,6 +290,18 @@ void groups_vnni(const BlockActs& a, const Weight& w, int64_t k_n, int64_t g0, i
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* p = w.qs + gb * C * 64;
+      // Ask for the bytes 2 KiB ahead (into L2): a core's own stream of misses does not keep
+      // enough requests in flight to cover DRAM's latency. Reading 95 MB of q4_1 matrices in
+      // a loop on 2 threads went from 13.5 to 27-34 GB/s (standalone timing loop); the
+      // addresses past the weight's end are only hints, never read.
+      constexpr int64_t AHEAD = 2048 / (C * 64);  // (group, block)s ahead
+      for (int t = 0; t < C; ++t)
+        _mm_prefetch(reinterpret_cast<const char*>(p + AHEAD * C * 64 + t * 64), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w.d + (gb + AHEAD) * spark::GROUP),
+                   _MM_HINT_T1);
+      if constexpr (F == Q4_1)
+        _mm_prefetch(reinterpret_cast<const char*>(w.m + (gb + AHEAD) * spark::GROUP),
+                     _MM_HINT_T1);
       // u[t] pairs with activations 4t .. 4t+3 of the block (q8_0: q + 128; 4-bit: the low
       // nibbles for t < 4, the high ones, weights 16 + 4(t - 4) .., for t >= 4).
       __m512i u[U];
