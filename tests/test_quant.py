@@ -213,6 +213,14 @@ def test_packed_product_kernel_fallback_and_float64_agree(fmt, n, k, layout):
         for i in range(m):
             one = np.asarray(run(jnp.asarray(x[i:i + 1]), pj))[0]
             np.testing.assert_array_equal(native[m][i].view(np.uint32), one.view(np.uint32))
+    if packed.interleaved:  # a short prompt's rows stay on qmatvec.cc, in passes of 8
+        many = np.concatenate([x] * 5 + [x[:3]])  # 43 rows
+        assert "spark_qmatvec" in jax.jit(kernels.packed_linear).lower(
+            jnp.asarray(many), pj).as_text()
+        got = np.asarray(run(jnp.asarray(many), pj))
+        for i in range(len(many)):
+            np.testing.assert_array_equal(got[i].view(np.uint32),
+                                          native[8][i % 8].view(np.uint32))
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -256,10 +264,14 @@ def test_many_row_product_on_amx_tiles(fmt, m, n, k, monkeypatch):
     x64 = x.astype(np.float64)
     got = np.asarray(jax.jit(kernels.packed_linear)(jnp.asarray(x), pj))
     assert (np.abs(got - x64 @ w64.T) <= _amx_bound(x64, w64)).all()
-    if n % 16 == 0:  # the interleaved layout expands to the same tiles
+    if n % 16 == 0:  # the interleaved layout expands to the same tiles (where it takes
+        # them: up to QMATVEC_ROWS rows it stays on qmatvec.cc)
         inter = jax.tree.map(jnp.asarray, quant.interleave(packed))
+        monkeypatch.setattr(kernels, "QMATVEC_ROWS", kernels.MAX_ROWS)
         np.testing.assert_array_equal(
-            np.asarray(jax.jit(kernels.packed_linear)(jnp.asarray(x), inter)), got)
+            np.asarray(jax.jit(lambda a, b: kernels.packed_linear(a, b))(jnp.asarray(x),
+                                                                         inter)), got)
+        monkeypatch.undo()
     w32 = w64.astype(np.float32)
     hi = _bf16(w32)
     xr, wr = _bf16(x), hi + _bf16((w32 - hi).astype(np.float32))

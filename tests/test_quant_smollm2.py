@@ -2,8 +2,10 @@
 dequantized model, and greedy decoding through the packed kernels (slow; skipped without
 the file)."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import spark_model
 from spark_model import kernels, packing, quant
@@ -15,7 +17,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"no SmolLM2 GGUF at {SMOLLM2}")]
 
 
-def test_smollm2_loads_packed_and_decodes_like_its_dequantized_forward():
+def test_smollm2_loads_packed_and_decodes_like_its_dequantized_forward(monkeypatch):
     from gguf import GGUFReader
 
     m = spark_model.load(SMOLLM2, capacity=512)
@@ -41,9 +43,16 @@ def test_smollm2_loads_packed_and_decodes_like_its_dequantized_forward():
     clear = top2[:, 1] - top2[:, 0] > 0.5
     assert clear.mean() > 0.5
     np.testing.assert_array_equal(np.asarray(new)[clear], logits[at].argmax(-1)[clear])
-    # The packed model's own full forward is the dequantized one's: to float rounding
-    # through the float32 expansion; where its products run on AMX tiles (activations
-    # rounded to bfloat16), within 1% of the largest logit (0.8% measured).
+    # The packed model's own full forward is the dequantized one's. Up to QMATVEC_ROWS
+    # tokens its products run as a decode step's do (activations rounded to 8 bits per
+    # block): within 5% of the largest logit (3.6% measured), the same top token where the
+    # reference's is clear.
     ours = np.asarray(m.logits(seq[None]))[0]
+    np.testing.assert_allclose(ours, logits, atol=0.05 * np.abs(logits).max(), rtol=0)
+    np.testing.assert_array_equal(ours[at].argmax(-1)[clear], logits[at].argmax(-1)[clear])
+    # With more rows: to float rounding through the float32 expansion; on AMX tiles
+    # (activations rounded to bfloat16) within 1% of the largest logit (0.8% measured).
+    monkeypatch.setattr(kernels, "QMATVEC_ROWS", kernels.MAX_ROWS)  # read when traced
+    ours = np.asarray(nnx.jit(lambda mm, t: mm(t))(m.model, jnp.asarray(seq[None])))[0]
     tol = 1e-2 if kernels.amx_usable() else 2e-3
     np.testing.assert_allclose(ours, logits, atol=tol * np.abs(logits).max(), rtol=0)

@@ -298,13 +298,18 @@ def linear_many(x_mk: jax.Array, ws: Sequence[jax.Array]) -> list[jax.Array]:
 
 
 _QMATVEC_FMT = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # qmatvec.cc's Fmt
+# Rows up to which a product with an interleaved packed weight stays on qmatvec.cc (passes of
+# 8 rows over each part of the weight) rather than expanding the weight for AMX tiles, whose
+# cost does not shrink with the rows: a short prompt's prefill.
+QMATVEC_ROWS = 256
 
 
 def packed_linear(x_mk: jax.Array, w) -> jax.Array:
     """x (M, K) @ w.T for a `quant.PackedWeight` w (N, K) -> (M, N) float32.
 
-    Up to MAX_ROWS rows in f32 on CPU this is the native kernel (activations rounded to
-    8 bits per 32-block; see qmatvec.cc for the error bound); more rows on CPU multiply
+    Up to MAX_ROWS rows in f32 on CPU (QMATVEC_ROWS for a weight in the interleaved
+    layout) this is the native kernel (activations rounded to 8 bits per 32-block; see
+    qmatvec.cc for the error bound); more rows on CPU multiply
     bfloat16 tiles on AMX (qmatmul.cc, its error bound there) where `amx_usable`, else
     expand the weight natively (`dequantize`) for an XLA dot; anything else is the XLA product
     `quant.packed_linear` (dequantize, then dot). Not differentiable: packed weights are
@@ -324,18 +329,24 @@ def packed_linear_many(x_mk: jax.Array, ws: Sequence) -> list[jax.Array]:
                                    f"weight of shape {w.shape}, got {tuple(x_mk.shape)}")
     if not usable(x_mk):
         return [quant.packed_linear(x_mk, w) for w in ws]
-    if _row_exact and x_mk.shape[0] > MAX_ROWS:
+    m = x_mk.shape[0]
+    if _row_exact and m > MAX_ROWS:
         return _by_row_groups(x_mk, lambda x: packed_linear_many(x, ws))
-    many = x_mk.shape[0] > MAX_ROWS
-    if many and not amx_usable():  # expand natively, then one float32 dot each
-        return [jnp.einsum("mk,nk->mn", x_mk, dequantize(w, after=x_mk)) for w in ws]
-    target = "spark_qmatmul" if many else "spark_qmatvec"
     out: list = [None] * len(ws)
-    # One call per format and layout, in first-seen order.
-    for fmt, inter in dict.fromkeys((w.fmt, w.interleaved) for w in ws):
-        idx = [i for i, w in enumerate(ws) if (w.fmt, w.interleaved) == (fmt, inter)]
-        shapes = tuple(jax.ShapeDtypeStruct((x_mk.shape[0], ws[i].shape[0]), jnp.float32)
-                       for i in idx)
+    # Few rows (QMATVEC_ROWS for the interleaved layout, else MAX_ROWS) go to qmatvec.cc;
+    # more to the AMX tiles, or without them to a float32 expansion and an XLA dot.
+    few = [m <= (QMATVEC_ROWS if w.interleaved else MAX_ROWS) for w in ws]
+    if not amx_usable():
+        for i, w in enumerate(ws):
+            if not few[i]:
+                out[i] = jnp.einsum("mk,nk->mn", x_mk, dequantize(w, after=x_mk))
+    # One call per kernel, format and layout, in first-seen order.
+    keys = [("spark_qmatvec" if few[i] else "spark_qmatmul", w.fmt, w.interleaved)
+            for i, w in enumerate(ws)]
+    for key in dict.fromkeys(k for k, y in zip(keys, out) if y is None):
+        target, fmt, _ = key
+        idx = [i for i, k in enumerate(keys) if k == key and out[i] is None]
+        shapes = tuple(jax.ShapeDtypeStruct((m, ws[i].shape[0]), jnp.float32) for i in idx)
         # The kernel reads m for q4_1 only; the other formats pass d in its place.
         args = [a for i in idx for a in (ws[i].qs, ws[i].d,
                                          ws[i].m if ws[i].m is not None else ws[i].d)]

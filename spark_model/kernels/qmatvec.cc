@@ -6,7 +6,8 @@
 // reading and writing more than the float32 product would. This kernel streams the packed
 // bytes once and multiplies them as integers.
 //
-//   SparkQMatVec: x (M, K) f32 (M <= 8), then for each of W weights of one format (attr
+//   SparkQMatVec: x (M, K) f32 (M <= 256, in passes of 8 rows over each part of the
+//                 weights), then for each of W weights of one format (attr
 //                 fmt) and one layout (packed_args.h: rows, or interleaved groups of 16
 //                 rows) qs_i, d_i, m_i -> y_i (M, N_i) f32, y_i[r, n] = sum_k x[r, k] w_i[n, k].
 //
@@ -61,7 +62,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int MAX_M = 8;
+constexpr int MAX_M = 8;             // activation rows per pass over the weight
+constexpr int64_t MAX_CALL_ROWS = 256;  // rows per call: passes of 8 over each unit's rows
 constexpr int64_t QK = 32;
 constexpr int64_t SERIAL_BELOW = 64 * 1024;  // weights below which one thread runs
 constexpr int64_t MIN_ROWS_PER_UNIT = 16;
@@ -193,8 +195,8 @@ void quantize_block_acts(const float* x, int64_t m_n, int64_t k_n, Fmt f, BlockA
 // y[i, n] for n in [n0, n1), i < M: one weight row at a time, its 64-byte vectors shared by
 // the M activation rows (M accumulators of 16 lanes in registers).
 template <int M, Fmt F>
-void rows_vnni(const Acts& a, const uint8_t* qs, const uint16_t* d, const uint16_t* mn,
-               float* y, int64_t k_n, int64_t n_n, int64_t n0, int64_t n1) {
+void rows_vnni(const Acts& a, int64_t i0, const uint8_t* qs, const uint16_t* d,
+               const uint16_t* mn, float* y, int64_t k_n, int64_t n_n, int64_t n0, int64_t n1) {
   constexpr int64_t G = F == Q8_0 ? 2 : 4;
   const int64_t nb = k_n / QK;
   const int64_t row_bytes = F == Q8_0 ? k_n : k_n / 2;
@@ -233,27 +235,27 @@ void rows_vnni(const Acts& a, const uint8_t* qs, const uint16_t* d, const uint16
       if constexpr (F == Q8_0) {
         const __m512i u = _mm512_xor_si512(v, sign);  // q + 128, unsigned
         for (int i = 0; i < M; ++i) {
-          const int8_t* xq = a.q.data() + i * a.q_row + s * 64;
-          __m512i dot = _mm512_loadu_si512(a.off.data() + i * a.v_row + s * 16);
+          const int8_t* xq = a.q.data() + (i0 + i) * a.q_row + s * 64;
+          __m512i dot = _mm512_loadu_si512(a.off.data() + (i0 + i) * a.v_row + s * 16);
           dot = _mm512_dpbusd_epi32(dot, u, _mm512_loadu_si512(xq));
-          const __m512 dx = _mm512_loadu_ps(a.dx.data() + i * a.v_row + s * 16);
+          const __m512 dx = _mm512_loadu_ps(a.dx.data() + (i0 + i) * a.v_row + s * 16);
           acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, dx), acc[i]);
         }
       } else {
         const __m512i lo = _mm512_and_si512(v, low4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         for (int i = 0; i < M; ++i) {
-          const int8_t* xq = a.q.data() + i * a.q_row + s * 128;
-          __m512i dot = _mm512_loadu_si512(a.off.data() + i * a.v_row + s * 16);
+          const int8_t* xq = a.q.data() + (i0 + i) * a.q_row + s * 128;
+          __m512i dot = _mm512_loadu_si512(a.off.data() + (i0 + i) * a.v_row + s * 16);
           dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(xq));
           dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xq + 64));
-          const __m512 dx = _mm512_loadu_ps(a.dx.data() + i * a.v_row + s * 16);
+          const __m512 dx = _mm512_loadu_ps(a.dx.data() + (i0 + i) * a.v_row + s * 16);
           acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, dx), acc[i]);
         }
         if constexpr (F == Q4_1) {
           const __m128 mw = _mm_cvtph_ps(mh);
           for (int i = 0; i < M; ++i)
-            acc_m[i] = _mm_fmadd_ps(mw, _mm_loadu_ps(a.sx.data() + i * a.s_row + s * 4),
+            acc_m[i] = _mm_fmadd_ps(mw, _mm_loadu_ps(a.sx.data() + (i0 + i) * a.s_row + s * 4),
                                     acc_m[i]);
         }
       }
@@ -265,7 +267,7 @@ void rows_vnni(const Acts& a, const uint8_t* qs, const uint16_t* d, const uint16
         _mm_store_ps(t, acc_m[i]);
         r += (t[0] + t[1]) + (t[2] + t[3]);
       }
-      y[i * n_n + n] = r;
+      y[(i0 + i) * n_n + n] = r;
     }
   }
 }
@@ -278,7 +280,8 @@ void rows_vnni(const Acts& a, const uint8_t* qs, const uint16_t* d, const uint16
 // 1536 x 576 q4_1 product took 12.7 us against 26.8 us in the rows layout, 44 us against
 // 156 us for 8 rows (standalone timing loop).
 template <int M, Fmt F>
-void groups_vnni(const BlockActs& a, const Weight& w, int64_t k_n, int64_t g0, int64_t g1) {
+void groups_vnni(const BlockActs& a, int64_t i0, const Weight& w, int64_t k_n, int64_t g0,
+                 int64_t g1) {
   constexpr int C = F == Q8_0 ? 8 : 4;  // 64-byte chunks per (group, block)
   constexpr int U = 8;                  // unsigned quant vectors per (group, block)
   const int64_t nb = k_n / QK;
@@ -321,8 +324,8 @@ void groups_vnni(const BlockActs& a, const Weight& w, int64_t k_n, int64_t g0, i
         mw = _mm512_cvtph_ps(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + gb * spark::GROUP)));
       for (int i = 0; i < M; ++i) {
-        const int8_t* xq = a.q.data() + i * k_n + b * QK;
-        const int64_t ib = i * nb + b;
+        const int8_t* xq = a.q.data() + (i0 + i) * k_n + b * QK;
+        const int64_t ib = (i0 + i) * nb + b;
         // Two chains of dot products (even and odd vectors), joined once.
         __m512i d0 = _mm512_set1_epi32(a.off[ib]), d1 = _mm512_setzero_si512();
         for (int t = 0; t < U; t += 2) {
@@ -337,7 +340,7 @@ void groups_vnni(const BlockActs& a, const Weight& w, int64_t k_n, int64_t g0, i
         if constexpr (F == Q4_1) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.sx[ib]), acc[i]);
       }
     }
-    for (int i = 0; i < M; ++i) _mm512_storeu_ps(w.y + i * w.n_n + g * spark::GROUP, acc[i]);
+    for (int i = 0; i < M; ++i) _mm512_storeu_ps(w.y + (i0 + i) * w.n_n + g * spark::GROUP, acc[i]);
   }
 }
 
@@ -389,17 +392,19 @@ void rows(const Acts& a, const BlockActs& ba, Fmt f, const Weight& w, int64_t m_
           int64_t k_n, int64_t n0, int64_t n1) {
 #if SPARK_QMATVEC_VNNI
   (void)ba;
-  with_rows<MAX_M>(m_n, [&](auto m) {
-    constexpr int M = decltype(m)::value;
-    if (w.interleaved) {
-      const int64_t g0 = n0 / spark::GROUP, g1 = n1 / spark::GROUP;
-      if (f == Q8_0) groups_vnni<M, Q8_0>(ba, w, k_n, g0, g1);
-      else if (f == Q4_0) groups_vnni<M, Q4_0>(ba, w, k_n, g0, g1);
-      else groups_vnni<M, Q4_1>(ba, w, k_n, g0, g1);
-    } else if (f == Q8_0) rows_vnni<M, Q8_0>(a, w.qs, w.d, w.m, w.y, k_n, w.n_n, n0, n1);
-    else if (f == Q4_0) rows_vnni<M, Q4_0>(a, w.qs, w.d, w.m, w.y, k_n, w.n_n, n0, n1);
-    else rows_vnni<M, Q4_1>(a, w.qs, w.d, w.m, w.y, k_n, w.n_n, n0, n1);
-  });
+  for (int64_t i0 = 0; i0 < m_n; i0 += MAX_M) {  // activation rows i0 .. i0 + 7
+    with_rows<MAX_M>(std::min<int64_t>(MAX_M, m_n - i0), [&](auto m) {
+      constexpr int M = decltype(m)::value;
+      if (w.interleaved) {
+        const int64_t g0 = n0 / spark::GROUP, g1 = n1 / spark::GROUP;
+        if (f == Q8_0) groups_vnni<M, Q8_0>(ba, i0, w, k_n, g0, g1);
+        else if (f == Q4_0) groups_vnni<M, Q4_0>(ba, i0, w, k_n, g0, g1);
+        else groups_vnni<M, Q4_1>(ba, i0, w, k_n, g0, g1);
+      } else if (f == Q8_0) rows_vnni<M, Q8_0>(a, i0, w.qs, w.d, w.m, w.y, k_n, w.n_n, n0, n1);
+      else if (f == Q4_0) rows_vnni<M, Q4_0>(a, i0, w.qs, w.d, w.m, w.y, k_n, w.n_n, n0, n1);
+      else rows_vnni<M, Q4_1>(a, i0, w.qs, w.d, w.m, w.y, k_n, w.n_n, n0, n1);
+    });
+  }
 #else
   (void)a;
   rows_portable(ba, f, w, m_n, k_n, n0, n1);
@@ -413,7 +418,8 @@ ffi::Error QMatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remaining
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("qmatvec: expected x (M, K)");
   const int64_t m_n = xd[0], k_n = xd[1];
-  if (m_n > MAX_M) return ffi::Error::InvalidArgument("qmatvec: more than 8 rows");
+  if (m_n > MAX_CALL_ROWS)
+    return ffi::Error::InvalidArgument("qmatvec: more than 256 rows");
   if (k_n % QK != 0) return ffi::Error::InvalidArgument("qmatvec: K is not a multiple of 32");
   std::vector<Weight> ws;
   if (auto err = spark::packed_weights("qmatvec", args, outs, f == Q8_0, k_n, ws);
