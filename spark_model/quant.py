@@ -118,7 +118,7 @@ class PackedWeight:
     """
 
     fmt: str
-    qs: Any  # q8_0: (N, K) int8; q4_*: (N, K/2) uint8
+    qs: Any  # q8_0: (N, K) int8; q4_*: (N, K/2) uint8 (or `interleaved`: module docstring)
     d: Any  # (N, K/32) float16
     m: Any = None  # (N, K/32) float16, q4_1 only
 
@@ -202,7 +202,8 @@ def interleave(w: PackedWeight) -> PackedWeight:
     n_n, k_n = w.shape
     if n_n % GROUP:
         raise QuantError(f"interleave: {n_n} rows are not a multiple of {GROUP}")
-    g, nb, c = n_n // GROUP, k_n // BLOCK, f.bits  # 4-byte chunks per block: 8 or 4
+    g, nb = n_n // GROUP, k_n // BLOCK
+    c = BLOCK * f.bits // 8 // 4  # 4-byte chunks of a block's quants: 8 (q8_0) or 4
     qs = np.asarray(w.qs).reshape(g, GROUP, nb, c, 4).transpose(0, 2, 3, 1, 4)
 
     def scales(a):
@@ -216,7 +217,7 @@ def deinterleave(w: PackedWeight, xp: Any = np) -> PackedWeight:
     if not w.interleaved:
         return w
     n_n, k_n = w.shape
-    g, nb = n_n // GROUP, k_n // BLOCK
+    nb = k_n // BLOCK
     qs = xp.transpose(w.qs, (0, 3, 1, 2, 4)).reshape(n_n, -1)
 
     def scales(a):
@@ -229,7 +230,6 @@ def take_rows(w: PackedWeight, ids: jax.Array) -> PackedWeight:
     embedding lookup reads a packed table."""
     if not w.interleaved:
         return jax.tree.map(lambda a: jnp.take(jnp.asarray(a), ids, axis=0), w)
-    n_n, k_n = w.shape
     g, j = ids // GROUP, ids % GROUP
     qs = jnp.asarray(w.qs)[g, :, :, j, :].reshape(ids.shape[0], -1)  # (n, nb, C, 4)
 
