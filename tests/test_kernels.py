@@ -33,17 +33,17 @@ def _direct(q_btnh, k_rksh, v_rksh, pos_bt):
     return out
 
 
-# Rows at chunk edges (1023/1024/1025 for the kernel's 1024-position units), a lone first
-# position, a short one and a long one (split over threads); the cache has a spare row past
-# the queries.
-@pytest.mark.parametrize("h", [64, 16])  # a compiled-in head dim and the generic path
+# Rows at span edges (the kernel's units are multiples of 64 positions, at most 1,024), a
+# lone first position, short ones and a long one (split over threads); the cache has a spare
+# row past the queries.
+@pytest.mark.parametrize("h, g", [(64, 2), (64, 3), (16, 3)])  # compiled-in shapes, generic
 @pytest.mark.parametrize("path", ["native", "xla"])
-def test_decode_step_matches_direct_softmax(path, h):
+def test_decode_step_matches_direct_softmax(path, h, g):
     if path == "native" and not kernels.usable(jnp.zeros((), jnp.float32),
                                                 jnp.zeros((), jnp.float32)):
         pytest.skip(kernels.status())
-    k_heads, g = 2, 2
-    pos = [0, 255, 1023, 1024, 1025, 9_000]
+    k_heads = 2
+    pos = [0, 63, 64, 255, 1023, 1024, 1025, 9_000]
     rows, s = len(pos) + 1, cache_length(12_000)
     rng = np.random.default_rng(0)
     k = rng.normal(size=(rows, k_heads, s, h)).astype(np.float32)
