@@ -426,7 +426,7 @@ class SparkModel:
             texts, ids=ids, room=context.capacity - context.length,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, stop=stop)
-        chunk = min(prompt_bp.shape[1], engine.PREFILL_CHUNK)
+        chunk = engine.prefill_chunk(prompt_bp.shape[1])
         written = -(-int(max(len_b)) // chunk) * chunk  # the prefill writes whole chunks
         if context.length + written > context.cache.length:
             raise ValueError(f"prompts of {int(max(len_b))} tokens need more room after the "
