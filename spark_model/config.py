@@ -20,6 +20,7 @@ import json
 from typing import Any
 
 MAX_CONTEXT = 131_072  # 128K: the context every preset supports.
+MAX_POSITIONS = 1 << 24  # positions must lie below this (spark_model/rotary.py)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_KINDS = ("llama3", "linear")
@@ -97,6 +98,9 @@ class ModelConfig:
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embedding, got {self.head_dim}")
+        if self.max_seq_len >= MAX_POSITIONS:
+            raise ConfigError(f"max_seq_len must be below {MAX_POSITIONS:,} (the positions "
+                              f"spark_model.rotary represents), got {self.max_seq_len:,}")
         if self.vocab_size < 4:
             raise ConfigError("vocab_size must hold at least the 4 special ids")
         if not self.rope_theta > 0:

@@ -12,7 +12,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from spark_model import kernels
+from spark_model import kernels, rotary
 from spark_model.config import RopeScaling
 from spark_model.quant import PackedWeight
 
@@ -120,15 +120,13 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
 def apply_rope(x_bt_h: jax.Array, positions_bt: jax.Array, freqs: np.ndarray) -> jax.Array:
     """Rotate pairs (i, i + H/2) of the last axis by position * frequency.
 
-    x: (B, T, heads, H); positions: (B, T) integer. The half-split pairing is the
-    one Hugging Face's Llama uses, so weights export without a permutation.
-    Angles are formed in f32, as in the reference Llama: near position 131,072 (2^17)
-    f32 spacing is 2^-6, so the fastest pair's angle carries up to ~0.008 rad of
-    rounding; slower pairs carry proportionally less.
+    x: (B, T, heads, H); positions: (B, T) integer in [0, 2^24). The half-split pairing is
+    the one Hugging Face's Llama uses, so weights export without a permutation. The angles'
+    sine and cosine come from `spark_model.rotary`: exact in the angle (a float32 angle
+    would be off by up to 2^-7 rad near position 2^17), within about 1e-7.
     """
-    angles = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(freqs, jnp.float32)
-    sin = jnp.sin(angles)[:, :, None, :]  # (B, T, 1, H/2)
-    cos = jnp.cos(angles)[:, :, None, :]
+    sin, cos = rotary.sin_cos(positions_bt, freqs)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # (B, T, 1, H/2)
     x1, x2 = jnp.split(x_bt_h.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_bt_h.dtype)

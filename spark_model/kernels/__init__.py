@@ -1,6 +1,6 @@
 """Native CPU kernels called from inside the compiled programs (XLA FFI custom calls).
 
-Seven kernels, each with a comment at the top of its source that says why it exists:
+Eight kernels, each with a comment at the top of its source that says why it exists:
 
 - `decode_attention` (decode_attention.cc): single-query attention over the KV cache;
 - `prefill_attention` (prefill_attention.cc): causal attention of a prefill chunk's many
@@ -8,6 +8,8 @@ Seven kernels, each with a comment at the top of its source that says why it exi
 - `linear` (matvec.cc): the layer products of a decode step, (M <= 8, K) x (K, N) on all
   intra-op threads; larger products (prefill, training) stay XLA dots;
 - `argmax` (argmax.cc): the greedy token of each row of logits;
+- `rotary` (rotary.cc): the sine and cosine of rotary angles, as spark_model/rotary.py
+  computes them, in arrays XLA cannot fuse into (and recompute in) their consumers;
 - `packed_linear`, `packed_linear_many` (qmatvec.cc): (M <= 8, K) x block-quantized (N, K)
   weights (spark_model/quant.py), as integer dot products on all intra-op threads; several
   weights that share x in one call. With more rows (prefill) `qmatmul` (qmatmul.cc)
@@ -46,14 +48,15 @@ import numpy as np
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_attention.cc", HERE / "matvec.cc", HERE / "argmax.cc",
            HERE / "qmatvec.cc", HERE / "dequant.cc", HERE / "qmatmul.cc",
-           HERE / "prefill_attention.cc")
+           HERE / "prefill_attention.cc", HERE / "rotary.cc")
 HEADERS = (HERE / "parallel.h", HERE / "packed_args.h")
 TARGETS = {  # XLA target name -> exported symbol
     "spark_decode_attention": "SparkDecodeAttention",
     "spark_decode_attention_rows": "SparkDecodeAttentionRows", "spark_matvec": "SparkMatVec",
     "spark_matvec_t": "SparkMatVecT", "spark_argmax": "SparkArgmax",
     "spark_qmatvec": "SparkQMatVec", "spark_dequantize": "SparkDequantize",
-    "spark_qmatmul": "SparkQMatMul", "spark_prefill_attention": "SparkPrefillAttention"}
+    "spark_qmatmul": "SparkQMatMul", "spark_prefill_attention": "SparkPrefillAttention",
+    "spark_rotary": "SparkRotary"}
 MAX_ROWS = 8  # `linear` runs natively for at most this many rows (matvec.cc's MAX_M)
 # Compile flags. -ffast-math lets the compiler vectorise the exp and the dot-product
 # reductions; the kernels never form an infinity or a NaN from finite inputs, which that flag
@@ -64,7 +67,8 @@ CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-
 # that a row's result is bitwise the same whatever the number of rows in the call, which the
 # reassociation -ffast-math allows would break (it reorders sums differently in the code for
 # each row count).
-EXACT_FP = {"qmatvec.cc": ("-fno-fast-math", "-ffp-contract=off")}
+EXACT_FP = {"qmatvec.cc": ("-fno-fast-math", "-ffp-contract=off"),
+            "rotary.cc": ("-fno-fast-math", "-ffp-contract=off")}  # rounds as rotary.py
 # Link flags: no -ffast-math here. Linking a shared library with it pulls in crtfastmath.o,
 # whose initialiser sets flush-to-zero / denormals-are-zero in MXCSR when the library loads,
 # and so changes floating point for the whole importing process (GCC bug 55522).
@@ -262,6 +266,14 @@ def prefill_attention(q_bkgth: jax.Array, k_rksh: jax.Array, v_rksh: jax.Array,
     out = jax.ShapeDtypeStruct(q_bkgth.shape, jnp.float32)
     return jax.ffi.ffi_call("spark_prefill_attention", out, vmap_method="sequential")(
         q_bkgth, k_rksh, v_rksh, pos_bt.astype(jnp.int32))
+
+
+def rotary(pos_n: jax.Array, limbs_4p: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """sin and cos (N, P) f32 of positions (N,) times the frequencies whose turn fractions
+    `limbs_4p` holds (the kernel behind `spark_model.rotary.sin_cos`)."""
+    out = jax.ShapeDtypeStruct((pos_n.shape[0], limbs_4p.shape[1]), jnp.float32)
+    return tuple(jax.ffi.ffi_call("spark_rotary", (out, out), vmap_method="sequential")(
+        pos_n.astype(jnp.int32), jnp.asarray(limbs_4p, jnp.uint32)))
 
 
 def argmax(x_bv: jax.Array) -> jax.Array:
