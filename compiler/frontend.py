@@ -40,7 +40,8 @@ VECTOR = {
     "sign", "reduce_sum", "reduce_max", "reduce_min", "argmax", "broadcast_in_dim",
     "concatenate", "split", "slice", "dynamic_slice", "select_n", "iota", "eq", "ne", "lt",
     "le", "gt", "ge", "and", "or", "not", "stop_gradient", "clamp", "floor", "ceil", "round",
-    "cumsum", "rem", "pjit", "jit", "custom_jvp_call", "custom_vjp_call",
+    "cumsum", "rem", "pjit", "jit", "custom_jvp_call", "custom_vjp_call", "shift_left",
+    "shift_right_logical",
 } | LAYOUT
 # Primitives through which vector work may read a parameter of any rank: element by
 # element, after broadcasting it over batch and time (norm scales (D,), q/k/v biases
@@ -49,7 +50,8 @@ VECTOR = {
 ELEMENTWISE = {"broadcast_in_dim", "add", "sub", "mul"}
 # What a vector segment is doing, recognised from the primitives it contains.
 ROLE_OF = {"rsqrt": "norm", "sin": "rotary", "cos": "rotary", "logistic": "activation",
-           "tanh": "activation", "erf": "activation"}
+           "tanh": "activation", "erf": "activation",
+           "shift_right_logical": "rotary"}  # spark_model.rotary's fixed-point angles
 
 
 def param_tree(cfg: ModelConfig):
@@ -229,6 +231,8 @@ class _Builder:
                   if e.primitive.name in LAYOUT and isinstance(e.invars[0], jcore.Var)}
 
         def from_other_op(v) -> bool:
+            if not isinstance(v, jcore.Var):  # a literal (a constant of the rotary's)
+                return False
             while v in relaid:
                 v = relaid[v]
             return isinstance(v, jcore.Var) and v not in inside and v in self.producer
