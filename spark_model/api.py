@@ -329,9 +329,15 @@ class SparkModel:
 
     def _draft(self, speculative) -> "SparkModel | None":
         """The draft model of a `speculative=` argument (None for prompt lookup or none),
-        checked against this model: the same vocabulary, and room for this capacity."""
+        checked against this model (`check_draft`)."""
         if not isinstance(speculative, SparkModel):
             return None
+        self.check_draft(speculative)
+        return speculative
+
+    def check_draft(self, speculative: "SparkModel") -> None:
+        """SpeculationError unless `speculative` can draft for this model: the same
+        vocabulary, and room for this model's capacity."""
         mine, theirs = self._token_table, speculative._token_table
         if not (mine[0].shape == theirs[0].shape and all(
                 np.array_equal(a, b) for a, b in zip(mine, theirs))):
@@ -343,7 +349,6 @@ class SparkModel:
                 f"the draft model holds {speculative.config.max_seq_len} positions, fewer "
                 f"than this model's capacity of {self.capacity}: load this model with "
                 f"capacity=<= {speculative.config.max_seq_len}")
-        return speculative
 
     def _run(self, req, prompt_bp, len_b, consts, draft_tokens: int | None = None,
              draft: "SparkModel | None" = None) -> engine.DecodeState:

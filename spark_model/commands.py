@@ -84,17 +84,25 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.draft_tokens is not None and args.speculative is None:
-        print("spark serve: error: --draft-tokens needs --speculative prompt_lookup",
-              file=sys.stderr)
+    if args.draft_model is not None and args.speculative is not None:
+        print("spark serve: error: --draft-model drafts with that model; leave out "
+              "--speculative", file=sys.stderr)
+        return 2
+    if args.draft_tokens is not None and args.speculative is None and args.draft_model is None:
+        print("spark serve: error: --draft-tokens needs --speculative prompt_lookup or "
+              "--draft-model MODEL", file=sys.stderr)
         return 2
     import spark_model
     from spark_model.serve import server
 
     model = spark_model.load(args.checkpoint, capacity=args.capacity, weights=args.weights)
+    speculative = args.speculative
+    if args.draft_model is not None:
+        speculative = spark_model.load(args.draft_model, capacity=args.capacity)
+        model.check_draft(speculative)  # before the server starts
     server.serve(model, host=args.host, port=args.port, max_batch=args.max_batch,
                  max_queue=args.max_queue, log_level=args.log_level,
-                 prefix_cache_mb=args.prefix_cache_mb, speculative=args.speculative,
+                 prefix_cache_mb=args.prefix_cache_mb, speculative=speculative,
                  draft_tokens=args.draft_tokens or 7)
     return 0
 
@@ -163,9 +171,13 @@ def _serve_arguments(srv: argparse.ArgumentParser) -> None:
                      help="decode requests speculatively: prompt_lookup drafts tokens by "
                           "copying from the request's own prompt and output (greedy text is "
                           "unchanged, sampled text keeps its distribution; default: off)")
+    srv.add_argument("--draft-model", default=None, metavar="MODEL",
+                     help="decode requests speculatively with drafts from this smaller model "
+                          "(same tokenizer; greedy text is unchanged, sampled text keeps its "
+                          "distribution)")
     srv.add_argument("--draft-tokens", type=_draft_tokens, default=None, metavar="K",
-                     help=f"tokens drafted per step with --speculative, 1..{MAX_DRAFT} "
-                          f"(default 7)")
+                     help=f"tokens drafted per step with --speculative or --draft-model, "
+                          f"1..{MAX_DRAFT} (default 7)")
     srv.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"],
                      help="info logs every HTTP request; warning only problems")

@@ -41,11 +41,12 @@ class DraftState:
     accepted_b: jax.Array  # (B,) draft tokens emitted
 
 
-def propose(draft: Transformer, s: DecodeState, ds: DraftState, k: int
+def propose(draft: Transformer, s: DecodeState, cache: KVCache, prev_b: jax.Array, k: int
             ) -> tuple[jax.Array, KVCache]:
-    """k greedy drafts per sequence (B, k) and the draft model's updated cache."""
-    toks = jnp.stack([ds.prev_b, s.last_b], axis=1)
-    x_btd, cache = draft.cached(toks, s.position_b[:, None] + jnp.arange(-1, 1), ds.cache)
+    """k greedy drafts per sequence (B, k) and the draft model's updated cache (prev_b: the
+    token before each sequence's last one)."""
+    toks = jnp.stack([prev_b, s.last_b], axis=1)
+    x_btd, cache = draft.cached(toks, s.position_b[:, None] + jnp.arange(-1, 1), cache)
     d_b = argmax(draft.logits(x_btd[:, 1:])[:, 0]).astype(jnp.int32)
     drafts = [d_b]
     for j in range(1, k):
@@ -69,7 +70,7 @@ def decode(model: Transformer, draft: Transformer, state: DecodeState, ds: Draft
     def body(carry):
         s, ds = carry
         want_b = ~s.done_b
-        draft_bk, dcache = propose(draft, s, ds, k)
+        draft_bk, dcache = propose(draft, s, ds.cache, ds.prev_b, k)
         toks = jnp.concatenate([s.last_b[:, None], draft_bk], axis=1)  # (B, k + 1)
         with kernels.row_exact():
             x_btd, cache = model.cached(toks, s.position_b[:, None] + jnp.arange(k + 1),

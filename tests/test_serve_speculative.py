@@ -181,7 +181,8 @@ def test_speculative_true_on_a_plain_server_is_a_400(plain_server):
 
 
 @pytest.mark.parametrize("kw, needle", [
-    ({"speculative": "draft_model"}, "choose from prompt_lookup"),
+    ({"speculative": "draft_mode"}, "choose from prompt_lookup, draft_model"),
+    ({"speculative": "draft_model"}, "a draft model go together"),
     ({"speculative": "prompt_lookup", "draft_tokens": 0}, "1..8"),
     ({"speculative": "prompt_lookup", "draft_tokens": 9}, "1..8"),
     ({"speculative": "prompt_lookup", "draft_tokens": 2.5}, "1..8"),

@@ -41,21 +41,24 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
                model_id: str | None = None, warmup: bool = True,
-               prefix_cache_mb: float = 0, speculative: str | None = None,
+               prefix_cache_mb: float = 0, speculative: "str | SparkModel | None" = None,
                draft_tokens: int = 7) -> Starlette:
     """The app; its engine thread starts and stops with the app's lifespan. warmup
     compiles the programs short prompts need before the first request arrives.
     prefix_cache_mb: memory for the keys and values of recent prompts (0: no prefix cache;
     `spark_model.serve.prefix_cache`). speculative: "prompt_lookup" makes requests
     draft `draft_tokens` (1..8) tokens per step from their context
-    (`spark_model.serve.spec_slots`); None: plain decoding."""
+    (`spark_model.serve.spec_slots`), a SparkModel with the same tokenizer drafts them
+    (`spark_model.serve.draft_slots`); None: plain decoding."""
     if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
             or not prefix_cache_mb >= 0:
         raise ValueError(f"the prefix cache budget must be a number of MiB >= 0 (0: off), "
                          f"got {prefix_cache_mb!r}")
+    draft = speculative if isinstance(speculative, SparkModel) else None
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_bytes=int(prefix_cache_mb * 2**20),
-                    speculative_method=speculative, draft_tokens=draft_tokens)
+                    speculative_method="draft_model" if draft is not None else speculative,
+                    draft_tokens=draft_tokens, draft_model=draft)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

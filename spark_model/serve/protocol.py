@@ -124,7 +124,7 @@ def _speculative(body: dict, limits: Limits) -> bool | None:
         raise bad(f"'speculative' must be true, false or null, got {x!r}", "speculative")
     if limits.draft_tokens is None:
         raise bad("this server does not decode speculatively (start it with "
-                  "--speculative prompt_lookup)", "speculative")
+                  "--speculative prompt_lookup or --draft-model MODEL)", "speculative")
     return True
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from spark_model import generation
 from spark_model.api import SparkModel
 from spark_model import speculative
-from spark_model.serve import prefix_cache
+from spark_model.serve import draft_slots, prefix_cache
 from spark_model.serve import slots as slots_mod
 from spark_model.serve import spec_slots
 
@@ -64,11 +64,15 @@ def check_speculative(method: str | None, draft_tokens) -> int | None:
     SpeculationError for an unknown method or draft_tokens outside 1..MAX_DRAFT."""
     if method is None:
         return None
-    if method not in spec_slots.METHODS:
+    if method not in METHODS:
         raise speculative.SpeculationError(
-            f"unknown speculative method {method!r}; choose from "
-            f"{', '.join(spec_slots.METHODS)}")
+            f"unknown speculative method {method!r}; choose from {', '.join(METHODS)}")
     return speculative.check_draft_tokens(draft_tokens)
+
+
+# How a server may speculate: drafts copied from each request's own context
+# (`spec_slots`), or proposed by a draft model (`draft_slots`).
+METHODS = (*spec_slots.METHODS, "draft_model")
 
 
 @dataclasses.dataclass(eq=False)
@@ -131,11 +135,17 @@ class Engine:
     def __init__(self, model: SparkModel, *, max_batch: int = 8, max_queue: int = 64,
                  call_budget_s: float = 0.008, refill_budget_s: float = 0.002,
                  refill_window_s: float = 0.010, prefix_cache_bytes: int = 0,
-                 speculative_method: str | None = None, draft_tokens: int = 7):
+                 speculative_method: str | None = None, draft_tokens: int = 7,
+                 draft_model: SparkModel | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
-        # Greedy requests draft draft_tokens tokens per step from their own context
-        # (`spec_slots`); None: every request decodes plainly.
+        if (draft_model is not None) != (speculative_method == "draft_model"):
+            raise speculative.SpeculationError(
+                "speculative method 'draft_model' and a draft model go together")
+        if draft_model is not None:
+            model.check_draft(draft_model)  # the same vocabulary, room for the capacity
+        # Requests draft draft_tokens tokens per step from their own context (`spec_slots`)
+        # or from the draft model (`draft_slots`); None: every request decodes plainly.
         self.draft_tokens = check_speculative(speculative_method, draft_tokens)
         self.speculative_method = speculative_method
         self.model = model
@@ -154,6 +164,9 @@ class Engine:
         self._reused: dict[int, list[prefix_cache.Block]] = {}  # slot -> blocks it reused
         self._spec = None if self.draft_tokens is None else \
             spec_slots.init_spec(max_batch, self._slots.state.tokens_bn.shape[1])
+        self.draft_model = draft_model
+        self._draft = None if draft_model is None else \
+            draft_slots.init_draft(draft_model, max_batch, model.capacity)
         self._spec_step_s = {w: 0.002 * (1 + w / 4) for w in self.widths}  # per iteration
         self.drafted = self.accepted = 0  # totals since start
         self._live: list[_Live | None] = [None] * max_batch
@@ -239,9 +252,7 @@ class Engine:
                 self._slots, new = slots_mod.decode_jit(m.graphdef, m.params, self._slots,
                                                         keep, k, w)
                 if self._spec is not None:
-                    self._slots, self._spec, new, _ = spec_slots.decode_jit(
-                        m.graphdef, m.params, self._slots, self._spec, keep, k, w,
-                        self.draft_tokens)
+                    self._spec_call(keep, k, w)
         jax.block_until_ready(self._slots)
         self.timing.clear()
 
@@ -382,6 +393,10 @@ class Engine:
                 self._spec, slot_n, spec_slots.host_prompts(
                     [job.ids for _, job in group], self._spec.prompt_bl.shape[1]),
                 np.array([job.drafting for _, job in group]))
+        if self._draft is not None:  # the draft model's keys of the whole prompts
+            self._draft = draft_slots.admit(
+                self.draft_model, self._draft, slot_n, [job.ids for _, job in group],
+                slots_mod.RowSettings.stack(rows), m.tokenizer.pad_id, PROMPT_MIN)
         if self._prefix is not None:  # queued behind the prefill, before any later call
             pinned = {id(b) for chain in self._reused.values() for b in chain}
             self.timing["prefix_blocks_saved"] += self._prefix.save(
@@ -403,6 +418,21 @@ class Engine:
         self.timing["admit_host_s"] += time.perf_counter() - t1
         self.timing["admit_calls"] += 1
         self.timing["admitted"] += len(group)
+
+    def _spec_call(self, keep, steps: int, width: int):
+        """One speculative decode call (drafts from the context or the draft model):
+        the new ids and the iterations run."""
+        m = self.model
+        if self._draft is None:
+            self._slots, self._spec, new, iters = spec_slots.decode_jit(
+                m.graphdef, m.params, self._slots, self._spec, keep, steps, width,
+                self.draft_tokens)
+        else:
+            d = self.draft_model
+            self._slots, self._spec, self._draft, new, iters = draft_slots.decode_jit(
+                m.graphdef, m.params, d.graphdef, d.params, self._slots, self._spec,
+                self._draft, keep, steps, width, self.draft_tokens)
+        return new, iters
 
     def _decode(self) -> None:
         m = self.model
@@ -430,9 +460,7 @@ class Engine:
         step_s = self._spec_step_s if spec else self._step_s
         t0 = time.perf_counter()
         if spec:
-            self._slots, self._spec, new, iters = spec_slots.decode_jit(
-                m.graphdef, m.params, self._slots, self._spec, jnp.asarray(keep), steps,
-                width, self.draft_tokens)
+            new, iters = self._spec_call(jnp.asarray(keep), steps, width)
             self._flush()
             new, done, iters, drafted, accepted = jax.device_get(
                 (new, self._slots.state.done_b, iters, self._spec.drafted_b,

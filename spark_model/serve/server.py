@@ -26,7 +26,8 @@ def build(model: SparkModel, **kw):
 
 def serve(model: SparkModel, *, host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 8, max_queue: int = 64, log_level: str = "info",
-          prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: str | None = None,
+          prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+          speculative: "str | SparkModel | None" = None,
           draft_tokens: int = 7) -> None:
     """Serve until interrupted."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO))
