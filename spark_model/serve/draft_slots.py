@@ -28,8 +28,8 @@ from flax import struct
 
 from spark_model import draft_model, engine, generation
 from spark_model.serve import slots as slots_mod
-from spark_model.serve.slots import _ROW_FIELDS, Slots, _put_row, _rows
-from spark_model.serve.spec_slots import _SPEC_ROWS, SpecSlots
+from spark_model.serve.slots import Slots, _put_row
+from spark_model.serve.spec_slots import SpecSlots, narrow, widen
 from spark_model.speculative import emit_tokens, verify_or_step
 
 
@@ -76,14 +76,9 @@ def decode_jit(graphdef, params, draft_graphdef, draft_params, slots: Slots,
     number of iterations run."""
     model = engine.merge(graphdef, params)
     draft = engine.merge(draft_graphdef, draft_params)
-    full = slots.state
-    c = _rows(slots.consts, lambda x: x[:width])
-    s0 = full.replace(**{f: getattr(full, f)[:width] for f in _ROW_FIELDS})
-    s0 = s0.replace(done_b=s0.done_b | ~keep_b[:width])
-    sp0 = spec.replace(**{f: getattr(spec, f)[:width] for f in _SPEC_ROWS})
+    c, s0, sp0 = narrow(slots, spec, keep_b, width)
     dcache0 = ds.slots.state.cache  # whole: rows past `width` are neither read nor written
     rows = jnp.arange(width)
-    start_b = s0.count_b
 
     def cond(carry):
         i, s = carry[0], carry[1]
@@ -93,7 +88,8 @@ def decode_jit(graphdef, params, draft_graphdef, draft_params, slots: Slots,
         i, s, sp, dcache, prev_b = carry
         pos_b = jnp.where(s.done_b, 0, s.position_b)  # done rows do not widen attention
         want_b = sp.on_b & ~s.done_b
-        draft_bk, dcache = draft_model.propose(draft, s, dcache, prev_b, k)
+        draft_bk, dcache = draft_model.propose(draft, s.replace(position_b=pos_b), dcache,
+                                               prev_b, k)
         cache, y_bt, m_b = verify_or_step(model, s.cache, s.last_b, pos_b, draft_bk, want_b,
                                           c.sampling, s.count_b)
         count0, last0 = s.count_b, s.last_b
@@ -107,15 +103,7 @@ def decode_jit(graphdef, params, draft_graphdef, draft_params, slots: Slots,
 
     iters, s, sp, dcache, prev_b = jax.lax.while_loop(
         cond, body, (jnp.zeros((), jnp.int32), s0, sp0, dcache0, ds.prev_b[:width]))
-    n_out = n_steps * (k + 1)
-    idx = start_b[:, None] + jnp.arange(n_out)[None, :]
-    new = jnp.take_along_axis(s.tokens_bn, jnp.minimum(idx, s.tokens_bn.shape[1] - 1), axis=1)
-    new = jnp.where(idx < s.count_b[:, None], new, -1)
-    zero = jnp.zeros((), jnp.int32)
-    state = s.replace(**{f: _put_row(getattr(full, f), getattr(s, f), zero)
-                         for f in _ROW_FIELDS})
-    spec = spec.replace(**{f: _put_row(getattr(spec, f), getattr(sp, f), zero)
-                           for f in _SPEC_ROWS})
+    slots, spec, new = widen(slots, spec, s0, s, sp, n_steps * (k + 1))
     ds = ds.replace(slots=ds.slots.replace(state=ds.slots.state.replace(cache=dcache)),
-                    prev_b=_put_row(ds.prev_b, prev_b, zero))
-    return slots.replace(state=state), spec, ds, new, iters
+                    prev_b=_put_row(ds.prev_b, prev_b, jnp.zeros((), jnp.int32)))
+    return slots, spec, ds, new, iters

@@ -114,13 +114,8 @@ def decode_jit(graphdef, params, slots: Slots, spec: SpecSlots, keep_b: jax.Arra
     Returns the slots, the speculation state, the (width, n_steps * (k + 1)) ids each slot
     generated in this call (-1 past its end) and the number of iterations run."""
     model = engine.merge(graphdef, params)
-    full = slots.state
-    c = _rows(slots.consts, lambda x: x[:width])
-    s0 = full.replace(**{f: getattr(full, f)[:width] for f in _ROW_FIELDS})
-    s0 = s0.replace(done_b=s0.done_b | ~keep_b[:width])
-    sp0 = spec.replace(**{f: getattr(spec, f)[:width] for f in _SPEC_ROWS})
+    c, s0, sp0 = narrow(slots, spec, keep_b, width)
     hist0, n0 = _history(sp0.replace(prompt_bl=spec.prompt_bl[:width]), s0)
-    start_b = s0.count_b
 
     def cond(carry):
         i, s, _, _, _ = carry
@@ -146,13 +141,32 @@ def decode_jit(graphdef, params, slots: Slots, spec: SpecSlots, keep_b: jax.Arra
 
     iters, s, sp, _, _ = jax.lax.while_loop(
         cond, body, (jnp.zeros((), jnp.int32), s0, sp0, hist0, n0))
-    n_out = n_steps * (k + 1)
-    idx = start_b[:, None] + jnp.arange(n_out)[None, :]
+    slots, spec, new = widen(slots, spec, s0, s, sp, n_steps * (k + 1))
+    return slots, spec, new, iters
+
+
+def narrow(slots: Slots, spec: SpecSlots, keep_b: jax.Array, width: int
+           ) -> tuple[engine.Constants, engine.DecodeState, SpecSlots]:
+    """The first `width` slots' settings, decode state (the cache whole; a slot with keep_b
+    False retired) and speculation rows, for a decode call over them."""
+    full = slots.state
+    c = _rows(slots.consts, lambda x: x[:width])
+    s0 = full.replace(**{f: getattr(full, f)[:width] for f in _ROW_FIELDS})
+    s0 = s0.replace(done_b=s0.done_b | ~keep_b[:width])
+    sp0 = spec.replace(**{f: getattr(spec, f)[:width] for f in _SPEC_ROWS})
+    return c, s0, sp0
+
+
+def widen(slots: Slots, spec: SpecSlots, s0: engine.DecodeState, s: engine.DecodeState,
+          sp: SpecSlots, n_out: int) -> tuple[Slots, SpecSlots, jax.Array]:
+    """`narrow`'s rows written back after the call (s0 before it, s and sp after), and the
+    (width, n_out) ids each slot generated in the call (-1 past its end)."""
+    idx = s0.count_b[:, None] + jnp.arange(n_out)[None, :]
     new = jnp.take_along_axis(s.tokens_bn, jnp.minimum(idx, s.tokens_bn.shape[1] - 1), axis=1)
     new = jnp.where(idx < s.count_b[:, None], new, -1)
     zero = jnp.zeros((), jnp.int32)
-    state = s.replace(**{f: _put_row(getattr(full, f), getattr(s, f), zero)
+    state = s.replace(**{f: _put_row(getattr(slots.state, f), getattr(s, f), zero)
                          for f in _ROW_FIELDS})
     spec = spec.replace(**{f: _put_row(getattr(spec, f), getattr(sp, f), zero)
                            for f in _SPEC_ROWS})
-    return slots.replace(state=state), spec, new, iters
+    return slots.replace(state=state), spec, new
