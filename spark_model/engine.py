@@ -25,19 +25,20 @@ from spark_model.transformer import Transformer
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill iteration over a long prompt
 # A padded prompt up to this long is prefilled in one iteration: each iteration expands
-# every packed weight for the AMX tiles once, so SmolLM2 at q8_0 took 742-749 ms to first
-# token on a 1,000-token prompt in two iterations and 675-711 ms in one. Longer prompts keep
-# 512-token iterations, which pad a prompt by less than 1,024-token ones would.
+# every packed weight for the AMX tiles once, so SmolLM2 at q8_0 took 719-754 ms to first
+# token on a 1,000-token prompt in two iterations and 660-678 ms in one (alternating runs).
+# Longer prompts keep 512-token iterations, which pad a prompt by less than 1,024-token ones
+# would.
 SINGLE_CHUNK = 1024
+# Ids that end a sequence, per call (or per slot): a fixed width E, so one compiled program
+# serves a tokenizer with one end id and one with several (SmolLM2 ends on <|im_end|> and
+# <|endoftext|>, Llama 3 on three ids). Unused entries hold -1, which matches no token.
+MAX_END_IDS = 4
 
 
 def prefill_chunk(p: int) -> int:
     """Tokens per prefill iteration for prompts padded to p (the chunk shape)."""
     return p if p <= SINGLE_CHUNK else min(p, PREFILL_CHUNK)
-# Ids that end a sequence, per call (or per slot): a fixed width E, so one compiled program
-# serves a tokenizer with one end id and one with several (SmolLM2 ends on <|im_end|> and
-# <|endoftext|>, Llama 3 on three ids). Unused entries hold -1, which matches no token.
-MAX_END_IDS = 4
 
 
 def bucket(n: int, minimum: int = 16) -> int:
