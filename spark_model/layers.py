@@ -125,8 +125,13 @@ def apply_rope(x_bt_h: jax.Array, positions_bt: jax.Array, freqs: np.ndarray) ->
     sine and cosine come from `spark_model.rotary`: exact in the angle (a float32 angle
     would be off by up to 2^-7 rad near position 2^17), within about 1e-7.
     """
-    sin, cos = rotary.sin_cos(positions_bt, freqs)
-    sin, cos = sin[:, :, None, :], cos[:, :, None, :]  # (B, T, 1, H/2)
+    return rotate(x_bt_h, *rotary.sin_cos(positions_bt, freqs))
+
+
+def rotate(x_bt_h: jax.Array, sin_bt: jax.Array, cos_bt: jax.Array) -> jax.Array:
+    """`apply_rope` with the angles' sine and cosine (B, T, H/2) already computed (once for
+    a layer's queries and keys)."""
+    sin, cos = sin_bt[:, :, None, :], cos_bt[:, :, None, :]  # (B, T, 1, H/2)
     x1, x2 = jnp.split(x_bt_h.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_bt_h.dtype)

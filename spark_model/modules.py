@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from spark_model import rotary
 from spark_model.config import ModelConfig
-from spark_model.layers import (RMSNorm, apply_rope, as_weight, linear_many, rope_frequencies,
+from spark_model.layers import (RMSNorm, as_weight, linear_many, rope_frequencies, rotate,
                                 rows_linear)
 
 # attend(q_btnh, k_btkh, v_btkh) -> (o_btnh, aux): aux carries e.g. an updated cache.
@@ -88,7 +89,8 @@ class Attention(nnx.Module):
             q, k, v = (y + b[...].astype(dt) for y, b in
                        zip((q, k, v), (self.q_bias, self.k_bias, self.v_bias)))
         freqs = rope_frequencies(*self.rope)
-        return apply_rope(q, positions_bt, freqs), apply_rope(k, positions_bt, freqs), v
+        sin, cos = rotary.sin_cos(positions_bt, freqs)  # once for queries and keys
+        return rotate(q, sin, cos), rotate(k, sin, cos), v
 
     def project_out(self, o_btnh: jax.Array) -> jax.Array:
         # Flatten (N, H) on both sides first: contracting two axes at once made XLA copy

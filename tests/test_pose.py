@@ -85,8 +85,8 @@ def test_token_nll_depends_only_on_relative_positions():
     base = jnp.broadcast_to(jnp.arange(40), x.shape)
     ref = np.asarray(jax.jit(lambda: token_nll(model, x, y, chunk_rows=16))())
     np.testing.assert_allclose(np.asarray(nll(base)), ref, rtol=0, atol=1e-6)
-    # Angles are formed in f32 (spark_model.layers.apply_rope): near 128K they carry up to
-    # ~0.008 rad of rounding, hence the looser tolerance there (measured: 4e-5).
+    # A float32 angle near 128K carries up to ~0.008 rad of rounding, hence the looser
+    # tolerance there (measured then: 4e-5); spark_model.rotary's angles are exact.
     for shift, tol in ((1_000, 1e-5), (131_072 - 40, 5e-4)):
         np.testing.assert_allclose(np.asarray(nll(base + shift)), ref, rtol=0, atol=tol)
     skipped = base.at[:, 20:].add(5_000)
